@@ -1,0 +1,3 @@
+from particlewatch.cli import main
+
+raise SystemExit(main())
