@@ -110,7 +110,8 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         return empty
     if refine_edges:
         for _ in range(2):  # the second pass re-centres the edge band on the moved outline
-            labels = _refine_edges(labels, smooth, valid, sigma=sigma, fallback=level)
+            labels = _refine_edges(labels, smooth, valid, sigma=sigma, fallback=level,
+                                    raw=oriented)
             labels = _relabel_clean(labels, min_area)
             if labels.max() == 0:
                 return empty
@@ -371,34 +372,116 @@ def _clear_invalid_border(labels, valid):
 
 # -- edge refinement ------------------------------------------------------------------------
 
-def _refine_edges(labels, smooth, valid, *, sigma, fallback):
-    """Re-threshold each particle at the iso-level where its intensity gradient peaks.
+_E_STEP = 0.1    # px, resolution of the fitted edge position
+_BIN_PX = 0.25   # px, bin width of the edge profile
+_SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths (px)
 
-    For a blurred step edge, the mean intensity weighted by squared gradient magnitude over a
-    band across the edge is the half-contrast level, which sits on the true edge whatever the
-    blur, contrast or dose. The band and the territory of each particle come from one Euclidean
-    distance transform, so the whole frame is refined without a Python loop over particles.
+
+def _edge_models(rho, sigma_total, xs, shifts, sigmas):
+    """Blurred edge profiles, shape (kind, sigma, shift, bin), for a particle of radius ``rho``.
+
+    ``xs`` are signed distances from the current outline (negative inside). Two edge kinds:
+    a curved solid (sphere, rod: projected thickness sqrt(2ρs − s²) at depth s inside the
+    edge) and a flat one (cube lying on a face: a step).
+    """
+    fine = 0.05
+    half = max(abs(xs).max() + abs(shifts).max() + 4 * sigmas.max(), 2 * fine)
+    grid = np.arange(-half, half + fine, fine)
+    depth = -grid  # depth inside the edge at shift 0
+    curved = np.sqrt(np.clip(2 * rho * depth - depth ** 2, 0.0, None))
+    curved[depth > rho] = rho
+    step = np.where(depth > 0, rho, 0.0)
+    out = np.empty((2, len(sigmas), len(shifts), len(xs)))
+    for k, base in enumerate((curved, step)):
+        for j, sg in enumerate(sigmas):
+            blurred = ndi.gaussian_filter1d(base, sg / fine, mode="nearest")
+            # shift e moves the edge outwards by e px: model(x) = profile(x - e)
+            pos = xs[None, :] - shifts[:, None]
+            out[k, j] = np.interp(pos, grid, blurred)
+    return out
+
+
+def _fit_edge(x, v, rho, smooth_sigma):
+    """Fit one particle's edge profile; return the level of the smoothed image at its edge.
+
+    ``x``: signed distances (px) of band pixels from the current outline, ``v``: their values
+    in the (unsmoothed) oriented frame. The profile averaged over the whole outline is fitted
+    with blurred curved and flat edge models (shift, blur and kind by grid search, amplitude
+    and background by least squares); the true edge is where the model's thickness falls to
+    zero, and the returned level is the fitted model there once blurred like the image that
+    is thresholded.
+    """
+    nb = int(np.ceil((x.max() - x.min()) / _BIN_PX)) + 1
+    idx = ((x - x.min()) / _BIN_PX).astype(int)
+    counts = np.bincount(idx, minlength=nb).astype(float)
+    sums = np.bincount(idx, weights=v, minlength=nb)
+    ok = counts > 0
+    if ok.sum() < 6:
+        return None
+    xs = (np.arange(nb) + 0.5) * _BIN_PX + x.min()
+    xs, prof, w = xs[ok], sums[ok] / counts[ok], counts[ok]
+    shifts = np.arange(-3.0, 4.0 + 1e-9, _E_STEP)
+    models = _edge_models(rho, None, xs, shifts, _SIGMAS)
+    # Weighted least squares of prof ≈ a·m + b for every model at once.
+    sw = w.sum()
+    mp = (models * w).sum(-1) / sw
+    pp = (prof * w).sum() / sw
+    dm = models - mp[..., None]
+    dp = prof - pp
+    var = (dm * dm * w).sum(-1)
+    cov = (dm * dp * w).sum(-1)
+    a = cov / np.maximum(var, 1e-12)
+    resid = ((dp - a[..., None] * dm) ** 2 * w).sum(-1)
+    resid[a <= 0] = np.inf
+    kind, js, je = np.unravel_index(int(np.argmin(resid)), resid.shape)
+    if not np.isfinite(resid[kind, js, je]):
+        return None
+    b = pp - a[kind, js, je] * mp[kind, js, je]
+    # Level at the true edge after the extra smoothing applied to the thresholded image.
+    total = float(np.hypot(_SIGMAS[js], smooth_sigma))
+    edge = _edge_models(rho, None, np.array([0.0]), np.array([0.0]), np.array([total]))
+    return float(a[kind, js, je] * edge[kind, 0, 0, 0] + b)
+
+
+def _refine_edges(labels, smooth, valid, *, sigma, fallback, raw=None):
+    """Re-threshold each particle at the intensity its fitted edge model has at the true edge.
+
+    A plain threshold, or the half-contrast level, sits inside the edge of a sphere or rod,
+    whose projected thickness falls to zero like sqrt(depth); by how much depends on contrast,
+    blur and size. Fitting the edge profile averaged along the particle's whole outline (so
+    shot noise averages out) with blurred curved and flat edge models locates the edge to a
+    fraction of a pixel whatever the dose or contrast.
     """
     inside = labels > 0
-    band_px = 3.0 + 3.0 * sigma
+    if raw is None:
+        raw = smooth
+    band_px = 3.0 + 3.0 * max(sigma, 1.0)
     dist_out, (iy, ix) = ndi.distance_transform_edt(~inside, return_indices=True)
     owner = labels[iy, ix]  # nearest particle of every pixel (its territory)
     dist_in = ndi.distance_transform_edt(inside)
-    territory = owner * (dist_out <= 2.0 * band_px)
-    band = ((inside & (dist_in <= band_px)) | (~inside & (dist_out <= band_px))) & valid
-    gy, gx = np.gradient(smooth)
-    g2 = gy * gy + gx * gx
-    far = (dist_out > 2.0 * band_px) & valid
-    floor = float(np.median(g2[far])) if far.sum() > 64 else 0.0
-    w = np.clip(g2 - 2.0 * floor, 0.0, None)  # noise gradients carry no edge information
-    lab_band = owner[band]
     n = int(labels.max())
-    wsum = np.bincount(lab_band, weights=w[band], minlength=n + 1)
-    wlev = np.bincount(lab_band, weights=(w * smooth)[band], minlength=n + 1)
+    rho = ndi.maximum(dist_in, labels, np.arange(1, n + 1))
+    signed = np.where(inside, 0.5 - dist_in, dist_out - 0.5)
+    band = (np.abs(signed) <= band_px) & valid
+    # the band inside a particle is no deeper than its own radius
+    lab_b = owner[band]
+    x_b = signed[band]
+    v_b = raw[band]
+    keep = x_b >= -np.asarray(np.concatenate([[0.0], rho]))[lab_b]
+    lab_b, x_b, v_b = lab_b[keep], x_b[keep], v_b[keep]
+    order = np.argsort(lab_b, kind="stable")
+    lab_b, x_b, v_b = lab_b[order], x_b[order], v_b[order]
+    bounds = np.searchsorted(lab_b, np.arange(1, n + 2))
     level = np.full(n + 1, fallback, dtype=np.float64)
-    ok = wsum > 0
-    level[ok] = wlev[ok] / wsum[ok]
+    for i in range(1, n + 1):
+        lo, hi = bounds[i - 1], bounds[i]
+        if hi - lo < 12:
+            continue
+        lev = _fit_edge(x_b[lo:hi], v_b[lo:hi], max(float(rho[i - 1]), 1.0), sigma)
+        if lev is not None:
+            level[i] = lev
     level[0] = np.inf
+    territory = owner * (dist_out <= 2.0 * band_px)
     new = (territory > 0) & (smooth > level[territory]) & valid
     # Keep, per territory, only the pieces overlapping the original particle.
     pieces, _ = ndi.label(new)
