@@ -1,0 +1,149 @@
+"""Ground truth of a frame: every particle it shows, measured exactly.
+
+The format is INTERFACE.md's truth file. Two particles *overlap* when their outlines overlap
+or come closer than one pixel (then they touch in the image and segmentation sees one
+region). A particle *touches the edge* when its outline reaches the outermost row or column of
+pixels (what ``skimage.segmentation.clear_border`` removes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from . import shapes
+from .render import FrameGeometry
+
+SCHEMA_VERSION = 1
+_OUTLINE_POINTS = 48
+
+
+def overlapping_pairs(table, *, gap_nm: float) -> np.ndarray:
+    """Pairs ``(i, j)``, ``i < j``, of particles whose outlines overlap or are < ``gap_nm`` apart.
+
+    Parameters
+    ----------
+    table : dict of ndarray
+        Particle table (see :mod:`.specimen`).
+    gap_nm : float
+        Distance under which two particles count as touching.
+
+    Returns
+    -------
+    ndarray, int, shape (n_pairs, 2)
+    """
+    n = len(table["x_nm"])
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    xy = np.column_stack([table["x_nm"], table["y_nm"]])
+    radius = table["feret_max_nm"] / 2.0  # circumradius of every shape
+    pairs = cKDTree(xy).query_pairs(2.0 * radius.max() + gap_nm, output_type="ndarray")
+    if pairs.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    i, j = pairs[:, 0], pairs[:, 1]
+    d = np.hypot(xy[i, 0] - xy[j, 0], xy[i, 1] - xy[j, 1])
+    pairs = pairs[d <= radius[i] + radius[j] + gap_nm]
+    if pairs.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    round_ = np.isin(table["shape"], (shapes.SPHERE, shapes.CAPSULE))
+    both_round = round_[pairs[:, 0]] & round_[pairs[:, 1]]
+    # discs: exact circumradius test; other shapes: outline points of one inside the other
+    hit = both_round.copy()
+    other = np.flatnonzero(~both_round)
+    if other.size:
+        sub = pairs[other]
+        hit[other] = (_outline_in(table, sub[:, 0], sub[:, 1], gap_nm)
+                      | _outline_in(table, sub[:, 1], sub[:, 0], gap_nm))
+    return pairs[hit]
+
+
+def _outline_in(table, src, dst, gap_nm) -> np.ndarray:
+    """For each pair, whether any outline point of particle ``src`` lies in grown ``dst``."""
+    out = np.zeros(len(src), dtype=bool)
+    for code_s in np.unique(table["shape"][src]):
+        for code_d in np.unique(table["shape"][dst]):
+            sel = np.flatnonzero((table["shape"][src] == code_s)
+                                 & (table["shape"][dst] == code_d))
+            if sel.size == 0:
+                continue
+            s, d = src[sel], dst[sel]
+            pts = shapes.outline(int(code_s), a=table["a_nm"][s], b=table["b_nm"][s],
+                                 p=table["p"][s], angle=table["angle"][s],
+                                 n=_OUTLINE_POINTS)
+            dx = pts[..., 0] + (table["x_nm"][s] - table["x_nm"][d])[:, None]
+            dy = pts[..., 1] + (table["y_nm"][s] - table["y_nm"][d])[:, None]
+            col = {k: table[c][d][:, None] for k, c in
+                   (("a", "a_nm"), ("b", "b_nm"), ("p", "p"), ("angle", "angle"))}
+            out[sel] = shapes.inside(int(code_d), dx, dy, grow=gap_nm, **col).any(axis=1)
+    return out
+
+
+def frame_truth(table, geom: FrameGeometry, *, sample: str, detector: str, dose: float,
+                defocus_um: float, extra=None) -> dict:
+    """The truth dict of a frame showing the particles in ``table``.
+
+    Parameters
+    ----------
+    table : dict of ndarray
+        The particles whose bounding boxes meet the frame.
+    geom : FrameGeometry
+    sample, detector : str
+    dose : float
+        Electrons per pixel.
+    defocus_um : float
+        The defocus the frame was taken at.
+    extra : mapping, optional
+        More top-level keys (e.g. ``true_focus_um``, ``mode``).
+
+    Returns
+    -------
+    dict
+        ``schema_version``, ``pixel_nm``, ``defocus_um``, ``stage_x_um``, ``stage_y_um``,
+        ``sample``, ``detector``, ``dose`` and ``particles`` (INTERFACE.md).
+    """
+    pix = geom.pixel_nm
+    x_px, y_px = geom.to_px(table["x_nm"], table["y_nm"])
+    hx, hy = table["hx_nm"] / pix, table["hy_nm"] / pix
+    # the outermost pixel row/column spans [-0.5, 0.5] and [size - 1.5, size - 0.5]
+    edge = ((x_px - hx < 0.5) | (x_px + hx > geom.width - 1.5)
+            | (y_px - hy < 0.5) | (y_px + hy > geom.height - 1.5))
+    neighbours: list[list[int]] = [[] for _ in range(len(x_px))]
+    for i, j in overlapping_pairs(table, gap_nm=pix).tolist():
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    particles = []
+    for k in range(len(x_px)):
+        code = int(table["shape"][k])
+        row = {
+            "x_px": round(float(x_px[k]), 3),
+            "y_px": round(float(y_px[k]), 3),
+            "population": int(table["population"][k]),
+            "shape": shapes.SHAPES[code],
+            "ecd_nm": round(float(table["ecd_nm"][k]), 4),
+            "feret_max_nm": round(float(table["feret_max_nm"][k]), 4),
+            "feret_min_nm": round(float(table["feret_min_nm"][k]), 4),
+            "area_nm2": round(float(table["area_nm2"][k]), 3),
+            "angle_deg": round(float(np.degrees(table["angle"][k])), 2),
+            "touches_edge": bool(edge[k]),
+            "overlaps": sorted(neighbours[k]),
+        }
+        if code == shapes.CAPSULE:
+            row["shell_nm"] = round(float(table["shell_nm"][k]), 4)
+        if code == shapes.CUBE:
+            row["p"] = round(float(table["p"][k]), 3)
+        particles.append(row)
+    truth = {
+        "schema_version": SCHEMA_VERSION,
+        "pixel_nm": pix,
+        "defocus_um": float(defocus_um),
+        "stage_x_um": geom.center_x_nm / 1000.0,
+        "stage_y_um": geom.center_y_nm / 1000.0,
+        "sample": sample,
+        "detector": detector,
+        "dose": float(dose),
+        "width_px": geom.width,
+        "height_px": geom.height,
+    }
+    truth.update(extra or {})
+    truth["particles"] = particles
+    return truth
