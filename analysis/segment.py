@@ -191,7 +191,7 @@ def _block_mean(image, factor):
 def _upsample(small, shape):
     zoom = (shape[0] / small.shape[0], shape[1] / small.shape[1])
     # Block centres sit half a block in; ndi.zoom with grid_mode maps them correctly.
-    big = ndi.zoom(small, zoom, order=1, mode="grid-constant", grid_mode=True)
+    big = ndi.zoom(small, zoom, order=1, mode="nearest", grid_mode=True)
     if big.shape != tuple(shape):  # rounding: pad with edge values
         out = np.empty(shape, np.float32)
         h, w = min(shape[0], big.shape[0]), min(shape[1], big.shape[1])
@@ -281,6 +281,11 @@ def _oriented_flat(img, valid, *, polarity, flatten):
             part = ndi.binary_dilation(rough > level, iterations=3)
             bg = flatten_background(img, exclude=part | ~valid)
             oriented = sign * (img - bg)
+    if sign < 0 and float(np.min(bg)) > 0 and float(np.median(img[valid])) > 0:
+        # Bright-field amplitude contrast is exp(−thickness/λ): −log(I/background) is linear
+        # in thickness, which the edge model assumes (matters for strongly scattering gold).
+        floor = 0.5 * float(np.min(img[valid & (img > 0)])) if (img > 0).any() else 0.5
+        oriented = -np.log(np.maximum(img, floor) / bg)
     oriented[~valid] = 0.0
     if not oriented.max() > oriented.min():
         return None, sign
