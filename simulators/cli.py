@@ -28,6 +28,10 @@ _ATTEMPTS_PER_FRAME = 400
 def frame_positions(scope: SimScope, n: int, *, seed: int) -> list[tuple[float, float]]:
     """``n`` stage positions (µm) whose record fields hold particles and do not overlap.
 
+    A field qualifies when it holds at least a fifth of the particles a field at the sample's
+    mean density would (and at least one), so the frames are worth analysing; fields may be
+    sparse, dense or agglomerated.
+
     Parameters
     ----------
     scope : SimScope
@@ -51,6 +55,7 @@ def frame_positions(scope: SimScope, n: int, *, seed: int) -> list[tuple[float, 
     if lo_x > hi_x or lo_y > hi_y:
         raise RuntimeError(f"a {fov:g} µm field does not fit on the grid")
     need_particles = not scope.sample.empty
+    minimum = max(1, int(0.2 * scope.specimen.expected_count(fov * fov)))
     chosen: list[tuple[float, float]] = []
     for _ in range(_ATTEMPTS_PER_FRAME * n):
         if len(chosen) == n:
@@ -62,7 +67,7 @@ def frame_positions(scope: SimScope, n: int, *, seed: int) -> list[tuple[float, 
             half = fov * 500.0  # nm
             table = scope.specimen.particles_in(x * 1000 - half, y * 1000 - half,
                                                 x * 1000 + half, y * 1000 + half)
-            if not len(table["x_nm"]):
+            if len(table["x_nm"]) < minimum:
                 continue
         chosen.append((round(x, 3), round(y, 3)))
     if len(chosen) < n:

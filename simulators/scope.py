@@ -19,7 +19,7 @@ Numbers chosen (and why):
   megapixel. Everything adds up in :attr:`SimScope.clock_s`; nothing sleeps.
 * **Illumination**: a linear gradient of up to ±6% across the field in a direction fixed per
   seed, and 4% vignetting at the corners.
-* **Film**: a carbon film mottle of 2.5% (bright-field transmission) or 10% (HAADF film signal),
+* **Film**: a carbon film mottle of 1.5% (bright-field transmission) or 10% (HAADF film signal),
   correlated over ~40 nm, fixed to the stage position so a revisited spot looks the same.
 * **Magnification**: a 15 µm camera pixel, ``magnification = 15 000 nm / pixel_nm``.
 """
@@ -49,7 +49,7 @@ EXPOSURE_S = {"record": 1.0, "survey": 0.5}
 READOUT_S_PER_MPX = 0.05
 CAMERA_PIXEL_NM = 15_000.0
 _HAADF_FILM = 0.1
-_FILM_AMPLITUDE = {"bf": 0.025, "haadf": 0.10}
+_FILM_AMPLITUDE = {"bf": 0.015, "haadf": 0.10}
 _FILM_CORRELATION_NM = 40.0
 _SUPERSAMPLE = {"record": 3, "survey": 2}
 

@@ -156,6 +156,12 @@ class Specimen:
         return z if np.ndim(z) else float(z)
 
     # ---- particles -------------------------------------------------------------------
+    def expected_count(self, area_um2: float) -> float:
+        """Mean number of particles in ``area_um2`` at the sample's mean density (1)."""
+        if self.sample.empty:
+            return 0.0
+        return self.sample.coverage * area_um2 * 1e6 / self._mean_area_nm2_all
+
     @staticmethod
     def _mean_area_nm2(pop) -> float:
         a = pop.size_nm
