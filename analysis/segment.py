@@ -18,6 +18,7 @@ around that particle, so the size does not depend on contrast, dose or the thres
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -102,12 +103,17 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     level = _safe_threshold(thresh_fn, smooth[valid])
     if level is None:
         return empty
+    # A histogram threshold cuts through the noise when particles are faint or absent; never
+    # go below 4 standard deviations of the background (which also keeps blank frames blank).
+    centre, spread = _background_stats(smooth[valid])
+    level = max(level, centre + 4.0 * spread)
     mask = (smooth > level) & valid
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
     mask = _clean(mask, min_area, fill_holes=True)
     labels, n = ndi.label(mask)
     if n == 0:
         return empty
+    labels = _drop_insignificant(labels, smooth, valid)
     if refine_edges:
         for _ in range(2):  # the second pass re-centres the edge band on the moved outline
             labels = _refine_edges(labels, smooth, valid, sigma=sigma, fallback=level,
@@ -274,11 +280,13 @@ def _oriented_flat(img, valid, *, polarity, flatten):
     sign = 1.0 if pol == "bright" else -1.0
     oriented = sign * flat
     if flatten:
-        # Second pass: refit the background without the particles a rough threshold finds.
-        rough = ndi.gaussian_filter(oriented, 2.0)
-        level = _safe_threshold(filters.threshold_li, rough[valid])
-        if level is not None:
-            part = ndi.binary_dilation(rough > level, iterations=3)
+        # Refit the background without the particles: pixels standing out of the background
+        # noise (estimated from the particle-free side of the histogram) are excluded. Dense
+        # weak-contrast specimens (polystyrene) need a few rounds.
+        for _ in range(3):
+            rough = ndi.gaussian_filter(oriented, 2.0)
+            centre, spread = _background_stats(rough[valid])
+            part = ndi.binary_dilation(rough > centre + 2.0 * spread, iterations=3)
             bg = flatten_background(img, exclude=part | ~valid)
             oriented = sign * (img - bg)
     if sign < 0 and float(np.min(bg)) > 0 and float(np.median(img[valid])) > 0:
@@ -290,6 +298,26 @@ def _oriented_flat(img, valid, *, polarity, flatten):
     if not oriented.max() > oriented.min():
         return None, sign
     return oriented, sign
+
+
+def _background_stats(values):
+    """Centre and spread of the background in an oriented frame (particles positive).
+
+    The mode is found on a histogram; the spread comes from the side below it, which holds
+    only background (noise, film texture), so particles cannot inflate it.
+    """
+    values = values[np.isfinite(values)]
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if not hi > lo:
+        return float(lo), 0.0
+    hist, edges = np.histogram(values, bins=256, range=(lo, hi))
+    hist = ndi.gaussian_filter1d(hist.astype(float), 2.0)
+    k = int(np.argmax(hist))
+    mode = 0.5 * (edges[k] + edges[k + 1])
+    below = mode - values[values < mode]
+    if below.size < 16:
+        return mode, 0.0
+    return mode, float(np.percentile(below, 68.27))
 
 
 def _noise_sigma(image):
@@ -382,28 +410,43 @@ _BIN_PX = 0.25   # px, bin width of the edge profile
 _SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths (px)
 
 
-def _edge_models(rho, sigma_total, xs, shifts, sigmas):
-    """Blurred edge profiles, shape (kind, sigma, shift, bin), for a particle of radius ``rho``.
+_FINE_PX = 0.1   # px, sampling of the model profiles
+_MODEL_HALF_PX = 24.0
 
-    ``xs`` are signed distances from the current outline (negative inside). Two edge kinds:
-    a curved solid (sphere, rod: projected thickness sqrt(2ρs − s²) at depth s inside the
-    edge) and a flat one (cube lying on a face: a step).
+
+@functools.lru_cache(maxsize=512)
+def _blurred_profiles(rho_q, sigma_key):
+    """Blurred curved and flat edge profiles on a fine grid, for a radius quantised to
+    0.25 px (cached: particles of one frame share a few radii).
+
+    Two edge kinds: a curved solid (sphere, rod: projected thickness sqrt(2ρs − s²) at depth s
+    inside the edge) and a flat one (cube lying on a face: a step). ``sigma_key`` is a tuple of
+    blur widths (px). Returns the grid (signed distance, negative inside) and an array
+    (kind, sigma, grid).
     """
-    fine = 0.05
-    half = max(abs(xs).max() + abs(shifts).max() + 4 * sigmas.max(), 2 * fine)
-    grid = np.arange(-half, half + fine, fine)
-    depth = -grid  # depth inside the edge at shift 0
+    rho = rho_q * 0.25
+    grid = np.arange(-_MODEL_HALF_PX, _MODEL_HALF_PX + _FINE_PX / 2, _FINE_PX)
+    depth = -grid
     curved = np.sqrt(np.clip(2 * rho * depth - depth ** 2, 0.0, None))
     curved[depth > rho] = rho
     step = np.where(depth > 0, rho, 0.0)
-    out = np.empty((2, len(sigmas), len(shifts), len(xs)))
+    out = np.empty((2, len(sigma_key), len(grid)))
     for k, base in enumerate((curved, step)):
-        for j, sg in enumerate(sigmas):
-            blurred = ndi.gaussian_filter1d(base, sg / fine, mode="nearest")
-            # shift e moves the edge outwards by e px: model(x) = profile(x - e)
-            pos = xs[None, :] - shifts[:, None]
-            out[k, j] = np.interp(pos, grid, blurred)
-    return out
+        for j, sg in enumerate(sigma_key):
+            out[k, j] = ndi.gaussian_filter1d(base, sg / _FINE_PX, mode="nearest")
+    return grid, out
+
+
+def _edge_models(rho, xs, shifts, sigmas):
+    """Model profiles (kind, sigma, shift, bin) at signed distances ``xs`` for edge shifts."""
+    rho_q = max(1, int(round(rho * 4)))
+    grid, prof = _blurred_profiles(rho_q, tuple(float(x) for x in sigmas))
+    pos = np.clip(xs[None, :] - shifts[:, None], grid[0], grid[-1])
+    # linear interpolation on the regular grid, vectorised over kinds and sigmas
+    f = (pos - grid[0]) / _FINE_PX
+    i0 = np.clip(f.astype(int), 0, len(grid) - 2)
+    t = f - i0
+    return prof[:, :, i0] * (1 - t) + prof[:, :, i0 + 1] * t
 
 
 def _fit_edge(x, v, rho, smooth_sigma):
@@ -425,26 +468,32 @@ def _fit_edge(x, v, rho, smooth_sigma):
         return None
     xs = (np.arange(nb) + 0.5) * _BIN_PX + x.min()
     xs, prof, w = xs[ok], sums[ok] / counts[ok], counts[ok]
-    shifts = np.arange(-3.0, 4.0 + 1e-9, _E_STEP)
-    models = _edge_models(rho, None, xs, shifts, _SIGMAS)
-    # Weighted least squares of prof ≈ a·m + b for every model at once.
+    shifts = np.arange(-3.0, 8.0 + 1e-9, _E_STEP)
     sw = w.sum()
-    mp = (models * w).sum(-1) / sw
     pp = (prof * w).sum() / sw
-    dm = models - mp[..., None]
     dp = prof - pp
-    var = (dm * dm * w).sum(-1)
-    cov = (dm * dp * w).sum(-1)
-    a = cov / np.maximum(var, 1e-12)
-    resid = ((dp - a[..., None] * dm) ** 2 * w).sum(-1)
-    resid[a <= 0] = np.inf
-    kind, js, je = np.unravel_index(int(np.argmin(resid)), resid.shape)
-    if not np.isfinite(resid[kind, js, je]):
-        return None
+    for _ in range(2):  # the radius of curvature follows the edge found
+        models = _edge_models(rho, xs, shifts, _SIGMAS)
+        # Weighted least squares of prof ≈ a·m + b for every model at once.
+        mp = (models * w).sum(-1) / sw
+        dm = models - mp[..., None]
+        var = (dm * dm * w).sum(-1)
+        cov = (dm * dp * w).sum(-1)
+        a = cov / np.maximum(var, 1e-12)
+        resid = ((dp - a[..., None] * dm) ** 2 * w).sum(-1)
+        resid[a <= 0] = np.inf
+        kind, js, je = np.unravel_index(int(np.argmin(resid)), resid.shape)
+        if not np.isfinite(resid[kind, js, je]):
+            return None
+        new_rho = max(rho + shifts[je], 1.0)
+        if abs(new_rho - rho) < 0.25:
+            break
+        rho, xs = new_rho, xs - shifts[je]  # re-centre on the edge just found
+        shifts = np.arange(-3.0, 3.0 + 1e-9, _E_STEP)
     b = pp - a[kind, js, je] * mp[kind, js, je]
     # Level at the true edge after the extra smoothing applied to the thresholded image.
     total = float(np.hypot(_SIGMAS[js], smooth_sigma))
-    edge = _edge_models(rho, None, np.array([0.0]), np.array([0.0]), np.array([total]))
+    edge = _edge_models(rho, np.array([0.0]), np.array([0.0]), np.array([round(total, 2)]))
     return float(a[kind, js, je] * edge[kind, 0, 0, 0] + b)
 
 
