@@ -24,7 +24,7 @@ _PATCH_LADDER = np.array([3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48,
                           96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768,
                           1024, 1280, 1536, 2048, 4096])
 _SAMPLES_PER_CHUNK = 3_000_000  # sub-samples evaluated at once: bounds the memory in use
-_POISSON_EXACT_BELOW = 50.0  # counts under this get exact Poisson draws, above a normal
+_POISSON_EXACT_BELOW = 10.0  # counts under this get exact Poisson draws
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def project(table, geom: FrameGeometry, *, weights=None, supersample: int = 3,
     h, w = geom.height, geom.width
     n = len(table["x_nm"])
     weights = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    flat = np.zeros(h * w, dtype=np.float64)
+    pieces_index, pieces_value = [], []
     x_px, y_px = geom.to_px(table["x_nm"], table["y_nm"])
     s = int(supersample)
     for code, patch, idx in _patch_groups(table, geom):
@@ -111,8 +111,15 @@ def project(table, geom: FrameGeometry, *, weights=None, supersample: int = 3,
         off = ((np.arange(patch * s) + 0.5) / s - 0.5).astype(np.float32)
         for start in range(0, idx.size, step):
             sel = idx[start:start + step]
-            flat += _render_chunk(table, sel, code, patch, s, off, x_px, y_px, geom,
-                                  weights, quantity)
+            index, value = _render_chunk(table, sel, code, patch, s, off, x_px, y_px,
+                                         geom, weights, quantity)
+            pieces_index.append(index)
+            pieces_value.append(value)
+    if not pieces_index:
+        return np.zeros((h, w), dtype=np.float32)
+    # one scatter-add for all patches: overlapping particles' thicknesses add up
+    flat = np.bincount(np.concatenate(pieces_index), weights=np.concatenate(pieces_value),
+                       minlength=h * w)
     return flat.reshape(h, w).astype(np.float32)
 
 
@@ -138,8 +145,7 @@ def _render_chunk(table, sel, code, patch, s, off, x_px, y_px, geom, weights, qu
     rows = r0[:, None, None] + np.arange(patch)[None, :, None]
     cols = c0[:, None, None] + np.arange(patch)[None, None, :]
     ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w) & (val != 0)
-    index = (rows * w + cols)[ok]
-    return np.bincount(index, weights=val[ok], minlength=h * w)
+    return (rows * w + cols)[ok], val[ok]
 
 
 def blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -165,47 +171,76 @@ def blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return out[pad:pad + image.shape[0], pad:pad + image.shape[1]].astype(np.float32)
 
 
-def smooth_noise(shape: tuple[int, int], *, rng: np.random.Generator,
-                 correlation_px: float) -> np.ndarray:
-    """Zero-mean, unit-variance noise that is smooth over ``correlation_px`` pixels.
+def coarse_noise(shape: tuple[int, int], *, rng: np.random.Generator,
+                 correlation_px: float) -> tuple[np.ndarray, float]:
+    """Zero-mean, unit-variance noise on a coarse grid of nodes ``correlation_px`` apart.
 
-    Drawn on a coarse grid and interpolated bilinearly, so its cost hardly depends on the
-    frame size.
+    Returns ``(nodes, step)`` for :func:`upsample`; node ``k`` sits at pixel ``(k − 1)·step``,
+    so the grid covers the frame with a node to spare on every side. Smooth fields are built
+    on the nodes and interpolated once, so their cost hardly depends on the frame size.
     """
     h, w = shape
-    step = max(1.0, float(correlation_px))
-    gh, gw = int(np.ceil(h / step)) + 3, int(np.ceil(w / step)) + 3
-    coarse = ndi.gaussian_filter(rng.standard_normal((gh, gw)), 0.7, mode="wrap")
-    coarse /= coarse.std() or 1.0
-    rows = np.arange(h) / step + 1.0
-    cols = np.arange(w) / step + 1.0
-    r0, c0 = rows.astype(np.int64), cols.astype(np.int64)
-    fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
-    top = coarse[r0][:, c0] * (1 - fc) + coarse[r0][:, c0 + 1] * fc
-    bottom = coarse[r0 + 1][:, c0] * (1 - fc) + coarse[r0 + 1][:, c0 + 1] * fc
-    return (top * (1 - fr)[:, None] + bottom * fr[:, None]).astype(np.float32)
+    step = max(2.0, float(correlation_px))
+    gh, gw = int(np.ceil((h - 1) / step)) + 3, int(np.ceil((w - 1) / step)) + 3
+    nodes = ndi.gaussian_filter(rng.standard_normal((gh, gw)), 0.7, mode="wrap")
+    nodes /= nodes.std() or 1.0
+    return nodes, step
 
 
-def illumination(shape: tuple[int, int], *, gradient=(0.0, 0.0),
-                 vignette: float = 0.0) -> np.ndarray:
-    """Relative beam intensity: ``1 + gx·u + gy·v − vignette·(u² + v²)``, u, v in [-1, 1]."""
+def node_coordinates(n_nodes: int, step: float) -> np.ndarray:
+    """Pixel coordinates of the coarse nodes along one axis (see :func:`coarse_noise`)."""
+    return (np.arange(n_nodes) - 1.0) * step
+
+
+def upsample(nodes: np.ndarray, shape: tuple[int, int], step: float) -> np.ndarray:
+    """Bilinear interpolation of coarse ``nodes`` (see :func:`coarse_noise`) to ``shape``."""
     h, w = shape
-    u = np.linspace(-1.0, 1.0, w, dtype=np.float32)
-    v = np.linspace(-1.0, 1.0, h, dtype=np.float32)
-    return (1.0 + gradient[0] * u[None, :] + gradient[1] * v[:, None]
-            - vignette * (u[None, :] ** 2 + v[:, None] ** 2)).astype(np.float32)
+    nodes = np.asarray(nodes, dtype=np.float32)
+    cols = np.arange(w) / step + 1.0
+    c0 = cols.astype(np.int64)
+    fc = (cols - c0).astype(np.float32)
+    # columns first, on the few node rows; then rows, the only full-size pass
+    across = nodes[:, c0] + (nodes[:, c0 + 1] - nodes[:, c0]) * fc
+    rows = np.arange(h) / step + 1.0
+    r0 = rows.astype(np.int64)
+    fr = (rows - r0).astype(np.float32)[:, None]
+    out = across[r0]
+    out += np.diff(across, axis=0, append=across[-1:])[r0] * fr
+    return out
+
+
+def illumination(x_px, y_px, shape: tuple[int, int], *, gradient=(0.0, 0.0),
+                 vignette: float = 0.0):
+    """Relative beam intensity ``1 + gx·u + gy·v − vignette·(u² + v²)`` at pixel coordinates.
+
+    ``u`` and ``v`` run from -1 to 1 across the frame of ``shape``; ``x_px`` and ``y_px``
+    broadcast (pass node coordinates to build a coarse field).
+    """
+    h, w = shape
+    u = 2.0 * np.asarray(x_px, dtype=float) / max(w - 1, 1) - 1.0
+    v = 2.0 * np.asarray(y_px, dtype=float) / max(h - 1, 1) - 1.0
+    return 1.0 + gradient[0] * u + gradient[1] * v - vignette * (u * u + v * v)
 
 
 def shot_noise(mean: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
     """Counts with Poisson statistics around ``mean``, as uint16.
 
-    Pixels expecting fewer than 50 counts get exact Poisson draws; above that the normal
-    approximation (variance = mean), rounded, is indistinguishable and ~6× faster.
+    Pixels expecting fewer than 10 counts get exact Poisson draws. Above that a normal draw
+    with Poisson's mean and variance and a Cornish–Fisher term for its skewness,
+    ``λ + √λ·z + (z² − 1)/6``, rounded, matches the first three moments and is several times
+    faster than ``Generator.poisson`` on a full frame.
     """
-    mean = np.maximum(np.asarray(mean, dtype=np.float32), 0.0)
-    noise = rng.standard_normal(mean.shape, dtype=np.float32)
-    counts = mean + np.sqrt(mean) * noise
+    mean = np.maximum(np.asarray(mean, dtype=np.float32), np.float32(0.0))
+    z = rng.standard_normal(mean.shape, dtype=np.float32)
+    skew = z * z
+    skew -= 1.0
+    skew *= np.float32(1.0 / 6.0)
+    z *= np.sqrt(mean)
+    z += mean
+    z += skew
     low = mean < _POISSON_EXACT_BELOW
     if low.any():
-        counts[low] = rng.poisson(mean[low])
-    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        z[low] = rng.poisson(mean[low])
+    np.rint(z, out=z)
+    np.clip(z, 0, 65535, out=z)
+    return z.astype(np.uint16)

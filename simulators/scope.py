@@ -283,21 +283,33 @@ class SimScope:
         tex_rng = np.random.default_rng([self.seed, 3, MODES.index(self._mode),
                                          int(round(geom.center_x_nm)) + (1 << 40),
                                          int(round(geom.center_y_nm)) + (1 << 40)])
-        film = render.smooth_noise(shape, rng=tex_rng,
-                                   correlation_px=_FILM_CORRELATION_NM / geom.pixel_nm)
+        film, step = render.coarse_noise(shape, rng=tex_rng,
+                                         correlation_px=_FILM_CORRELATION_NM / geom.pixel_nm)
         film *= _FILM_AMPLITUDE[self.detector]
-        beam = render.illumination(shape, gradient=self._gradient, vignette=0.04) * dose
+        # beam and film are smooth: build them on the coarse nodes, interpolate once
+        beam = dose * render.illumination(
+            render.node_coordinates(film.shape[1], step)[None, :],
+            render.node_coordinates(film.shape[0], step)[:, None], shape,
+            gradient=self._gradient, vignette=0.04)
+        has_particles = len(table["x_nm"]) > 0
         if self.detector == "bf":
+            background = render.upsample(beam * np.exp(-film), shape, step)
+            if not has_particles:
+                return background
             weights = np.array([1.0 / MATERIALS[m]["bf_mfp_nm"] for m in material])
             absorbance = render.project(table, geom, weights=weights,
                                         supersample=supersample)
             # blur the particles' shadow (what the optics spreads), not the flat background
-            shadow = -np.expm1(-absorbance)
-            if len(table["x_nm"]):
-                shadow = render.blur(shadow, sigma_px)
-            return beam * np.exp(-film) * (1.0 - shadow)
+            shadow = render.blur(-np.expm1(-absorbance), sigma_px)
+            np.subtract(1.0, shadow, out=shadow)
+            shadow *= background
+            return shadow
+        background = render.upsample(beam * _HAADF_FILM * (1.0 + film), shape, step)
+        if not has_particles:
+            return background
         weights = np.array([MATERIALS[m]["haadf_per_nm"] for m in material])
-        signal = render.project(table, geom, weights=weights, supersample=supersample)
-        if len(table["x_nm"]):
-            signal = render.blur(signal, sigma_px)
-        return beam * (_HAADF_FILM * (1.0 + film) + signal)
+        signal = render.blur(render.project(table, geom, weights=weights,
+                                            supersample=supersample), sigma_px)
+        signal *= render.upsample(beam, shape, step)
+        signal += background
+        return signal
