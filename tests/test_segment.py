@@ -1,0 +1,113 @@
+"""segment(): detection and sizes against the simulator's ground truth, and degenerate input."""
+
+import numpy as np
+import pytest
+
+from particlewatch.analysis.measure import measure
+from particlewatch.analysis.segment import detect_polarity, flatten_background, segment
+from particlewatch.simulators.scope import SimScope
+
+
+def _frame(sample, *, seed=3, size=384, detector=None, stage=(5.0, -5.0)):
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+    scope.move_stage(*stage)
+    scope.set_defocus(scope.true_focus_um())
+    return scope.snap()
+
+
+def _isolated_errors(frame, table):
+    """ECD relative errors of isolated, whole truth particles matched by centre."""
+    px = frame.truth["pixel_nm"]
+    errors, missed = [], 0
+    for p in frame.truth["particles"]:
+        if p["touches_edge"] or p["overlaps"]:
+            continue
+        d = np.hypot(table["x_px"] - p["x_px"], table["y_px"] - p["y_px"])
+        if d.size == 0 or d.min() > 0.35 * p["ecd_nm"] / px:
+            missed += 1
+            continue
+        errors.append(table["ecd_nm"][int(np.argmin(d))] / p["ecd_nm"] - 1.0)
+    return np.array(errors), missed
+
+
+@pytest.mark.parametrize("sample", ["au10", "cubes"])
+def test_isolated_particles_found_and_sized(sample):
+    frame = _frame(sample)
+    labels = segment(frame.image, frame.pixel_nm)
+    table = measure(labels, frame.image, frame.pixel_nm)
+    errors, missed = _isolated_errors(frame, table)
+    assert errors.size >= 5
+    assert missed / (errors.size + missed) <= 0.02
+    assert np.median(np.abs(errors)) <= 0.02
+    assert abs(np.median(errors)) <= 0.015
+
+
+def test_bright_field_and_haadf_agree():
+    sizes = {}
+    for detector in ("bf", "haadf"):
+        frame = _frame("au10", detector=detector)
+        labels = segment(frame.image, frame.pixel_nm)
+        errors, _ = _isolated_errors(frame, measure(labels, frame.image, frame.pixel_nm))
+        sizes[detector] = np.median(errors)
+    assert abs(sizes["bf"] - sizes["haadf"]) <= 0.02
+
+
+def test_polarity_is_detected_both_ways():
+    yy, xx = np.mgrid[:128, :128]
+    disc = ((yy - 64) ** 2 + (xx - 64) ** 2 < 15 ** 2).astype(float)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, disc.shape)
+    assert detect_polarity(-20 * disc + noise) == "dark"
+    assert detect_polarity(20 * disc + noise) == "bright"
+    for img in (100 - 50 * disc + noise, 10 + 50 * disc + noise):
+        labels = segment(img, 1.0)
+        assert labels.max() == 1
+        assert abs((labels == 1).sum() / disc.sum() - 1) < 0.03
+
+
+def test_uneven_illumination_is_flattened():
+    yy, xx = np.mgrid[:256, :256]
+    ramp = 1000 * (1 + 0.5 * xx / 256)
+    bg = flatten_background(ramp)
+    assert np.abs(bg / ramp - 1).max() < 0.05
+
+
+def test_empty_frame_gives_no_particles():
+    frame = _frame("empty")
+    assert segment(frame.image, frame.pixel_nm).max() == 0
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((64, 64)), np.full((64, 64), np.nan), np.ones((1, 1)), np.ones((3, 200)),
+])
+def test_degenerate_input_gives_empty_labels(image):
+    labels = segment(image, 1.0)
+    assert labels.shape == image.shape
+    assert labels.max() == 0
+
+
+def test_nan_pixels_do_not_crash_and_input_is_not_changed():
+    frame = _frame("au10", size=256)
+    img = frame.image.astype(float)
+    img[:20, :] = np.nan
+    before = img.copy()
+    labels = segment(img, frame.pixel_nm)
+    assert labels.max() > 0
+    np.testing.assert_array_equal(np.isnan(img), np.isnan(before))
+    assert not labels[:21].any()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="pixel_nm"):
+        segment(np.zeros((32, 32)), 0)
+    with pytest.raises(ValueError, match="polarity"):
+        segment(np.zeros((32, 32)), 1.0, polarity="up")
+    with pytest.raises(ValueError, match="2-D"):
+        segment(np.zeros((4, 4, 4)), 1.0)
+
+
+def test_otsu_and_callable_thresholds_are_accepted():
+    frame = _frame("au10", size=256)
+    a = segment(frame.image, frame.pixel_nm, threshold="otsu")
+    b = segment(frame.image, frame.pixel_nm, threshold=lambda v: float(np.percentile(v, 90)))
+    assert a.max() > 0 and b.max() > 0
