@@ -1,0 +1,370 @@
+"""Acquisition plans: generators that describe microscope actions as typed commands.
+
+A plan yields commands (:class:`Move`, :class:`SetDefocus`, :class:`SetMode`, :class:`Snap`,
+:class:`Save`, :class:`Report`, :class:`Checkpoint`); the runner executes each one against a
+:class:`~.protocol.Microscope` and sends the result back into the plan (``frame = yield
+Snap("focus")``). A plan is therefore tested without hardware by stepping through it and
+answering its commands, as bluesky does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Mapping
+
+import numpy as np
+
+from .focus import FocusModel, fit_gaussian, noise_floor, parabola_vertex, sharpness
+from .protocol import Frame, validate_mode
+from .segments import Segment, check_segments
+from .tiling import Tile
+
+
+# --- commands ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Move:
+    """Move the stage to ``(x_um, y_um)``. Result: None."""
+
+    x_um: float
+    y_um: float
+
+
+@dataclass(frozen=True)
+class SetDefocus:
+    """Set the defocus in µm. Result: None."""
+
+    defocus_um: float
+
+
+@dataclass(frozen=True)
+class SetMode:
+    """Choose ``"record"`` or ``"survey"`` imaging. Result: None."""
+
+    mode: str
+
+    def __post_init__(self):
+        validate_mode(self.mode)
+
+
+@dataclass(frozen=True)
+class Snap:
+    """Acquire an image in the current mode. ``purpose`` (focus, survey, record) is for
+    counting. Result: a :class:`~.protocol.Frame`."""
+
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Save:
+    """Save a frame to disk. Result: the path, or None when the runner does not save."""
+
+    frame: Frame
+    tile: int = -1
+    segment: tuple[int, int] = (-1, -1)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Update the acquisition state shown to the user (``state``, ``tile``, ...). Result: None."""
+
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A point between frames where the runner may stop the plan. Result: None."""
+
+
+Command = Move | SetDefocus | SetMode | Snap | Save | Report | Checkpoint
+Plan = Generator[Command, Any, Any]
+
+
+# --- autofocus ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FocusSettings:
+    """How to find focus.
+
+    Attributes
+    ----------
+    span_um : float
+        Defocus range of the first sweep.
+    steps : int
+        Images per sweep (at most 7 by design).
+    max_rounds : int
+        Sweeps before giving up (each shifted or narrowed after the last).
+    quick_steps : int
+        Images of the quick check around a predicted focus (3).
+    quick_step_um : float or None
+        Spacing of the quick check; None: the width of the last fitted sharpness curve.
+    radius_px : float
+        Ring radius of the sharpness metric.
+    empty_factor : float
+        A sweep whose sharpness never exceeds ``empty_factor`` × the noise floor is an empty
+        area.
+    """
+
+    span_um: float = 1.2
+    steps: int = 7
+    max_rounds: int = 4
+    quick_steps: int = 3
+    quick_step_um: float | None = None
+    radius_px: float = 6.0
+    empty_factor: float = 6.0
+
+    def __post_init__(self):
+        if not 4 <= self.steps <= 15:
+            raise ValueError(f"steps must be between 4 and 15, got {self.steps}")
+        if not self.span_um > 0:
+            raise ValueError(f"span_um must be > 0, got {self.span_um}")
+        if self.quick_steps != 3:
+            raise ValueError(f"quick_steps must be 3, got {self.quick_steps}")
+
+
+@dataclass(frozen=True)
+class FocusResult:
+    """Outcome of an autofocus plan.
+
+    ``status`` is ``"ok"``, ``"empty"`` (no structure to focus on) or ``"failed"`` (no
+    trustworthy peak after ``max_rounds`` sweeps); ``defocus_um`` is the best focus found
+    (for ``failed``, the sharpest image's defocus; for ``empty``, the starting value).
+    ``images`` counts the images taken; ``width_um`` is the fitted sharpness-curve sigma.
+    """
+
+    defocus_um: float
+    status: str
+    images: int
+    width_um: float = math.nan
+    method: str = "sweep"
+    sweeps: tuple = field(default=(), repr=False)
+
+
+def _sweep(center: float, span: float, steps: int, metric) -> Plan:
+    defoci = np.linspace(center - span / 2, center + span / 2, steps)
+    values = []
+    shape = None
+    for d in defoci:
+        yield SetDefocus(float(d))
+        frame = yield Snap("focus")
+        shape = frame.image.shape
+        values.append(metric(frame.image))
+    return defoci, np.asarray(values), shape
+
+
+def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings(),
+              metric: Callable[[np.ndarray], float] | None = None) -> Plan:
+    """Find best focus by defocus sweeps, autocorrelation sharpness and a Gaussian fit.
+
+    Each round takes ``settings.steps`` images evenly over ``span`` around ``center``, fits
+    a Gaussian to sharpness vs defocus, then:
+
+    - a peak at the sweep edge (the sharpest image is the first or last) shifts the sweep
+      by most of a span that way;
+    - a curve flatter than the sweep (fitted width > span) is taken as "far from focus":
+      the next sweep is three times wider, centred on the sharpest image;
+    - a curve much narrower than the steps (under-sampled) zooms in on the fitted centre;
+    - otherwise the fitted centre is the answer.
+
+    A sweep with no sharpness above the noise floor is an empty area (status ``empty``).
+    Ends with the defocus set to the answer.
+
+    Parameters
+    ----------
+    center_um : float
+        Centre of the first sweep (the current or predicted focus).
+    settings : FocusSettings
+    metric : callable, optional
+        ``image -> sharpness``; default :func:`~.focus.sharpness` with ``settings.radius_px``.
+
+    Returns
+    -------
+    FocusResult
+        (the generator's return value: ``result = yield from autofocus(...)``)
+    """
+    metric = metric or (lambda image: sharpness(image, radius_px=settings.radius_px))
+    center, span = float(center_um), float(settings.span_um)
+    images = 0
+    sweeps = []
+    best_d, best_s = center, -math.inf
+    for _ in range(settings.max_rounds):
+        defoci, values, shape = yield from _sweep(center, span, settings.steps, metric)
+        images += len(defoci)
+        sweeps.append((tuple(defoci.tolist()), tuple(values.tolist())))
+        i_max = int(np.argmax(values))
+        if values[i_max] > best_s:
+            best_d, best_s = float(defoci[i_max]), float(values[i_max])
+        floor = noise_floor(shape)
+        if values.max() < settings.empty_factor * floor and best_s < settings.empty_factor * floor:
+            if len(sweeps) == 1:
+                # Nothing sharp anywhere: widen once in case focus is far away.
+                span *= 3
+                continue
+            yield SetDefocus(float(center_um))
+            return FocusResult(float(center_um), "empty", images, sweeps=tuple(sweeps))
+        step = span / (settings.steps - 1)
+        fit = fit_gaussian(defoci, values)
+        if i_max in (0, len(defoci) - 1):
+            direction = -1 if i_max == 0 else 1
+            center = float(defoci[i_max]) + direction * 0.4 * span
+            continue
+        if not fit.ok or fit.sigma > span:
+            center = float(defoci[i_max])
+            span = span * 3 if fit.ok else span
+            continue
+        if fit.sigma < 0.5 * step or not defoci[0] <= fit.center <= defoci[-1]:
+            # Under-sampled peak: sweep again over +-3 widths of what was seen.
+            center = float(fit.center) if defoci[0] <= fit.center <= defoci[-1] else best_d
+            span = max(6 * max(fit.sigma, step / 4), 2 * step)
+            continue
+        yield SetDefocus(fit.center)
+        return FocusResult(fit.center, "ok", images, fit.sigma, "sweep", tuple(sweeps))
+    yield SetDefocus(best_d)
+    return FocusResult(best_d, "failed", images, sweeps=tuple(sweeps))
+
+
+def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings = FocusSettings(),
+                metric: Callable[[np.ndarray], float] | None = None) -> Plan:
+    """Check a predicted focus with three images and correct it, or fall back to a sweep.
+
+    Images at ``predicted - step``, ``predicted``, ``predicted + step``; a Gaussian is a
+    parabola in ``log(sharpness)``, so its vertex is the corrected focus. If the middle image
+    is not the sharpest (focus lies outside the bracket) or the sharpness is at the noise
+    floor, a full :func:`autofocus` sweep starts from the best of the three.
+
+    Returns
+    -------
+    FocusResult
+        ``method`` is ``"quick"`` when three images sufficed.
+    """
+    metric = metric or (lambda image: sharpness(image, radius_px=settings.radius_px))
+    defoci, values, shape = yield from _sweep(predicted_um, 2 * step_um, 3, metric)
+    floor = noise_floor(shape)
+    i_max = int(np.argmax(values))
+    if i_max == 1 and values.min() > settings.empty_factor * floor:
+        vertex = parabola_vertex(defoci, np.log(values))
+        if vertex is not None and abs(vertex - predicted_um) <= step_um:
+            yield SetDefocus(vertex)
+            return FocusResult(vertex, "ok", 3, float(step_um), "quick")
+    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings, metric=metric)
+    return FocusResult(result.defocus_um, result.status, result.images + 3, result.width_um,
+                       "quick+sweep", result.sweeps)
+
+
+# --- the whole acquisition ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How survey images are divided and checked (see :func:`~.segments.check_segments`)."""
+
+    overlap: float = 0.1
+    threshold_sigma: float = 5.0
+    min_size_nm: float = 2.0
+    polarity: str = "auto"
+
+
+def _inside(x_um: float, y_um: float, limits_um) -> bool:
+    if limits_um is None:
+        return True
+    x0, y0, x1, y1 = limits_um
+    return x0 <= x_um <= x1 and y0 <= y_um <= y1
+
+
+def _focus_here(x_um: float, y_um: float, model: FocusModel, width_um: float | None,
+                settings: FocusSettings) -> Plan:
+    predicted = model.predict(x_um, y_um)
+    if predicted is not None and width_um:
+        step = settings.quick_step_um or width_um
+        result = yield from quick_focus(predicted_um=predicted, step_um=step, settings=settings)
+    else:
+        result = yield from autofocus(center_um=predicted if predicted is not None else 0.0,
+                                      settings=settings)
+    return result
+
+
+def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
+                 focus: FocusSettings = FocusSettings(),
+                 segments: SegmentSettings = SegmentSettings(),
+                 target_defocus_um: float = 0.0, start_defocus_um: float = 0.0,
+                 limits_um: tuple[float, float, float, float] | None = None) -> Plan:
+    """The autoSTEM loop, faster: survey, check segments, focus once per tile, record.
+
+    For each tile in order: move there, take a survey image, find the record-sized segments
+    with particles (tiles without any are left without focusing); focus on the segment with
+    the most particles (a three-image check when earlier tiles predict focus, else a
+    sweep); then move to each occupied segment and record it at the focus the plane model
+    predicts there plus ``target_defocus_um``. Segments whose centre lies outside
+    ``limits_um`` (stage limits) are skipped.
+
+    Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
+    ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus)
+    and a :class:`Checkpoint` after every saved frame and at the start of every tile.
+
+    Returns
+    -------
+    dict
+        ``{"focus": [(x_um, y_um, focus_um, status, images), ...], "skipped_segments",
+        "acquired_segments", "focus_images", "tiles_visited"}``.
+    """
+    model = FocusModel()
+    width_um: float | None = None
+    skipped = acquired = focus_images = visited = 0
+    focus_log = []
+    last_focus = float(start_defocus_um)
+    for tile in tiles:
+        yield Checkpoint()
+        visited += 1
+        yield Report({"state": "surveying", "tile": tile.index + 1, "tiles": len(tiles)})
+        yield Move(tile.x_um, tile.y_um)
+        yield SetMode("survey")
+        survey = yield Snap("survey")
+        found: list[Segment] = check_segments(
+            survey.image, survey.pixel_nm, segment_um=record_field_um,
+            overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
+            min_size_nm=segments.min_size_nm, polarity=segments.polarity)
+        occupied = [s for s in found if s.has_particles and _inside(
+            survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um, limits_um)]
+        skipped += len(found) - len(occupied)
+        yield Report({"skipped_segments": skipped})
+        if not occupied:
+            continue
+        yield SetMode("record")
+        yield Report({"state": "focusing"})
+        # Focus where there is most to see; an empty sweep tries the next-best segment.
+        result = None
+        for seg in sorted(occupied, key=lambda s: -s.particles)[:3]:
+            fx, fy = survey.stage_x_um + seg.dx_um, survey.stage_y_um + seg.dy_um
+            yield Move(fx, fy)
+            if not len(model):
+                yield SetDefocus(last_focus)
+            result = yield from _focus_here(fx, fy, model, width_um, focus)
+            focus_images += result.images
+            entry = (fx, fy, result.defocus_um, result.status, result.images)
+            focus_log.append(entry)
+            yield Report({"focus": entry, "defocus_um": result.defocus_um})
+            if result.status == "ok":
+                model.add(fx, fy, result.defocus_um)
+                if result.method == "sweep" and math.isfinite(result.width_um):
+                    width_um = result.width_um
+                break
+        if result is None or result.status != "ok":
+            if not len(model):
+                # No focus measured anywhere yet: recording blind would waste frames.
+                skipped += len(occupied)
+                yield Report({"skipped_segments": skipped})
+                continue
+        yield Report({"state": "recording"})
+        for seg in occupied:
+            x, y = survey.stage_x_um + seg.dx_um, survey.stage_y_um + seg.dy_um
+            yield Move(x, y)
+            best = model.predict(x, y)
+            last_focus = best
+            yield SetDefocus(best + target_defocus_um)
+            yield Report({"defocus_um": best + target_defocus_um})
+            frame = yield Snap("record")
+            yield Save(frame, tile.index, (seg.row, seg.col))
+            acquired += 1
+            yield Checkpoint()
+    return {"focus": focus_log, "skipped_segments": skipped, "acquired_segments": acquired,
+            "focus_images": focus_images, "tiles_visited": visited}
