@@ -104,9 +104,9 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     if level is None:
         return empty
     # A histogram threshold cuts through the noise when particles are faint or absent; never
-    # go below 5 standard deviations of the background (which also keeps blank frames blank).
+    # go below 4 standard deviations of the background (which also keeps blank frames blank).
     centre, spread = _background_stats(smooth[valid])
-    level = max(level, centre + 5.0 * spread)
+    level = max(level, centre + 4.0 * spread)
     mask = (smooth > level) & valid
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
     mask = _clean(mask, min_area, fill_holes=True)
@@ -387,8 +387,9 @@ def _drop_insignificant(labels, smooth, valid):
         return labels
     idx = np.arange(1, n + 1)
     means = ndi.mean(smooth, labels, idx)
+    peaks = ndi.maximum(smooth, labels, idx)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = (means - med) > 5.0 * noise
+    keep[1:] = ((means - med) > 3.0 * noise) & ((peaks - med) > 6.0 * noise)
     return np.where(keep[labels], labels, 0)
 
 
