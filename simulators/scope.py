@@ -26,7 +26,9 @@ Numbers chosen (and why):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -71,7 +73,9 @@ class SimImage:
     magnification : float
     exposure_s : float
     truth : dict
-        Ground truth in INTERFACE.md's truth-file format.
+        Ground truth in INTERFACE.md's truth-file format. It is computed on first access
+        (from ``truth_source``, a dict or a function returning one), so survey frames of
+        tens of thousands of particles cost nothing extra when only the image is used.
     """
 
     image: np.ndarray
@@ -82,7 +86,13 @@ class SimImage:
     defocus_um: float
     magnification: float
     exposure_s: float
-    truth: dict = field(repr=False)
+    truth_source: dict | Callable[[], dict] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def truth(self) -> dict:
+        """The frame's ground truth (see the class docstring)."""
+        source = self.truth_source
+        return source() if callable(source) else source
 
     def mdoc_section(self) -> dict:
         """Keys of the frame's ``.mdoc`` ``[ZValue = 0]`` section, as SerialEM writes them."""
@@ -267,14 +277,15 @@ class SimScope:
             image = mean
         exposure = EXPOSURE_S[mode]
         self.clock_s += exposure + READOUT_S_PER_MPX * self.size_px ** 2 / 1e6
-        truth = frame_truth(table, geom, sample=self.sample.name, detector=self.detector,
-                            dose=dose, defocus_um=self._defocus_um,
-                            extra={"mode": mode, "true_focus_um": self.true_focus_um(),
-                                   "blur_sigma_px": round(sigma, 4), "seed": self.seed})
+        truth = functools.partial(
+            frame_truth, table, geom, sample=self.sample.name, detector=self.detector,
+            dose=dose, defocus_um=self._defocus_um,
+            extra={"mode": mode, "true_focus_um": self.true_focus_um(),
+                   "blur_sigma_px": round(sigma, 4), "seed": self.seed})
         return SimImage(image=image, pixel_nm=pix, mode=mode, stage_x_um=self._x_um,
                         stage_y_um=self._y_um, defocus_um=self._defocus_um,
                         magnification=self.magnification(mode), exposure_s=exposure,
-                        truth=truth)
+                        truth_source=truth)
 
     def _expected_counts(self, table, geom, *, dose, sigma_px, supersample):
         """Noise-free counts: particles' projected thickness through the detector model."""

@@ -111,27 +111,28 @@ def frame_truth(table, geom: FrameGeometry, *, sample: str, detector: str, dose:
     for i, j in overlapping_pairs(table, gap_nm=pix).tolist():
         neighbours[i].append(j)
         neighbours[j].append(i)
-    particles = []
-    for k in range(len(x_px)):
-        code = int(table["shape"][k])
-        row = {
-            "x_px": round(float(x_px[k]), 3),
-            "y_px": round(float(y_px[k]), 3),
-            "population": int(table["population"][k]),
-            "shape": shapes.SHAPES[code],
-            "ecd_nm": round(float(table["ecd_nm"][k]), 4),
-            "feret_max_nm": round(float(table["feret_max_nm"][k]), 4),
-            "feret_min_nm": round(float(table["feret_min_nm"][k]), 4),
-            "area_nm2": round(float(table["area_nm2"][k]), 3),
-            "angle_deg": round(float(np.degrees(table["angle"][k])), 2),
-            "touches_edge": bool(edge[k]),
-            "overlaps": sorted(neighbours[k]),
-        }
-        if code == shapes.CAPSULE:
-            row["shell_nm"] = round(float(table["shell_nm"][k]), 4)
-        if code == shapes.CUBE:
-            row["p"] = round(float(table["p"][k]), 3)
-        particles.append(row)
+    columns = {
+        "x_px": np.round(x_px, 3).tolist(),
+        "y_px": np.round(y_px, 3).tolist(),
+        "population": table["population"].tolist(),
+        "shape": [shapes.SHAPES[c] for c in table["shape"].tolist()],
+        "ecd_nm": np.round(table["ecd_nm"], 4).tolist(),
+        "feret_max_nm": np.round(table["feret_max_nm"], 4).tolist(),
+        "feret_min_nm": np.round(table["feret_min_nm"], 4).tolist(),
+        "area_nm2": np.round(table["area_nm2"], 3).tolist(),
+        "angle_deg": np.round(np.degrees(table["angle"]), 2).tolist(),
+        "touches_edge": edge.tolist(),
+        "overlaps": [sorted(n) for n in neighbours],
+    }
+    names = list(columns)
+    particles = [dict(zip(names, row)) for row in zip(*columns.values())]
+    shell = np.round(table["shell_nm"], 4).tolist()
+    corner = np.round(table["p"], 3).tolist()
+    for k, row in enumerate(particles):
+        if row["shape"] == "capsule":
+            row["shell_nm"] = shell[k]
+        elif row["shape"] == "cube":
+            row["p"] = corner[k]
     truth = {
         "schema_version": SCHEMA_VERSION,
         "pixel_nm": pix,

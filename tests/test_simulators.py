@@ -2,6 +2,7 @@
 
 import json
 
+import ncempy.io
 import numpy as np
 import pytest
 
@@ -45,6 +46,8 @@ def test_truth_ecd_matches_rendered_mask_area(sample):
         ecd_mask = np.sqrt(4 * (cover >= 0.5).sum() / np.pi) * pix
         assert abs(ecd_cover - p["ecd_nm"]) < 0.25 * pix
         assert abs(ecd_mask - p["ecd_nm"]) < pix  # within a pixel's worth
+        border = np.concatenate([cover[0], cover[-1], cover[:, 0], cover[:, -1]])
+        assert not border.any()  # not touching the edge: nothing in the outermost pixels
         # the mask sits where the truth says
         rows, cols = np.nonzero(cover >= 0.5)
         assert abs(cols.mean() - p["x_px"]) < 0.5 and abs(rows.mean() - p["y_px"]) < 0.5
@@ -219,10 +222,10 @@ def test_simulate_writes_frames_mdoc_and_truth(tmp_path):
         assert truth["particles"] and {"x_px", "y_px", "population", "shape", "ecd_nm",
                                        "feret_max_nm", "feret_min_nm", "touches_edge",
                                        "overlaps"} <= set(truth["particles"][0])
-        import mrcfile
-        with mrcfile.open(mrc) as m:
-            assert m.data.shape == (256, 256) and m.data.dtype == np.uint16
-            assert float(m.voxel_size.x) == pytest.approx(truth["pixel_nm"] * 10)
+        data = ncempy.io.read(str(mrc))
+        assert np.squeeze(data["data"]).shape == (256, 256)
+        assert np.squeeze(data["data"]).dtype == np.uint16
+        assert float(np.ravel(data["pixelSize"])[-1]) == pytest.approx(truth["pixel_nm"] * 10)
     again = tmp_path / "again"
     assert main(args[:6] + [str(again)] + args[7:]) == 0
     for name in ("frame_00001.mrc", "frame_00001.mrc.mdoc", "truth/frame_00001.json"):
@@ -242,3 +245,15 @@ def test_every_sample_renders():
         scope = SimScope(name, seed=0, size_px=64)
         frame = scope.snap()
         assert frame.image.shape == (64, 64) and frame.image.dtype == np.uint16
+
+
+@pytest.mark.parametrize("detector", ["bf", "haadf"])
+def test_detector_sets_contrast_polarity(detector):
+    scope = _frame_at_particles("au10", size=256, detector=detector)
+    frame = scope.snap(noise=False)
+    table, geom = _table_and_geom(scope)
+    cover = project(table, geom, quantity="coverage")
+    inside = frame.image[cover > 0.9].mean()
+    outside = frame.image[cover == 0].mean()
+    assert (inside < 0.7 * outside) if detector == "bf" else (inside > 2 * outside)
+    assert frame.truth["detector"] == detector
