@@ -9,7 +9,7 @@ Stream (PUB): ``frame``, ``stats``, ``converged``, ``error``.
 Control (REQ/REP): requests ``status``, ``stop``, ``rescan``, ``analyze`` (with ``path``);
 replies carry ``"ok": true`` or are ``{"type": "error", "ok": false, "error": reason}``.
 Pipeline (PUSH/PULL): ``task`` (daemon to worker, a JSON header plus the frame's bytes),
-``hello``/``bye``/``result`` (worker to daemon).
+``hello``/``bye``/``started``/``result`` (worker to daemon).
 """
 
 from __future__ import annotations
@@ -202,23 +202,29 @@ def validate_options(options: Mapping) -> dict:
 
 
 def validate_worker_message(message: Mapping) -> dict:
-    """Check a message from a worker: ``hello``, ``bye`` or ``result``.
+    """Check a message from a worker: ``hello``, ``bye``, ``started`` or ``result``.
 
-    A ``result`` carries ``task_id``, ``worker``, ``sha256`` and ``result`` (the analysis'
+    A ``result`` carries ``task_id``, ``worker``, ``name``, ``sha256`` and ``result`` (the
+    analysis'
     JSON-safe dict with at least ``status`` ``ok``/``failed``, ``reason`` and ``particles``,
     a mapping of column name to an equal-length list of numbers).
     """
     kind = message["type"]
     if kind in ("hello", "bye"):
-        _reject_unknown(message, {"worker", "pid", "host"})
-        worker = _field(message, "worker", (str,))
-        return {"type": kind, "worker": worker}
+        _reject_unknown(message, {"worker"})
+        return {"type": kind, "worker": _field(message, "worker", (str,))}
+    if kind == "started":
+        _reject_unknown(message, {"worker", "task_id", "name"})
+        return {"type": kind, **{k: _field(message, k, (str,))
+                                 for k in ("worker", "task_id", "name")}}
     if kind != "result":
         raise MessageError(f"unexpected worker message type {kind!r}")
-    _reject_unknown(message, {"task_id", "worker", "sha256", "result"})
+    _reject_unknown(message, {"task_id", "worker", "name", "sha256", "result"})
     out = {"type": kind}
-    for key in ("task_id", "worker", "sha256"):
+    for key in ("task_id", "worker", "name", "sha256"):
         out[key] = _field(message, key, (str,))
+    if Path(out["name"]).name != out["name"]:
+        raise MessageError(f"result name {out['name']!r} is not a plain file name")
     result = _field(message, "result", (dict,))
     status = result.get("status")
     if status not in ("ok", "failed"):

@@ -1,0 +1,841 @@
+"""The daemon: folder -> ledger -> PUSH -> workers -> PULL -> statistics -> PUB.
+
+One thread (the *loop*) owns every ZeroMQ socket and the ledger, following the zguide's
+ventilator/worker/sink: the daemon binds the stable sockets (task PUSH, result PULL, stats
+PUB, control REP) and workers connect, so workers on other hosts can join with
+``particlewatch worker --connect tcp://HOST:TASKPORT``. Watchdog's observer thread only puts
+paths into a queue. Each result is made durable in the ledger before it enters the running
+statistics, the outputs and the stream, so a restart after ``kill -9`` rebuilds exactly the
+state that had been published (see :mod:`.ledger`).
+
+Endpoints: given the stats endpoint ``tcp://H:P``, control defaults to ``P+1``, tasks to
+``P+2`` and results to ``P+3``; a port ``*`` or ``0`` picks free ports (see
+:attr:`Daemon.endpoints`, also written to ``OUT/daemon.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket as _socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import messages
+from .ledger import Entry, Ledger
+from .watcher import Arrivals, FolderEvents, classify_name, scan_folder, FRAME_SUFFIXES
+from .worker import failed_result, load_callable, run_worker
+
+log = logging.getLogger("particlewatch.daemon")
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+OUTPUT_NAMES = ("particles.csv", "frames.csv", "summary.json", "histogram.png", "daemon.json")
+
+
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 4 << 20) -> str:
+    """Hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str, str]:
+    """``tcp://host:port`` -> (``tcp``, host, port)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise ValueError(f"{endpoint!r} is not a ZeroMQ endpoint such as tcp://127.0.0.1:5556")
+    host, _, port = rest.rpartition(":")
+    return scheme, host, port
+
+
+def derive_endpoints(stats: str, *, control: str | None = None, tasks: str | None = None,
+                     results: str | None = None) -> dict[str, str]:
+    """Fill in the endpoints not given from the stats endpoint (ports P+1, P+2, P+3)."""
+    scheme, host, port = _split_endpoint(stats)
+    out = {"stats": stats}
+    for key, given, offset in (("control", control, 1), ("tasks", tasks, 2),
+                               ("results", results, 3)):
+        if given:
+            out[key] = given
+        elif scheme != "tcp":
+            raise ValueError(f"give the {key} endpoint explicitly for {stats!r}")
+        elif port in ("*", "0"):
+            out[key] = f"tcp://{host}:*"
+        else:
+            out[key] = f"tcp://{host}:{int(port) + offset}"
+    return out
+
+
+def check_bind_allowed(endpoint: str, *, allow_remote: bool) -> None:
+    """Refuse to bind a TCP socket outside 127.0.0.1 unless remote access was asked for."""
+    scheme, host, _ = _split_endpoint(endpoint)
+    if scheme == "tcp" and host not in LOCAL_HOSTS and not allow_remote:
+        raise ValueError(f"binding {endpoint} would accept connections from other hosts; "
+                         "use 127.0.0.1 or pass --allow-remote")
+
+
+def _bind(sock, endpoint: str) -> str:
+    scheme, host, port = _split_endpoint(endpoint)
+    if scheme == "tcp" and port == "0":
+        endpoint = f"tcp://{host}:*"
+    sock.bind(endpoint)
+    return sock.getsockopt_string(__import__("zmq").LAST_ENDPOINT)
+
+
+def _default_statistics(*, precision: float, seed: int):
+    from ..analysis.statistics import RunningStatistics
+
+    return RunningStatistics(precision=precision, seed=seed)
+
+
+class Outputs:
+    """The files in ``--out DIR``, kept current through :mod:`particlewatch.analysis.outputs`."""
+
+    def __init__(self, out_dir: Path):
+        from ..analysis import outputs
+        from ..analysis.pipeline import FrameResult
+
+        self.out_dir = out_dir
+        self._outputs = outputs
+        self._frame_result = FrameResult
+
+    def _results(self, messages_: list[dict]):
+        return [self._frame_result.from_message(m) for m in messages_]
+
+    def append(self, result: dict) -> None:
+        """Append one frame's rows to frames.csv and particles.csv."""
+        self._outputs.append_frame_rows(self.out_dir, self._results([result]))
+
+    def rewrite(self, results: list[dict], stats) -> None:
+        """Rewrite frames.csv and particles.csv from ``results`` (atomic per file)."""
+        with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".rewrite-") as tmp:
+            tmp = Path(tmp)
+            if results:
+                self._outputs.append_frame_rows(tmp, self._results(results))
+            self._outputs.write_particles(tmp, stats.table, stats.labels)
+            for name in ("frames.csv", "particles.csv"):
+                if (tmp / name).exists():
+                    os.replace(tmp / name, self.out_dir / name)
+                else:
+                    (self.out_dir / name).unlink(missing_ok=True)
+
+    def summary(self, summary: dict) -> None:
+        """Replace summary.json atomically."""
+        self._outputs.write_summary(self.out_dir, summary)
+
+    def histogram(self, stats, summary: dict) -> None:
+        """Replace histogram.png atomically."""
+        path = self.out_dir / "histogram.png"
+        tmp = self.out_dir / ".histogram.png.part"
+        self._outputs.write_histogram(tmp, stats.table, stats.labels, summary)
+        os.replace(tmp, path)
+
+
+@dataclass
+class _Worker:
+    """A worker heard from (``hello``) and what it is doing."""
+
+    last_seen: float
+    task: str | None = None  # name of the frame it started
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of a :class:`Daemon` (see there)."""
+
+    workers: int | None = None
+    stats_endpoint: str = "tcp://127.0.0.1:5556"
+    control_endpoint: str | None = None
+    task_endpoint: str | None = None
+    result_endpoint: str | None = None
+    precision: float = 0.01
+    seed: int = 0
+    pixel_nm: float | None = None
+    min_size_nm: float | None = None
+    separate: str = "uecs"
+    polarity: str = "auto"
+    polling: bool = False
+    allow_remote: bool = False
+    analyze: Any = None
+    worker_mode: str = "process"
+    ship_frames: bool | None = None
+    settle_s: float = 0.25
+    stall_timeout_s: float = 60.0
+    no_mdoc_grace_s: float = 1.0
+    task_timeout_s: float = 600.0
+    max_attempts: int = 3
+    rescan_s: float = 2.0
+    histogram_interval_s: float = 5.0
+    stats_interval_s: float = 2.0
+    ledger_path: str | None = None
+    statistics: Callable | None = None
+    outputs: Callable | None = None
+
+
+class Daemon:
+    """The live analysis daemon.
+
+    Parameters
+    ----------
+    folder : path-like
+        Folder the frames arrive in (watched non-recursively).
+    out_dir : path-like
+        Outputs (particles.csv, frames.csv, summary.json, histogram.png), the ledger
+        ``ledger.sqlite`` and ``daemon.json`` (the bound endpoints). Restarting with the
+        same ``out_dir`` resumes.
+    workers : int, optional
+        Local analysis worker processes (default ``os.cpu_count()``); 0 for none (remote
+        workers only).
+    stats_endpoint, control_endpoint, task_endpoint, result_endpoint : str, optional
+        Where to bind; see the module docstring for the defaults.
+    precision, seed : float, int
+        Passed to the running statistics.
+    pixel_nm, min_size_nm, separate, polarity : optional
+        Passed to the analysis of each frame.
+    polling : bool
+        Poll the folder (network shares).
+    allow_remote : bool
+        Allow binding to addresses other than 127.0.0.1; frames are then shipped to workers
+        with each task (``ship_frames``) so that remote workers need no shared folder.
+    analyze : callable or str, optional
+        ``analyze(path, **options) -> FrameResult | dict``; a ``"module:function"`` string
+        for worker processes, any callable with ``worker_mode="thread"``. Default: the real
+        analysis.
+    worker_mode : {"process", "thread"}
+        Local workers as child processes (parallel) or threads (tests).
+    settle_s, stall_timeout_s, no_mdoc_grace_s : float
+        Completeness rules (see :class:`.watcher.Arrivals`).
+    task_timeout_s, max_attempts : float, int
+        A frame sent to a worker with no result after ``task_timeout_s`` is sent again, up to
+        ``max_attempts`` times, then recorded failed.
+    rescan_s : float
+        Period of the folder rescan that backs up watchdog.
+    histogram_interval_s, stats_interval_s : float
+        Least time between two histogram.png writes; period of repeated ``stats`` messages
+        while idle (for late subscribers).
+    statistics : callable, optional
+        ``statistics(precision=, seed=)`` -> a RunningStatistics; default the analysis one.
+    outputs : callable, optional
+        ``outputs(out_dir)`` -> an :class:`Outputs`-like writer; default :class:`Outputs`.
+
+    Examples
+    --------
+    >>> daemon = Daemon("frames", "out", workers=2)          # doctest: +SKIP
+    >>> daemon.start(); daemon.wait_converged(600); daemon.stop()   # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike, out_dir: str | os.PathLike, **options):
+        self.config = DaemonConfig(**options)
+        cfg = self.config
+        self.folder = Path(folder).resolve()
+        self.out_dir = Path(out_dir).resolve()
+        if not self.folder.is_dir():
+            raise ValueError(f"{folder}: not a folder")
+        if cfg.worker_mode not in ("process", "thread"):
+            raise ValueError(f"worker_mode must be 'process' or 'thread', not {cfg.worker_mode!r}")
+        if cfg.worker_mode == "process" and cfg.analyze is not None and not isinstance(
+                cfg.analyze, str):
+            raise ValueError("worker processes need analyze as a 'module:function' string")
+        self.n_workers = (os.cpu_count() or 1) if cfg.workers is None else int(cfg.workers)
+        self.endpoints = derive_endpoints(cfg.stats_endpoint, control=cfg.control_endpoint,
+                                          tasks=cfg.task_endpoint, results=cfg.result_endpoint)
+        for endpoint in self.endpoints.values():
+            check_bind_allowed(endpoint, allow_remote=cfg.allow_remote)
+        self.ship_frames = cfg.allow_remote if cfg.ship_frames is None else cfg.ship_frames
+        self.options = {"pixel_nm": cfg.pixel_nm, "min_size_nm": cfg.min_size_nm,
+                        "separate": cfg.separate, "polarity": cfg.polarity}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._converged = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._summary: dict | None = None
+        self._status: dict = {}
+
+    # --- public API ----------------------------------------------------------------------
+    def start(self, *, timeout_s: float = 60.0) -> "Daemon":
+        """Run the daemon in a background thread; return once its sockets are bound."""
+        if self._thread is not None:
+            raise RuntimeError("daemon already started")
+        self._thread = threading.Thread(target=self._run_catching, name="particlewatch-daemon",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"daemon did not start within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # reported by start()/stop() in the caller's thread
+            self._error = exc
+            log.exception("daemon stopped by an error")
+            self._ready.set()
+
+    def stop(self, *, timeout_s: float = 60.0) -> None:
+        """Ask the daemon to stop, finish its outputs, and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"daemon did not stop within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+
+    def wait_converged(self, timeout: float | None = None) -> bool:
+        """Block until the statistics converge (True) or ``timeout`` seconds pass (False)."""
+        return self._converged.wait(timeout)
+
+    def wait_idle(self, timeout: float | None = None, *, frames: int | None = None) -> bool:
+        """Block until nothing is waiting, pending or running (and, if given, at least
+        ``frames`` frames are done); False after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                status = dict(self._status)
+            done = status.get("ok", 0) + status.get("failed", 0)
+            if status.get("idle") and (frames is None or done >= frames):
+                return True
+            if self._thread is not None and not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    @property
+    def summary(self) -> dict | None:
+        """The latest statistics summary (as published), or None before the first frame."""
+        with self._lock:
+            return self._summary
+
+    def status(self) -> dict:
+        """Counts per status, queue, workers, endpoints (as the ``status`` request answers)."""
+        with self._lock:
+            return dict(self._status)
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run in the calling thread until :meth:`stop` or a ``stop`` request."""
+        import zmq
+
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ledger_path = Path(cfg.ledger_path) if cfg.ledger_path else self.out_dir / "ledger.sqlite"
+        self.ledger = Ledger(ledger_path, folder=self.folder)
+        self._exclude = [ledger_path, Path(str(ledger_path) + "-wal"),
+                         Path(str(ledger_path) + "-shm")]
+        self._outputs = (cfg.outputs or Outputs)(self.out_dir)
+        self._new_stats = cfg.statistics or _default_statistics
+        ctx = zmq.Context()
+        self._ctx = ctx
+        sockets = []
+
+        def make(kind, key):
+            sock = ctx.socket(kind)
+            sock.setsockopt(zmq.LINGER, 0)
+            sockets.append(sock)
+            self.endpoints[key] = _bind(sock, self.endpoints[key])
+            return sock
+
+        self._events = None
+        self._procs: list[subprocess.Popen] = []
+        self._threads: list[threading.Thread] = []
+        self._worker_stop = threading.Event()
+        try:
+            self._pub = make(zmq.PUB, "stats")
+            self._control = ctx.socket(zmq.REP)
+            self._control.setsockopt(zmq.LINGER, 0)
+            self._control.setsockopt(zmq.MAXMSGSIZE, messages.HARD_CONTROL_BYTES)
+            sockets.append(self._control)
+            self.endpoints["control"] = _bind(self._control, self.endpoints["control"])
+            self._tasks = make(zmq.PUSH, "tasks")
+            self._results = make(zmq.PULL, "results")
+            self._results.setsockopt(zmq.MAXMSGSIZE, messages.MAX_RESULT_BYTES)
+            self._write_daemon_json()
+            self._recover()
+            self._events = FolderEvents(self.folder, polling=cfg.polling)
+            self._events.start()
+            self._start_workers()
+            self._ready.set()
+            self._loop(zmq)
+            self._finish()
+        finally:
+            self._ready.set()
+            if self._events is not None:
+                self._events.stop()
+            self._stop_workers()
+            for sock in sockets:
+                sock.close(linger=0)
+            ctx.term()
+            self.ledger.close()
+
+    def _write_daemon_json(self) -> None:
+        info = {"schema_version": 1, "pid": os.getpid(), "folder": str(self.folder),
+                "endpoints": self.endpoints}
+        tmp = self.out_dir / ".daemon.json.part"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, self.out_dir / "daemon.json")
+
+    def _recover(self) -> None:
+        """Rebuild statistics and outputs from the ledger; re-send unfinished frames."""
+        requeued = self.ledger.requeue_all_running()
+        if requeued:
+            log.info("%d frame(s) were being analysed when the daemon stopped: sent again",
+                     requeued)
+        self._arrivals = Arrivals(settle_s=self.config.settle_s,
+                                  stall_timeout_s=self.config.stall_timeout_s,
+                                  no_mdoc_grace_s=self.config.no_mdoc_grace_s)
+        self._known = self.ledger.identities()
+        self._in_flight: dict[str, tuple[str, float]] = {}  # name -> (task_id, sent at)
+        self._workers_seen: dict[str, _Worker] = {}
+        self._announced_converged = False
+        self._histogram_due = False
+        self._last_histogram = 0.0
+        self._last_stats = 0.0
+        self._next_rescan = 0.0
+        self._next_expiry = 0.0
+        self._rebuild_statistics(order="done", rewrite=True)
+        if self._summary_now is not None and self._stats_converged():
+            self._announced_converged = True
+            self._converged.set()
+
+    def _rebuild_statistics(self, *, order: str, rewrite: bool) -> None:
+        stats = self._new_stats(precision=self.config.precision, seed=self.config.seed)
+        results = []
+        self._in_stats: set[str] = set()
+        for entry in self.ledger.done(order=order):
+            results.append(entry.result)
+            self._in_stats.add(entry.name)
+            if entry.status == "ok":
+                stats.add(entry.result["frame"], entry.result.get("particles") or {})
+        self._stats = stats
+        self._summary_now = None
+        if results:
+            self._summary_now = self._make_summary()
+        if rewrite and (results or (self.out_dir / "frames.csv").exists()):
+            self._outputs.rewrite(results, stats)
+            if self._summary_now is not None:
+                self._outputs.summary(self._summary_now)
+                self._outputs.histogram(stats, self._summary_now)
+        with self._lock:
+            self._summary = self._summary_now
+
+    def _make_summary(self) -> dict:
+        counts = self.ledger.counts()
+        return messages.to_jsonable(self._stats.summary(frames_ok=counts["ok"],
+                                                        frames_failed=counts["failed"]))
+
+    def _stats_converged(self) -> bool:
+        return bool(self._summary_now and self._summary_now.get("converged"))
+
+    def _loop(self, zmq) -> None:
+        poller = zmq.Poller()
+        poller.register(self._results, zmq.POLLIN)
+        poller.register(self._control, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(50))
+            now = time.monotonic()
+            if self._results in events:
+                for _ in range(64):  # bounded, so control and the watcher get their turn
+                    try:
+                        parts = self._results.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_worker_message(parts)
+            if self._control in events:
+                self._on_control(self._control.recv_multipart())
+            for path in self._events.drain():
+                self._nominate(path, now)
+            if now >= self._next_rescan:
+                self._rescan(now)
+                self._next_rescan = now + self.config.rescan_s
+            for arrival in self._arrivals.look(time.monotonic()):
+                self._admit(arrival)
+            if now >= self._next_expiry:
+                self._expire(now)
+                self._supervise_workers()
+                self._next_expiry = now + 0.5
+            self._dispatch(zmq)
+            self._periodic(now)
+
+    # --- ingest --------------------------------------------------------------------------
+    def _nominate(self, path: Path, now: float, st: os.stat_result | None = None) -> None:
+        if path.parent != self.folder or path in self._arrivals:
+            return
+        kind = classify_name(path)
+        if kind == "ignore":
+            if path.name.lower().endswith(".mdoc"):  # a late .mdoc: look at its frame again
+                frame = path.with_name(path.name[:-5])
+                if frame in self._arrivals:
+                    self._arrivals.nominate(frame, now)
+            return
+        if path.name in OUTPUT_NAMES and self.out_dir == self.folder:
+            return
+        if path in self._exclude:
+            return
+        try:
+            st = st or os.stat(path)
+        except OSError:
+            return
+        if self._known.get(path.name) == (st.st_size, st.st_mtime_ns):
+            return  # known content: nothing to do
+        self._arrivals.nominate(path, now)
+
+    def _rescan(self, now: float) -> None:
+        for path, st in scan_folder(self.folder, exclude=self._exclude):
+            self._nominate(path, now, st)
+
+    def _admit(self, arrival) -> None:
+        if arrival.reason == "gone":
+            return
+        name = arrival.path.name
+        try:
+            digest = sha256_file(arrival.path)
+            st = os.stat(arrival.path)
+        except OSError as exc:
+            log.warning("%s: cannot read (%s); will look again", arrival.path, exc)
+            return
+        if (st.st_size, st.st_mtime_ns) != (arrival.size, arrival.mtime_ns):
+            self._arrivals.nominate(arrival.path, time.monotonic())  # changed while hashing
+            return
+        self._known[name] = (st.st_size, st.st_mtime_ns)
+        reason = arrival.reason
+        if not reason and classify_name(name) == "unsupported":
+            reason = (f"unsupported file type {arrival.path.suffix or '(none)'!r}; frames are "
+                      f"{' '.join(FRAME_SUFFIXES)}")
+        if reason:
+            reason = f"{arrival.path}: {reason}"
+            result = failed_result(name, str(arrival.path), reason)
+            result["stage"] = "discovery"
+            if self.ledger.fail_discovery(name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                          sha256=digest, reason=reason, result=result):
+                self._in_flight.pop(name, None)
+                log.warning("%s", reason)
+                self._on_done(name, result)
+            return
+        action = self.ledger.admit(name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                   sha256=digest)
+        if action == "modified":
+            log.info("%s: content changed; analysing it again", arrival.path)
+            self._in_flight.pop(name, None)
+
+    # --- workers -------------------------------------------------------------------------
+    def _max_in_flight(self) -> int:
+        now = time.monotonic()
+        remote = sum(1 for w in self._workers_seen.values() if now - w.last_seen < 3600)
+        return 2 * max(self.n_workers, remote, 1)
+
+    def _dispatch(self, zmq) -> None:
+        room = self._max_in_flight() - len(self._in_flight)
+        if room <= 0:
+            return
+        for entry in self.ledger.pending(room):
+            if entry.attempts >= self.config.max_attempts:
+                self._give_up(entry)
+                continue
+            task_id = f"{entry.id}.{entry.attempts + 1}.{uuid.uuid4().hex[:8]}"
+            path = self.folder / entry.name
+            header = {"type": "task", "task_id": task_id, "name": entry.name, "path": str(path),
+                      "size": entry.size, "mtime_ns": entry.mtime_ns, "sha256": entry.sha256,
+                      "options": self.options, "mdoc": False}
+            parts: list[bytes] = []
+            if self.ship_frames:
+                try:
+                    parts.append(path.read_bytes())
+                    mdoc = Path(str(path) + ".mdoc")
+                    if mdoc.exists():
+                        parts.append(mdoc.read_bytes())
+                        header["mdoc"] = True
+                except OSError as exc:
+                    log.warning("%s: cannot read to ship (%s)", path, exc)
+                    continue
+            try:
+                self._tasks.send_multipart([messages.encode(header), *parts], zmq.NOBLOCK,
+                                           copy=False)
+            except zmq.Again:  # no worker connected yet
+                return
+            self.ledger.mark_running(entry.name, task_id=task_id)
+            self._in_flight[entry.name] = (task_id, time.monotonic())
+
+    def _give_up(self, entry: Entry) -> None:
+        reason = (f"{self.folder / entry.name}: no result after {entry.attempts} attempt(s) "
+                  f"(worker died or took over {self.config.task_timeout_s:g} s)")
+        result = failed_result(entry.name, str(self.folder / entry.name), reason)
+        if self.ledger.finish(entry.name, sha256=entry.sha256, status="failed", reason=reason,
+                              result=result) is not None:
+            log.error("%s", reason)
+            self._in_flight.pop(entry.name, None)
+            self._on_done(entry.name, result)
+
+    def _expire(self, now: float) -> None:
+        for name, (task_id, sent) in list(self._in_flight.items()):
+            if now - sent > self.config.task_timeout_s:
+                log.warning("%s: no result for %.0f s; sending it again", name, now - sent)
+                self._requeue(name)
+
+    def _requeue(self, name: str) -> None:
+        self._in_flight.pop(name, None)
+        self.ledger.requeue(name)
+
+    def _worker_command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "particlewatch.daemon.worker",
+               "--tasks", self._connectable(self.endpoints["tasks"]),
+               "--results", self._connectable(self.endpoints["results"]),
+               "--parent-pid", str(os.getpid())]
+        if isinstance(self.config.analyze, str):
+            cmd += ["--analyze", self.config.analyze]
+        return cmd
+
+    @staticmethod
+    def _connectable(endpoint: str) -> str:
+        scheme, host, port = _split_endpoint(endpoint)
+        if scheme == "tcp" and host in ("0.0.0.0", "*", "[::]"):
+            return f"tcp://127.0.0.1:{port}"
+        return endpoint
+
+    def _start_workers(self) -> None:
+        for _ in range(self.n_workers):
+            self._spawn_worker()
+
+    def _spawn_worker(self) -> None:
+        if self.config.worker_mode == "process":
+            self._procs.append(subprocess.Popen(self._worker_command(), stdin=subprocess.DEVNULL))
+            return
+        analyze = self.config.analyze
+        if isinstance(analyze, str):
+            analyze = load_callable(analyze)
+        thread = threading.Thread(
+            target=run_worker, daemon=True, name="particlewatch-worker",
+            args=(self._connectable(self.endpoints["tasks"]),
+                  self._connectable(self.endpoints["results"])),
+            kwargs={"analyze": analyze, "stop": self._worker_stop, "poll_ms": 100})
+        thread.start()
+        self._threads.append(thread)
+
+    def _supervise_workers(self) -> None:
+        """Replace local worker processes that died; re-send what they were analysing."""
+        for proc in list(self._procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            self._procs.remove(proc)
+            prefix = f"{_socket.gethostname()}:{proc.pid}:"
+            for wid in [w for w in self._workers_seen if w.startswith(prefix)]:
+                worker = self._workers_seen.pop(wid)
+                if worker.task and worker.task in self._in_flight:
+                    log.warning("%s: its worker (pid %d) died with code %s; sending it again",
+                                worker.task, proc.pid, code)
+                    self._requeue(worker.task)
+            if not self._stop.is_set():
+                self._spawn_worker()
+
+    def _stop_workers(self) -> None:
+        self._worker_stop.set()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _on_worker_message(self, parts: list[bytes]) -> None:
+        try:
+            if len(parts) != 1:
+                raise messages.MessageError(f"worker message has {len(parts)} parts, expected 1")
+            msg = messages.validate_worker_message(
+                messages.decode(parts[0], max_bytes=messages.MAX_RESULT_BYTES))
+        except messages.MessageError as exc:
+            self._report_error(f"bad message from a worker ignored: {exc}")
+            return
+        now = time.monotonic()
+        worker = self._workers_seen.setdefault(msg["worker"], _Worker(last_seen=now))
+        worker.last_seen = now
+        if msg["type"] == "bye":
+            self._workers_seen.pop(msg["worker"], None)
+        elif msg["type"] == "started":
+            worker.task = msg["name"]
+        elif msg["type"] == "result":
+            worker.task = None
+            self._on_result(msg)
+
+    def _on_result(self, msg: dict) -> None:
+        name = msg["name"]
+        result = dict(msg["result"])
+        result["path"] = str(self.folder / name)
+        result["frame"] = result.get("frame") or Path(name).stem
+        reason = result.get("reason")
+        if result["status"] == "failed" and not reason:
+            reason = result["reason"] = f"{result['path']}: analysis failed (no reason given)"
+        seq = self.ledger.finish(name, sha256=msg["sha256"], status=result["status"],
+                                 reason=reason, result=result)
+        if seq is None:
+            log.info("%s: result of task %s ignored (already done or content changed)",
+                     name, msg["task_id"])
+            return
+        self._in_flight.pop(name, None)
+        self._on_done(name, result)
+
+    # --- results -> statistics, outputs, stream ------------------------------------------
+    def _on_done(self, name: str, result: dict) -> None:
+        if name in self._in_stats:  # a new result replaces an old one: start over
+            self._rebuild_statistics(order="done", rewrite=True)
+        else:
+            self._in_stats.add(name)
+            if result["status"] == "ok":
+                self._stats.add(result["frame"], result.get("particles") or {})
+            self._outputs.append(result)
+            self._summary_now = self._make_summary()
+            self._outputs.summary(self._summary_now)
+            self._histogram_due = True
+        with self._lock:
+            self._summary = self._summary_now
+        frame_msg = {"type": "frame", "frame": result["frame"], "path": result["path"],
+                     "status": result["status"], "reason": result.get("reason"),
+                     "particles": len(next(iter((result.get("particles") or {}).values()), [])),
+                     **{k: result.get(k) for k in ("pixel_nm", "defocus_um", "stage_x_um",
+                                                   "stage_y_um", "seconds")}}
+        self._publish(frame_msg)
+        if result["status"] == "failed":
+            self._publish({"type": "error", "error": result.get("reason"),
+                           "path": result["path"]})
+        self._publish_stats()
+        if self._stats_converged() and not self._announced_converged:
+            self._announced_converged = True
+            self._publish({"type": "converged", **self._summary_now})
+            self._converged.set()
+
+    def _publish(self, message: dict) -> None:
+        self._pub.send(messages.encode(message))
+
+    def _publish_stats(self) -> None:
+        self._last_stats = time.monotonic()
+        if self._summary_now is not None:
+            self._publish({"type": "stats", **self._summary_now, "queue": self._queue_state()})
+
+    def _queue_state(self) -> dict:
+        counts = self.ledger.counts()
+        return {"waiting": len(self._arrivals), "pending": counts["pending"],
+                "running": counts["running"], "ok": counts["ok"], "failed": counts["failed"],
+                "workers": len(self._workers_seen)}
+
+    def _report_error(self, text: str) -> None:
+        log.error("%s", text)
+        self._publish({"type": "error", "error": text})
+
+    def _periodic(self, now: float) -> None:
+        cfg = self.config
+        if self._histogram_due and now - self._last_histogram >= cfg.histogram_interval_s:
+            self._histogram_due = False
+            self._last_histogram = now
+            self._outputs.histogram(self._stats, self._summary_now)
+        if now - self._last_stats >= cfg.stats_interval_s:
+            self._publish_stats()
+        queue = self._queue_state()
+        queue["idle"] = (queue["waiting"] == 0 and queue["pending"] == 0
+                         and queue["running"] == 0)
+        with self._lock:
+            self._status = {**queue, "converged": self._stats_converged(),
+                            "endpoints": dict(self.endpoints), "folder": str(self.folder),
+                            "out": str(self.out_dir)}
+
+    # --- control -------------------------------------------------------------------------
+    def _on_control(self, parts: list[bytes]) -> None:
+        try:
+            if len(parts) != 1:
+                raise messages.MessageError(f"request has {len(parts)} parts, expected 1")
+            request = messages.validate_control(
+                messages.decode(parts[0], max_bytes=messages.MAX_CONTROL_BYTES),
+                folder=self.folder)
+            reply = self._answer(request)
+        except messages.MessageError as exc:
+            log.warning("control request rejected: %s", exc)
+            reply = messages.error_reply(str(exc))
+        self._control.send(messages.encode(reply))
+
+    def _answer(self, request: dict) -> dict:
+        kind = request["type"]
+        if kind == "status":
+            self._periodic(time.monotonic())
+            with self._lock:
+                return {"type": "status", "ok": True, **self._status,
+                        "frames_ok": self._status.get("ok", 0),
+                        "frames_failed": self._status.get("failed", 0)}
+        if kind == "stop":
+            self._stop.set()
+            return {"type": "stop", "ok": True}
+        if kind == "rescan":
+            self._next_rescan = 0.0
+            return {"type": "rescan", "ok": True}
+        path: Path = request["path"]
+        if path.parent != self.folder or not path.is_file():
+            raise messages.MessageError(f"{path} is not a file directly in {self.folder}")
+        if classify_name(path) != "frame":
+            raise messages.MessageError(f"{path} is not a frame ({' '.join(FRAME_SUFFIXES)})")
+        if not self.ledger.reanalyze(path.name):
+            self._known.pop(path.name, None)
+            self._arrivals.nominate(path, time.monotonic())
+        return {"type": "analyze", "ok": True, "path": str(path)}
+
+    # --- stop ----------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """Final outputs in canonical (name) order, so any run over the same frames —
+        interrupted or not, with any number of workers — ends with the same files."""
+        self._rebuild_statistics(order="name", rewrite=True)
+        if self._summary_now is not None:
+            self._publish_stats()
+        log.info("daemon stopped: %s", self.ledger.counts())
+
+
+def request(endpoint: str, message: dict | bytes, *, timeout_s: float = 5.0,
+            retries: int = 3) -> dict:
+    """Send one control request and return the reply (Lazy Pirate: poll, retry, give up).
+
+    Parameters
+    ----------
+    endpoint : str
+        The daemon's control endpoint.
+    message : dict or bytes
+        A request such as ``{"type": "status"}`` (``schema_version`` is added), or raw bytes.
+
+    Raises
+    ------
+    TimeoutError
+        No reply after ``retries`` attempts of ``timeout_s`` each.
+    """
+    import zmq
+
+    payload = message if isinstance(message, bytes) else messages.encode(message)
+    ctx = zmq.Context.instance()
+    for _ in range(retries):
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            sock.send(payload)
+            if sock.poll(int(timeout_s * 1000)):
+                return json.loads(sock.recv())
+        finally:
+            sock.close(linger=0)
+    raise TimeoutError(f"no reply from {endpoint} after {retries} x {timeout_s:g} s")

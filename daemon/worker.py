@@ -1,0 +1,216 @@
+"""An analysis worker: PULL a task, analyse the frame, PUSH the result (zguide ``taskwork``).
+
+A task is a JSON header (:func:`..messages.validate_task`) optionally followed by the
+frame's bytes and its ``.mdoc``'s bytes, so a worker on another host needs no shared
+folder. The worker announces itself (``hello``), says when it starts a task (``started``,
+so the daemon can re-send at once the tasks of a local worker that died) and sends each
+result as JSON, never pickle. It exits when its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import logging
+import os
+import socket as _socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from . import messages
+
+log = logging.getLogger("particlewatch.daemon.worker")
+
+AnalyzeFn = Callable[..., Any]
+
+
+def load_callable(spec: str) -> AnalyzeFn:
+    """Import ``"package.module:function"`` and return the function.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is not of that form or names nothing callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"analysis function {spec!r} must look like 'package.module:function'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"analysis function {spec!r} is not callable")
+    return obj
+
+
+def default_analyze(path, **options):
+    """The real analysis: :func:`particlewatch.analysis.pipeline.analyze_frame`."""
+    from ..analysis.pipeline import analyze_frame
+
+    return analyze_frame(path, **options)
+
+
+def result_to_message(result: Any) -> dict:
+    """The JSON-safe dict of an analysis result (``FrameResult.to_message()`` or a dict)."""
+    if hasattr(result, "to_message"):
+        result = result.to_message()
+    if not isinstance(result, dict):
+        raise TypeError(f"analysis returned {type(result).__name__}, not a FrameResult or dict")
+    return messages.to_jsonable(result)
+
+
+def failed_result(name: str, path: str, reason: str, *, seconds: float = 0.0) -> dict:
+    """A result dict for a frame that could not be analysed."""
+    return {"frame": Path(name).stem, "path": path, "status": "failed", "reason": reason,
+            "pixel_nm": None, "defocus_um": None, "stage_x_um": None, "stage_y_um": None,
+            "seconds": seconds, "particles": {}}
+
+
+def analyze_task(task: dict, parts: list[bytes], analyze: AnalyzeFn, *,
+                 scratch: Path) -> dict:
+    """Analyse one task; never raises for a bad frame (the result says failed and why)."""
+    name, path = task["name"], task["path"]
+    start = time.perf_counter()
+    local = Path(path)
+    try:
+        st = local.stat()
+        usable = (st.st_size, st.st_mtime_ns) == (task["size"], task["mtime_ns"])
+    except OSError:
+        usable = False
+    if not usable:  # not on this host (or changed): use the bytes that came with the task
+        if not parts:
+            return failed_result(name, path, f"{path}: not readable on worker host "
+                                 f"{_socket.gethostname()} and the daemon sent no frame bytes")
+        digest = hashlib.sha256(parts[0]).hexdigest()
+        if digest != task["sha256"]:
+            return failed_result(name, path, f"{path}: frame bytes arrived damaged "
+                                 f"(sha256 {digest[:12]} != {task['sha256'][:12]})")
+        local = scratch / name
+        local.write_bytes(parts[0])
+        mdoc = Path(str(local) + ".mdoc")
+        if task["mdoc"] and len(parts) > 1:
+            mdoc.write_bytes(parts[1])
+        elif mdoc.exists():
+            mdoc.unlink()
+    try:
+        result = result_to_message(analyze(str(local), **task["options"]))
+    except Exception as exc:  # an injected analysis may raise; the frame fails, we go on
+        log.error("%s: analysis raised %s", path, traceback.format_exc(limit=3))
+        result = failed_result(name, path, f"{path}: analysis raised {type(exc).__name__}: "
+                                           f"{exc}", seconds=time.perf_counter() - start)
+    finally:
+        if local.parent == scratch:
+            for p in (local, Path(str(local) + ".mdoc")):
+                p.unlink(missing_ok=True)
+    result["path"] = path  # the daemon's path, not a scratch copy
+    result.setdefault("frame", Path(name).stem)
+    return result
+
+
+def run_worker(task_endpoint: str, result_endpoint: str, *,
+               analyze: AnalyzeFn | None = None, parent_pid: int | None = None,
+               stop: threading.Event | None = None, context=None,
+               poll_ms: int = 500) -> int:
+    """Serve tasks until stopped, the parent dies, or interrupted.
+
+    Parameters
+    ----------
+    task_endpoint, result_endpoint : str
+        The daemon's PUSH (tasks) and PULL (results) endpoints; the worker connects.
+    analyze : callable, optional
+        ``analyze(path, **options) -> FrameResult | dict``; default the real analysis.
+    parent_pid : int, optional
+        Exit when this process is no longer our parent (the daemon was killed).
+    stop : threading.Event, optional
+        Exit when set (workers run as threads in tests).
+    context : zmq.Context, optional
+        Share a context (threads); default a new one.
+
+    Returns
+    -------
+    int
+        The number of tasks served.
+    """
+    import zmq
+
+    analyze = analyze or default_analyze
+    ctx = context or zmq.Context()
+    worker_id = f"{_socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+    tasks = ctx.socket(zmq.PULL)
+    results = ctx.socket(zmq.PUSH)
+    for s in (tasks, results):
+        s.setsockopt(zmq.LINGER, 2000)
+    tasks.setsockopt(zmq.RCVHWM, 2)  # hold few tasks: others may be idle
+    tasks.connect(task_endpoint)
+    results.connect(result_endpoint)
+    results.send(messages.encode({"type": "hello", "worker": worker_id}))
+    served = 0
+    with tempfile.TemporaryDirectory(prefix="particlewatch-worker-") as tmp:
+        scratch = Path(tmp)
+        try:
+            while not (stop is not None and stop.is_set()):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.info("worker %s: daemon %d is gone, exiting", worker_id, parent_pid)
+                    break
+                if not tasks.poll(poll_ms):
+                    continue
+                parts = tasks.recv_multipart()
+                try:
+                    header = messages.decode(parts[0], max_bytes=messages.MAX_TASK_HEADER_BYTES)
+                    task = messages.validate_task(header)
+                except messages.MessageError as exc:
+                    log.error("worker %s: bad task ignored: %s", worker_id, exc)
+                    continue
+                results.send(messages.encode({"type": "started", "worker": worker_id,
+                                              "task_id": task["task_id"],
+                                              "name": task["name"]}))
+                result = analyze_task(task, parts[1:], analyze, scratch=scratch)
+                results.send(messages.encode({"type": "result", "task_id": task["task_id"],
+                                              "worker": worker_id, "name": task["name"],
+                                              "sha256": task["sha256"], "result": result}))
+                served += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                results.send(messages.encode({"type": "bye", "worker": worker_id}),
+                             zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            tasks.close(linger=0)
+            results.close()
+            if context is None:
+                ctx.term()
+    return served
+
+
+def result_endpoint_for(task_endpoint: str) -> str:
+    """The result endpoint of a daemon whose task endpoint is ``tcp://HOST:PORT``: PORT+1."""
+    head, sep, port = task_endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not head.startswith("tcp://"):
+        raise ValueError(f"{task_endpoint!r} is not tcp://HOST:PORT")
+    return f"{head}:{int(port) + 1}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m particlewatch.daemon.worker``: the worker processes a daemon starts."""
+    parser = argparse.ArgumentParser(prog="particlewatch-worker")
+    parser.add_argument("--tasks", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--analyze", default=None, help="package.module:function")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    analyze = load_callable(args.analyze) if args.analyze else None
+    run_worker(args.tasks, args.results, analyze=analyze, parent_pid=args.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
