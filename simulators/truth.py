@@ -46,10 +46,13 @@ def overlapping_pairs(table, *, gap_nm: float) -> np.ndarray:
     if pairs.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
     round_ = np.isin(table["shape"], (shapes.SPHERE, shapes.CAPSULE))
-    both_round = round_[pairs[:, 0]] & round_[pairs[:, 1]]
-    # discs: exact circumradius test; other shapes: outline points of one inside the other
-    hit = both_round.copy()
-    other = np.flatnonzero(~both_round)
+    i, j = pairs[:, 0], pairs[:, 1]
+    d = np.hypot(xy[i, 0] - xy[j, 0], xy[i, 1] - xy[j, 1])
+    # the circle of radius feret_min / 2 about the centre lies inside every shape, so
+    # pairs that close surely overlap; discs need nothing else (that circle is the disc)
+    inner = table["feret_min_nm"] / 2.0
+    hit = (round_[i] & round_[j]) | (d <= inner[i] + inner[j] + gap_nm)
+    other = np.flatnonzero(~hit)
     if other.size:
         sub = pairs[other]
         hit[other] = (_outline_in(table, sub[:, 0], sub[:, 1], gap_nm)
