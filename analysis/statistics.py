@@ -1,0 +1,671 @@
+"""Size statistics per population, running updates and an honest stop rule.
+
+Particles from one frame are not independent: a frame may sit in a thicker, more aggregated or
+slightly defocused area, which shifts every size it yields. The mean of a population is
+therefore treated as a ratio estimator over frames (frames are the sampling clusters), and its
+variance is the cluster-robust (linearised) one,
+
+    var(mean) = F/(F-1) · Σ_f (y_f − mean·n_f)² / N²,
+
+with y_f the sum of diameters and n_f the count of the population in frame f, never smaller
+than the independent-particle variance s²/N. The 95% interval uses Student's t with F − 1
+degrees of freedom (few frames: wide intervals). Fractions get the same treatment.
+
+Stop rule (a Chow–Robbins fixed-width rule, 1965, with a frame-level variance): converged when,
+for every population, the 95% half-width ≤ ``precision`` × mean, the population holds at least
+``min_per_population`` particles, at least ``min_frames`` frames were analysed and every
+fraction's half-width ≤ ``fraction_tolerance``. Checking after every frame is what a session
+does; ``bench/stop_rule_coverage.py`` measures that the interval reported at the stop still
+holds the true mean in ≥ 93% of simulated sessions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as sps
+
+from .populations import PopulationModel, fit_populations
+
+__all__ = ["summarize", "RunningStatistics", "population_stats", "z_average",
+           "cluster_mean_ci", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_CONFIDENCE = 0.95
+_HIST_BINS = 60
+_ROD_ASPECT = 1.8      # mean Feret max/min above which a population is rod-like
+_CUBE_ASPECT = 1.15    # projected cubes: Feret diagonal/edge 1.2–1.41; spheres ~1.0–1.08
+_SPHERE_CIRCULARITY = 0.85
+_CUBE_SOLIDITY = 0.93
+
+
+def z_average(d):
+    """Intensity-weighted (z-)average diameter as DLS reports it, ``Σd⁶ / Σd⁵``.
+
+    Parameters
+    ----------
+    d : array_like
+        Diameters (nm).
+
+    Returns
+    -------
+    float
+        NaN for no particles.
+
+    References
+    ----------
+    .. [1] Harley et al., Nanoscale Horiz. (2025); ISO 22412 (DLS).
+
+    Examples
+    --------
+    >>> z_average([10.0, 20.0])  # (10⁶ + 20⁶) / (10⁵ + 20⁵)
+    19.696969696969695
+    """
+    d = np.asarray(d, dtype=float)
+    if d.size == 0:
+        return math.nan
+    top = d.max()
+    if top <= 0:
+        return math.nan
+    r = d / top  # scaled: d⁶ of 1e5 nm overflows nothing, but keeps the sums well-conditioned
+    return float(top * np.sum(r ** 6) / np.sum(r ** 5))
+
+
+def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
+    """Mean of ``values`` and its confidence interval, frames as clusters.
+
+    Parameters
+    ----------
+    values : (n,) array_like
+        One value per particle.
+    clusters : (n,) array_like of int
+        Frame index of each particle (``0..F-1``).
+    confidence : float
+        Two-sided level of the interval.
+
+    Returns
+    -------
+    mean, half_width : float
+        Half-width = t_{F-1} × max(cluster-robust SE, s/√n); t replaced by the normal quantile
+        with a single frame (whose between-frame variance is unknown: the stop rule then
+        requires more frames).
+    frames : int
+        Number of frames that hold at least one value.
+    """
+    values = np.asarray(values, dtype=float)
+    clusters = np.asarray(clusters)
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(values.mean())
+    if n == 1:
+        return mean, math.inf, 1
+    _, codes = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(codes, weights=values)
+    counts = np.bincount(codes).astype(float)
+    frames = len(sums)
+    var_iid = values.var(ddof=1) / n
+    if frames > 1:
+        resid = sums - mean * counts
+        var_cluster = frames / (frames - 1) * np.sum(resid ** 2) / n ** 2
+        q = sps.t.ppf(0.5 + confidence / 2, frames - 1)
+    else:
+        var_cluster, q = 0.0, sps.norm.ppf(0.5 + confidence / 2)
+    return mean, float(q * math.sqrt(max(var_cluster, var_iid))), frames
+
+
+def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE):
+    """Fraction of ``member`` (bool per particle) and its cluster-robust half-width."""
+    n = len(member)
+    if n == 0:
+        return math.nan, math.nan
+    p = float(member.mean())
+    _, codes = np.unique(clusters, return_inverse=True)
+    hits = np.bincount(codes, weights=member.astype(float))
+    counts = np.bincount(codes).astype(float)
+    frames = len(hits)
+    # floor at the binomial variance, with p pulled off 0/1 (Agresti–Coull style) so that a
+    # fraction of 1.0 or 0.0 does not claim zero uncertainty
+    p_adj = (member.sum() + 2.0) / (n + 4.0)
+    var_binom = p_adj * (1 - p_adj) / n
+    if frames > 1:
+        resid = hits - p * counts
+        var_cluster = frames / (frames - 1) * np.sum(resid ** 2) / n ** 2
+        q = sps.t.ppf(0.5 + confidence / 2, frames - 1)
+    else:
+        var_cluster, q = 0.0, sps.norm.ppf(0.5 + confidence / 2)
+    return p, float(q * math.sqrt(max(var_cluster, var_binom)))
+
+
+def _column(table, name, n):
+    if name in table:
+        return np.asarray(table[name], dtype=float)
+    if name == "aspect_ratio" and "feret_max_nm" in table and "feret_min_nm" in table:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (np.asarray(table["feret_max_nm"], dtype=float)
+                    / np.asarray(table["feret_min_nm"], dtype=float))
+    return np.full(n, np.nan)
+
+
+def _nanmean(x):
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def _shape_name(aspect, circularity, solidity, shell):
+    """A coarse shape name from mean shape factors (NaN when not measured)."""
+    if np.isfinite(shell):
+        return "capsule"
+    if not np.isfinite(aspect):
+        return "sphere" if not np.isfinite(circularity) or circularity >= _SPHERE_CIRCULARITY \
+            else "irregular"
+    if aspect >= _ROD_ASPECT:
+        return "rod"
+    if aspect >= _CUBE_ASPECT:
+        if np.isfinite(solidity) and solidity < _CUBE_SOLIDITY:
+            return "irregular"
+        return "cube"
+    if np.isfinite(circularity) and circularity < _SPHERE_CIRCULARITY:
+        return "irregular"
+    return "sphere"
+
+
+def population_stats(table, index, clusters, *, precision=0.01, confidence=_CONFIDENCE):
+    """Size and shape statistics of the particles ``index`` of ``table``.
+
+    Parameters
+    ----------
+    table : dict of str to ndarray
+        Particle table (``ecd_nm`` required).
+    index : ndarray of int or bool
+        Rows of the population.
+    clusters : (n_table,) ndarray
+        Frame code of every row of ``table``.
+    precision : float
+        Wanted relative half-width; sets ``converged`` (precision only) and ``needed_more``.
+    confidence : float
+
+    Returns
+    -------
+    dict
+        ``n, mean_ecd_nm, sd_ecd_nm, cv, pdi, z_average_nm, ci95_nm, ci95_rel,
+        mean_feret_max_nm, mean_feret_min_nm, mean_aspect_ratio, mean_circularity,
+        mean_shell_nm, shape, frames`` and ``needed_for_precision`` (particles still
+        needed for the precision, estimated as n·(rel/precision)² − n). Undefined values NaN.
+    """
+    d = np.asarray(table["ecd_nm"], dtype=float)[index]
+    n_table = len(table["ecd_nm"])
+    n = len(d)
+    mean, half, frames = cluster_mean_ci(d, np.asarray(clusters)[index], confidence=confidence)
+    sd = float(d.std(ddof=1)) if n > 1 else math.nan
+    cv = sd / mean if n > 1 and mean > 0 else math.nan
+    rel = half / mean if n and mean > 0 else math.nan
+    shell = _column(table, "shell_nm", n_table)[index]
+    # a capsule when most of the population has a measured shell
+    mean_shell = _nanmean(shell) if n and np.isfinite(shell).mean() >= 0.5 else math.nan
+    aspect = _nanmean(_column(table, "aspect_ratio", n_table)[index])
+    circ = _nanmean(_column(table, "circularity", n_table)[index])
+    solidity = _nanmean(_column(table, "solidity", n_table)[index])
+    if np.isfinite(rel) and rel > 0:
+        needed = max(0.0, n * (rel / precision) ** 2 - n)
+    else:
+        needed = math.inf if n < 2 else 0.0
+    return {
+        "n": int(n),
+        "mean_ecd_nm": mean,
+        "sd_ecd_nm": sd,
+        "cv": cv,
+        "pdi": cv ** 2,
+        "z_average_nm": z_average(d),
+        "ci95_nm": [mean - half, mean + half],
+        "ci95_rel": rel,
+        "mean_feret_max_nm": _nanmean(_column(table, "feret_max_nm", n_table)[index]),
+        "mean_feret_min_nm": _nanmean(_column(table, "feret_min_nm", n_table)[index]),
+        "mean_aspect_ratio": aspect,
+        "mean_circularity": circ,
+        "mean_shell_nm": mean_shell,
+        "shape": _shape_name(aspect, circ, solidity, mean_shell) if n else None,
+        "frames": int(frames),
+        "needed_for_precision": needed,
+    }
+
+
+def _frame_codes(table, frames, n):
+    if frames is None:
+        frames = table.get("frame")
+    if frames is None:
+        return np.arange(n)  # unknown frames: every particle its own cluster
+    frames = np.asarray(frames)
+    if len(frames) != n:
+        raise ValueError(f"frames (length {len(frames)}) must have one entry per particle "
+                         f"(table length {n})")
+    return np.unique(frames, return_inverse=True)[1]
+
+
+def _validate_summary_inputs(table, labels, precision):
+    if "ecd_nm" not in table:
+        raise ValueError(f"particle table (columns {sorted(table)}) has no 'ecd_nm' column")
+    n = len(table["ecd_nm"])
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels (shape {labels.shape}) must have one entry per particle "
+                         f"(table length {n})")
+    if not 0 < precision < 1:
+        raise ValueError(f"precision ({precision}) must be in (0, 1), e.g. 0.01 for ±1%")
+    return n, labels.astype(np.int64)
+
+
+def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames=None,
+              min_per_population=50, min_frames=3, fraction_tolerance=None,
+              confidence=_CONFIDENCE, bins=_HIST_BINS):
+    """The ``summary.json`` content: statistics per population, convergence and histogram.
+
+    Parameters
+    ----------
+    table : dict of str to ndarray
+        Particle table (``particles.csv`` columns; ``ecd_nm`` required).
+    labels : (n,) array_like of int
+        Population per particle, -1 for outliers (as from ``find_populations``).
+    frames_ok, frames_failed : int
+        Frames analysed and frames that failed, reported as given.
+    precision : float
+        Wanted relative 95% half-width of every population's mean ECD (0.01 = ±1%).
+    frames : (n,) array_like, optional
+        Frame name of each particle; defaults to the table's ``frame`` column. Particles of
+        one frame are correlated: the intervals treat frames as clusters. Without frame
+        information every particle counts as independent.
+    min_per_population : int
+        Particles a population needs before it can count as converged.
+    min_frames : int
+        Frames needed before the between-frame variance is trusted enough to stop.
+    fraction_tolerance : float, optional
+        Largest 95% half-width of a population fraction (absolute) for "stable fractions";
+        default ``max(precision, 0.02)`` — ±1 point would need ~9,600 particles at 50/50.
+    confidence : float
+        Level of the intervals (keys keep the name ``ci95``).
+    bins : int
+        Histogram bins.
+
+    Returns
+    -------
+    dict
+        JSON-safe (no NaN: ``None``): ``schema_version, frames_ok, frames_failed, particles,
+        populations`` (list of ``id, n, fraction, fraction_ci95, mean_ecd_nm, sd_ecd_nm, cv,
+        pdi, z_average_nm, ci95_nm, ci95_rel, mean_feret_max_nm, mean_feret_min_nm,
+        mean_aspect_ratio, mean_circularity, mean_shell_nm, shape, frames, converged,
+        needed_more``), ``all`` (the same for all non-outliers), ``outliers, converged,
+        precision, fraction_tolerance, min_per_population, min_frames, convergence``
+        (``reason`` and per population ``reasons``) and ``histogram`` (``edges_nm`` and
+        ``counts`` per id as a string, ``"-1"`` for outliers).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> table = {"ecd_nm": rng.normal(10.0, 1.5, 3000)}
+    >>> s = summarize(table, np.zeros(3000, int), frames_ok=1, frames_failed=0,
+    ...               frames=np.repeat(np.arange(10), 300))
+    >>> s["populations"][0]["n"], s["converged"]
+    (3000, True)
+    """
+    n, labels = _validate_summary_inputs(table, labels, precision)
+    if fraction_tolerance is None:
+        fraction_tolerance = max(precision, 0.02)
+    codes = _frame_codes(table, frames, n)
+    inlier = labels >= 0
+    ids = np.unique(labels[inlier])
+    codes_in = codes[inlier]
+    n_in = int(inlier.sum())
+    total_frames = int(np.unique(codes).size)
+    pops = []
+    for pid in ids:
+        member = labels == pid
+        st = population_stats(table, member, codes, precision=precision,
+                              confidence=confidence)
+        frac, frac_half = _fraction_ci(member[inlier], codes_in, confidence=confidence)
+        st = {"id": int(pid), "n": st.pop("n"), "fraction": frac,
+              "fraction_ci95": [max(0.0, frac - frac_half), min(1.0, frac + frac_half)],
+              **st}
+        st["_fraction_half"] = frac_half
+        pops.append(st)
+    _judge(pops, n_in=n_in, total_frames=total_frames, precision=precision,
+           min_per_population=min_per_population, min_frames=min_frames,
+           fraction_tolerance=fraction_tolerance)
+    all_stats = population_stats(table, inlier, codes, precision=precision,
+                                 confidence=confidence) if n_in else None
+    if all_stats is not None:
+        all_stats["fraction"] = 1.0
+        all_stats["converged"] = bool(np.isfinite(all_stats["ci95_rel"])
+                                      and all_stats["ci95_rel"] <= precision)
+        all_stats.pop("needed_for_precision")
+    converged = bool(pops) and all(p["converged"] for p in pops)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "frames_ok": int(frames_ok),
+        "frames_failed": int(frames_failed),
+        "particles": int(n),
+        "populations": [{k: v for k, v in p.items() if not k.startswith("_")} for p in pops],
+        "all": all_stats,
+        "outliers": int(n - n_in),
+        "converged": converged,
+        "precision": float(precision),
+        "fraction_tolerance": float(fraction_tolerance),
+        "min_per_population": int(min_per_population),
+        "min_frames": int(min_frames),
+        "convergence": {
+            "reason": _reason(pops, converged, n_in, total_frames, precision,
+                              fraction_tolerance, min_frames),
+            "populations": [{"id": p["id"], "converged": p["converged"],
+                             "reasons": p["_reasons"], "needed_more": p["needed_more"],
+                             "ci95_rel": p["ci95_rel"], "n": p["n"]} for p in pops],
+        },
+        "histogram": _histogram(np.asarray(table["ecd_nm"], dtype=float), labels, bins),
+    }
+    return _json_safe(summary)
+
+
+def _judge(pops, *, n_in, total_frames, precision, min_per_population, min_frames,
+           fraction_tolerance):
+    """Set ``converged``, ``needed_more`` and ``_reasons`` of every population, in place."""
+    several = len(pops) > 1
+    for p in pops:
+        reasons = []
+        needed = p.pop("needed_for_precision")
+        rel = p["ci95_rel"]
+        if not (np.isfinite(rel) and rel <= precision):
+            reasons.append(f"mean ±{_pct(rel)} of ±{_pct(precision)} wanted")
+        if p["n"] < min_per_population:
+            reasons.append(f"{p['n']} of at least {min_per_population} particles")
+            needed = max(needed, min_per_population - p["n"])
+        half = p["_fraction_half"]
+        if several and not half <= fraction_tolerance:
+            reasons.append(f"fraction ±{half * 100:.1f} of ±{fraction_tolerance * 100:.1f} "
+                           f"points")
+            # the half-width shrinks as 1/√N: N·(half/tol)² particles in all, this
+            # population's share of the extra ones
+            extra_total = n_in * ((half / fraction_tolerance) ** 2 - 1)
+            needed = max(needed, p["fraction"] * extra_total)
+        if total_frames < min_frames:
+            reasons.append(f"{total_frames} of at least {min_frames} frames")
+        p["converged"] = not reasons
+        p["needed_more"] = 0 if p["converged"] else (
+            int(math.ceil(needed)) if np.isfinite(needed) else None)
+        p["_reasons"] = reasons
+
+
+def _pct(x):
+    return f"{x * 100:.2g}%" if np.isfinite(x) else "∞"
+
+
+def _reason(pops, converged, n_in, total_frames, precision, fraction_tolerance, min_frames):
+    """One human-readable line on why the statistics have (not) converged."""
+    if not pops:
+        return "no particles yet" if n_in == 0 else "no population found yet"
+    if converged:
+        parts = [f"P{p['id']} {p['mean_ecd_nm']:.1f} nm ±{_pct(p['ci95_rel'])} (n={p['n']})"
+                 for p in pops]
+        tail = f"; fractions within ±{fraction_tolerance * 100:.1f} points" \
+            if len(pops) > 1 else ""
+        return (f"every population within ±{_pct(precision)} after {total_frames} frames: "
+                + ", ".join(parts) + tail)
+    parts = []
+    for p in pops:
+        if p["converged"]:
+            continue
+        more = f", ~{p['needed_more']} more particles" if p["needed_more"] else ""
+        parts.append(f"P{p['id']}: " + "; ".join(p["_reasons"]) + more)
+    return "not converged: " + " | ".join(parts)
+
+
+def _histogram(ecd, labels, bins):
+    good = np.isfinite(ecd) & (ecd > 0)
+    core = good & (labels >= 0)
+    ref = ecd[core] if core.any() else ecd[good]
+    if ref.size == 0:
+        return {"edges_nm": [], "counts": {}}
+    lo, hi = np.quantile(ref, [0.001, 0.999])
+    span = max(hi - lo, 1e-6 * max(hi, 1.0))
+    edges = np.linspace(max(lo - 0.05 * span, 0.0), hi + 0.05 * span, bins + 1)
+    counts = {}
+    for pid in np.unique(labels[good]):
+        counts[str(int(pid))] = np.histogram(ecd[good & (labels == pid)], edges)[0].tolist()
+    return {"edges_nm": edges.tolist(), "counts": counts}
+
+
+def _json_safe(obj):
+    """Plain Python types, NaN and ±inf as ``None``."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+class RunningStatistics:
+    """Population statistics updated frame by frame, with stable population ids.
+
+    New particles are labelled with the current population model at once; the model is
+    refitted (on a subsample) only when the particle count has grown by ``refit_growth``
+    since the last fit, so an update stays cheap at 100,000 particles. After a refit,
+    populations are matched to the previous ids by mean size and shape, so an id never jumps
+    to another population; a new population gets the next unused id.
+
+    Parameters
+    ----------
+    precision : float
+        Wanted relative 95% half-width of every population's mean ECD.
+    seed : int
+        Seed of the clustering.
+    min_per_population, min_frames, fraction_tolerance :
+        Stop-rule settings (see :func:`summarize`).
+    method, max_populations :
+        Clustering (see :func:`~particlewatch.analysis.populations.find_populations`).
+    refit_growth : float
+        Refit when the particle count reaches this factor times the count at the last fit.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> rs = RunningStatistics(precision=0.02)
+    >>> for i in range(5):
+    ...     rs.add(f"frame_{i:05d}", {"ecd_nm": rng.normal(50.0, 5.0, 400)})
+    >>> rs.converged
+    True
+    """
+
+    def __init__(self, *, precision=0.01, seed=0, min_per_population=50, min_frames=3,
+                 fraction_tolerance=None, method="auto", max_populations=6,
+                 refit_growth=1.25):
+        if not 0 < precision < 1:
+            raise ValueError(f"precision ({precision}) must be in (0, 1), e.g. 0.01 for ±1%")
+        if refit_growth <= 1:
+            raise ValueError(f"refit_growth ({refit_growth}) must be > 1")
+        self.precision = float(precision)
+        self.seed = seed
+        self.min_per_population = min_per_population
+        self.min_frames = min_frames
+        self.fraction_tolerance = fraction_tolerance
+        self.method = method
+        self.max_populations = max_populations
+        self.refit_growth = refit_growth
+        self._chunks = []          # one particle table per frame
+        self._frame_names = []
+        self._label_chunks = []
+        self._columns = None
+        self._model: PopulationModel | None = None
+        self._fitted_n = 0
+        self._id_map = np.zeros(0, dtype=np.int64)  # model group -> stable id
+        self._signatures = {}      # stable id -> (mean log ECD, mean log aspect) at last fit
+        self._next_id = 0
+        self._cache = None
+        self._summary = None
+
+    # -- data ------------------------------------------------------------------------------
+    def add(self, frame, particles):
+        """Add one frame's particles and label them.
+
+        Parameters
+        ----------
+        frame : str
+            Frame name (e.g. ``frame_00001``); particles of one frame form one cluster.
+        particles : dict of str to ndarray
+            The frame's particle table (``ecd_nm`` required; the same columns every frame).
+        """
+        table = {k: np.asarray(v) for k, v in particles.items() if k not in ("frame",
+                                                                            "population")}
+        if "ecd_nm" not in table:
+            raise ValueError(f"{frame}: particle table (columns {sorted(table)}) has no "
+                             f"'ecd_nm' column")
+        n = len(table["ecd_nm"])
+        if any(len(v) != n for v in table.values()):
+            raise ValueError(f"{frame}: particle table columns differ in length")
+        if self._columns is None:
+            self._columns = tuple(table)
+        elif set(table) != set(self._columns):
+            if n == 0:  # an empty frame may come with no columns at all
+                table = {c: np.zeros(0) for c in self._columns}
+            else:
+                raise ValueError(f"{frame}: columns {sorted(table)} differ from earlier "
+                                 f"frames' {sorted(self._columns)}")
+        self._chunks.append(table)
+        self._frame_names.append(str(frame))
+        self._label_chunks.append(self._predict(table))
+        self._cache = None
+        self._summary = None
+        total = self.n_particles
+        if total and (self._model is None or total >= self.refit_growth * self._fitted_n):
+            self._refit()
+
+    @property
+    def n_particles(self) -> int:
+        """Particles added so far."""
+        return sum(len(c["ecd_nm"]) for c in self._chunks)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames added so far (empty ones included)."""
+        return len(self._chunks)
+
+    @property
+    def table(self):
+        """All particles so far, with a ``frame`` column (the frame name)."""
+        return self._concat()[0]
+
+    @property
+    def labels(self):
+        """Stable population id of every particle so far, -1 for outliers."""
+        return self._concat()[1]
+
+    @property
+    def model(self) -> PopulationModel | None:
+        """The current population model (None before the first particle)."""
+        return self._model
+
+    def summary(self, *, frames_ok=None, frames_failed=0):
+        """The summary dict (see :func:`summarize`) of everything added so far.
+
+        Parameters
+        ----------
+        frames_ok : int, optional
+            Frames analysed; defaults to the frames added.
+        frames_failed : int
+        """
+        if frames_ok is None:
+            frames_ok = self.n_frames
+        table, labels = self._concat()
+        summary = summarize(table, labels, frames_ok=frames_ok, frames_failed=frames_failed,
+                            precision=self.precision, frames=table["frame"],
+                            min_per_population=self.min_per_population,
+                            min_frames=self.min_frames,
+                            fraction_tolerance=self.fraction_tolerance)
+        self._summary = summary
+        return summary
+
+    @property
+    def converged(self) -> bool:
+        """Whether the stop rule holds for everything added so far."""
+        if self._summary is None:
+            self.summary()
+        return bool(self._summary["converged"])
+
+    # -- internals -------------------------------------------------------------------------
+    def _concat(self):
+        if self._cache is None:
+            cols = self._columns or ("ecd_nm",)
+            table = {c: np.concatenate([np.asarray(t[c]) for t in self._chunks])
+                     if self._chunks else np.zeros(0) for c in cols}
+            table["frame"] = np.repeat(np.array(self._frame_names, dtype=object),
+                                       [len(t["ecd_nm"]) for t in self._chunks]) \
+                if self._chunks else np.zeros(0, dtype=object)
+            labels = np.concatenate(self._label_chunks) if self._label_chunks \
+                else np.zeros(0, dtype=np.int64)
+            self._cache = (table, labels)
+        return self._cache
+
+    def _predict(self, table):
+        n = len(table["ecd_nm"])
+        if self._model is None or n == 0:
+            return np.full(n, -1, dtype=np.int64)
+        raw = self._model.predict(table)
+        return np.where(raw >= 0, self._id_map[np.maximum(raw, 0)], -1)
+
+    def _refit(self):
+        self._cache = None
+        table, _ = self._concat()
+        features = {c: table[c] for c in table if c != "frame"}
+        model = fit_populations(features, method=self.method,
+                                max_populations=self.max_populations, seed=self.seed)
+        raw = model.predict(features)
+        self._id_map = self._match_ids(features, raw, model.n_populations)
+        self._model = model
+        self._fitted_n = len(raw)
+        labels = np.where(raw >= 0, self._id_map[np.maximum(raw, 0)], -1)
+        bounds = np.cumsum([0] + [len(t["ecd_nm"]) for t in self._chunks])
+        self._label_chunks = [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self._cache = None
+
+    def _match_ids(self, table, raw, n_groups):
+        """Stable id for each new group: nearest previous population by size and shape."""
+        from scipy.optimize import linear_sum_assignment
+
+        sig = _signatures(table, raw, n_groups)
+        ids = np.full(n_groups, -1, dtype=np.int64)
+        old_ids = list(self._signatures)
+        if old_ids and n_groups:
+            old = np.array([self._signatures[i] for i in old_ids])
+            cost = np.sqrt(((sig[:, None, :] - old[None, :, :]) ** 2).sum(-1))
+            rows, cols = linear_sum_assignment(cost)
+            for r, c in zip(rows, cols):
+                # log units: 0.2 ≈ 22% in size; farther is a different population
+                if cost[r, c] < 0.2:
+                    ids[r] = old_ids[c]
+        for g in range(n_groups):
+            if ids[g] < 0:
+                ids[g] = self._next_id
+                self._next_id += 1
+        self._next_id = max(self._next_id, int(ids.max()) + 1 if n_groups else 0)
+        self._signatures = {int(i): s for i, s in zip(ids, sig)}
+        return ids
+
+
+def _signatures(table, raw, n_groups):
+    """(mean log ECD, mean log aspect ratio) of each group, for matching ids across fits."""
+    ecd = np.asarray(table["ecd_nm"], dtype=float)
+    n = len(ecd)
+    aspect = _column(table, "aspect_ratio", n)
+    out = np.zeros((n_groups, 2))
+    for g in range(n_groups):
+        sel = (raw == g) & np.isfinite(ecd) & (ecd > 0)
+        out[g, 0] = np.log(ecd[sel]).mean() if sel.any() else 0.0
+        a = aspect[sel]
+        a = a[np.isfinite(a) & (a > 0)]
+        out[g, 1] = np.log(a).mean() if a.size else 0.0
+    return out
