@@ -310,7 +310,7 @@ class Daemon:
         while True:
             with self._lock:
                 status = dict(self._status)
-            done = status.get("ok", 0) + status.get("failed", 0)
+            done = status.get("frames_ok", 0) + status.get("frames_failed", 0)
             if status.get("idle") and (frames is None or done >= frames):
                 return True
             if self._thread is not None and not self._thread.is_alive():
@@ -737,8 +737,8 @@ class Daemon:
     def _queue_state(self) -> dict:
         counts = self.ledger.counts()
         return {"waiting": len(self._arrivals), "pending": counts["pending"],
-                "running": counts["running"], "ok": counts["ok"], "failed": counts["failed"],
-                "workers": len(self._workers_seen)}
+                "running": counts["running"], "frames_ok": counts["ok"],
+                "frames_failed": counts["failed"], "workers": len(self._workers_seen)}
 
     def _report_error(self, text: str) -> None:
         log.error("%s", text)
@@ -779,9 +779,7 @@ class Daemon:
         if kind == "status":
             self._periodic(time.monotonic())
             with self._lock:
-                return {"type": "status", "ok": True, **self._status,
-                        "frames_ok": self._status.get("ok", 0),
-                        "frames_failed": self._status.get("failed", 0)}
+                return {"type": "status", **self._status, "ok": True}
         if kind == "stop":
             self._stop.set()
             return {"type": "stop", "ok": True}
