@@ -1,0 +1,396 @@
+"""Acquisition controller: plans, focus, tiling, segment check, runner, stopping, navigator.
+
+Everything runs against the simulated scope at 512 px and is checked against its truth
+(true focus, depth of field, particle positions), never against numbers copied from a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from particlewatch.acquisition.backends import SimulatedMicroscope
+from particlewatch.acquisition.focus import (FocusModel, fit_gaussian, gaussian, noise_floor,
+                                             sharpness)
+from particlewatch.acquisition.navigator import NavPosition, read_navigator, write_navigator
+from particlewatch.acquisition.plans import (Checkpoint, FocusSettings, Move, Save, SetDefocus,
+                                             SetMode, Snap, autofocus, quick_focus)
+from particlewatch.acquisition.protocol import Frame, Microscope, MicroscopeError
+from particlewatch.acquisition.runner import (next_frame_number, plan_tiles, run_acquisition,
+                                              run_plan)
+from particlewatch.acquisition.segments import check_segments, segment_grid
+from particlewatch.acquisition.stopping import parse_stream_message, says_converged
+from particlewatch.acquisition.tiling import normalize_area, serpentine
+from particlewatch.frames import mdoc_frame_meta, read_mdoc
+from particlewatch.simulators.scope import SimScope
+
+SIZE = 512
+
+
+def _scope(sample="au10", seed=0):
+    return SimScope(sample, seed=seed, size_px=SIZE)
+
+
+def _populated_positions(scope, n, *, seed, min_density=0.5):
+    """Stage positions where the specimen has particles (chosen from the simulator's map)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        x, y = rng.uniform(-50, 50, 2)
+        if scope.specimen.density(x, y) >= min_density:
+            out.append((float(x), float(y)))
+    return out
+
+
+# --- focus ---------------------------------------------------------------------------------
+
+def test_sharpness_is_highest_at_true_focus_and_zero_for_noise():
+    scope = _scope()
+    scope.move_stage(*_populated_positions(scope, 1, seed=1)[0])
+    focus = scope.true_focus_um()
+    values = {}
+    for offset in (-0.4, -0.1, 0.0, 0.1, 0.4):
+        scope.set_defocus(focus + offset)
+        values[offset] = sharpness(scope.snap().image)
+    assert max(values, key=values.get) == 0.0
+    assert values[-0.4] < values[-0.1] and values[0.4] < values[0.1]
+    noise = np.random.default_rng(0).poisson(100, (SIZE, SIZE))
+    assert abs(sharpness(noise)) < 3 * noise_floor(noise.shape)
+    assert sharpness(np.full((64, 64), 7.0)) == 0.0
+
+
+def test_fit_gaussian_recovers_a_known_peak_and_rejects_flat_data():
+    x = np.linspace(-0.6, 0.6, 7)
+    fit = fit_gaussian(x, gaussian(x, 0.137, 0.25, 2.0, 0.5))
+    assert fit.ok and fit.center == pytest.approx(0.137, abs=1e-6)
+    assert fit.sigma == pytest.approx(0.25, rel=1e-4)
+    assert not fit_gaussian(x, np.ones(7)).ok
+    with pytest.raises(ValueError, match="length"):
+        fit_gaussian(x[:3], x[:3])
+
+
+def test_focus_model_fits_a_plane_and_falls_back_to_nearest():
+    model = FocusModel()
+    assert model.predict(0, 0) is None
+    model.add(0, 0, 0.1)
+    assert model.predict(5, 5) == 0.1
+    for x, y in [(10, 0), (0, 10), (10, 10)]:
+        model.add(x, y, 0.1 + 0.003 * x - 0.002 * y)
+    assert model.predict(20, 30) == pytest.approx(0.1 + 0.06 - 0.06)
+
+
+def test_autofocus_plan_yields_at_most_seven_images_per_sweep_without_hardware():
+    """Step through the plan by hand: a fake sharpness that peaks at 0.23 µm."""
+    plan = autofocus(center_um=0.0, settings=FocusSettings(span_um=1.2, steps=7),
+                     metric=lambda image: float(image[0, 0]))
+    defocus, images, commands = 0.0, 0, []
+    reply = None
+    try:
+        while True:
+            command = plan.send(reply)
+            commands.append(command)
+            reply = None
+            if isinstance(command, SetDefocus):
+                defocus = command.defocus_um
+            elif isinstance(command, Snap):
+                images += 1
+                value = 0.01 + np.exp(-0.5 * ((defocus - 0.23) / 0.2) ** 2)
+                reply = Frame(np.full((64, 64), value), 1.0, "record", 0, 0, defocus, 1e4, 1)
+    except StopIteration as done:
+        result = done.value
+    assert result.status == "ok" and result.images == images == 7
+    assert result.defocus_um == pytest.approx(0.23, abs=1e-3)
+    sweep = [c.defocus_um for c in commands if isinstance(c, SetDefocus)][:7]
+    np.testing.assert_allclose(sweep, np.linspace(-0.6, 0.6, 7))
+    assert commands[-1] == SetDefocus(result.defocus_um)  # leaves the scope at best focus
+
+
+def test_autofocus_lands_within_depth_of_field_at_many_positions():
+    scope = _scope(seed=3)
+    micro = SimulatedMicroscope(scope)
+    errors, images = [], []
+    for x, y in _populated_positions(scope, 10, seed=3):
+        micro.move_stage(x, y)
+        micro.set_defocus(0.0)
+        result = run_plan(autofocus(center_um=0.0), micro)
+        assert result.status == "ok"
+        errors.append(scope.defocus() - scope.true_focus_um())
+        images.append(result.images)
+    assert np.max(np.abs(errors)) < scope.depth_of_field_um, errors
+    assert np.median(images) <= 7
+
+
+def test_autofocus_shifts_the_sweep_when_focus_is_outside_it():
+    scope = _scope(seed=4)
+    micro = SimulatedMicroscope(scope)
+    micro.move_stage(*_populated_positions(scope, 1, seed=4)[0])
+    result = run_plan(autofocus(center_um=scope.true_focus_um() + 1.5), micro)
+    assert result.status == "ok" and len(result.sweeps) > 1
+    assert abs(result.defocus_um - scope.true_focus_um()) < scope.depth_of_field_um
+
+
+def test_autofocus_reports_an_empty_area():
+    scope = _scope("empty", seed=1)
+    result = run_plan(autofocus(center_um=0.0), SimulatedMicroscope(scope))
+    assert result.status == "empty"
+
+
+def test_quick_focus_uses_three_images_near_a_good_prediction():
+    scope = _scope(seed=5)
+    micro = SimulatedMicroscope(scope)
+    for k, (x, y) in enumerate(_populated_positions(scope, 4, seed=5)):
+        micro.move_stage(x, y)
+        predicted = scope.true_focus_um() + (0.04 if k % 2 else -0.04)
+        result = run_plan(quick_focus(predicted_um=predicted, step_um=0.2), micro)
+        assert result.method == "quick" and result.images == 3
+        assert abs(result.defocus_um - scope.true_focus_um()) < scope.depth_of_field_um
+
+
+# --- tiling ----------------------------------------------------------------------------------
+
+def test_serpentine_rows_alternate_and_stay_inside_limits():
+    limits = (-10.0, -10.0, 10.0, 10.0)
+    tiles = serpentine((-30, 4, 3.5, -9), field_um=(2.0, 2.0), step_um=(1.8, 1.8),
+                       limits_um=limits)
+    rows = sorted({t.row for t in tiles})
+    assert len(rows) > 2
+    for row in rows:
+        xs = [t.x_um for t in tiles if t.row == row]
+        assert xs == sorted(xs, reverse=row % 2 == 1)  # even rows +x, odd rows -x
+        assert np.allclose(np.diff(sorted(xs)), 1.8)
+    ys = [t.y_um for t in tiles]
+    assert ys == sorted(ys)
+    assert all(limits[0] <= t.x_um <= limits[2] and limits[1] <= t.y_um <= limits[3]
+               for t in tiles)
+    # the fields cover the clipped area
+    x_min, y_min, x_max, y_max = normalize_area((-30, 4, 3.5, -9), limits)
+    assert min(t.x_um for t in tiles) - 1.0 <= x_min and max(t.x_um for t in tiles) + 1.0 >= x_max
+    assert min(ys) - 1.0 <= y_min and max(ys) + 1.0 >= y_max
+    # consecutive tiles are neighbours: no long return moves
+    steps = [np.hypot(b.x_um - a.x_um, b.y_um - a.y_um) for a, b in zip(tiles, tiles[1:])]
+    assert max(steps) == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="outside the stage limits"):
+        serpentine((20, 20, 30, 30), field_um=(1, 1), step_um=(1, 1), limits_um=limits)
+
+
+def test_plan_tiles_spacing_comes_from_the_record_field_and_overlap():
+    micro = SimulatedMicroscope(_scope())
+    tiles, record, step = plan_tiles(micro, (0, 0, 5, 5), overlap=0.1)
+    assert record == micro.field_of_view_um("record")
+    n = int((micro.field_of_view_um("survey")[0] - record[0]) // (0.9 * record[0])) + 1
+    assert step[0] == pytest.approx(n * 0.9 * record[0])
+    assert len(tiles) > 1
+
+
+# --- segment check ---------------------------------------------------------------------------
+
+def _truth_occupied(bounds, particles):
+    r0, r1, c0, c1 = bounds
+    return any(c0 - 0.5 <= p["x_px"] < c1 - 0.5 and r0 - 0.5 <= p["y_px"] < r1 - 0.5
+               for p in particles)
+
+
+@pytest.mark.parametrize("sample", ["au10", "cubes", "ps100"])
+def test_segment_check_never_skips_particles_and_skips_most_empty_segments(sample):
+    scope = _scope(sample, seed=6)
+    rng = np.random.default_rng(6)
+    occupied = missed = empty = skipped = 0
+    shots = 0
+    while shots < 6:
+        x, y = rng.uniform(-55, 55, 2)
+        # sparse areas, where the check matters, plus some dense ones
+        if shots % 3 != 2 and not 0 < scope.specimen.density(x, y) < 0.15:
+            continue
+        shots += 1
+        scope.move_stage(x, y)
+        scope.set_defocus(scope.true_focus_um())
+        scope.set_mode("survey")
+        snap = scope.snap()
+        record = scope.field_of_view_um("record")
+        for seg in check_segments(snap.image, snap.pixel_nm, segment_um=(record, record)):
+            truth = _truth_occupied((seg.row0, seg.row1, seg.col0, seg.col1),
+                                    snap.truth["particles"])
+            occupied += truth
+            missed += truth and not seg.has_particles
+            empty += not truth
+            skipped += (not truth) and not seg.has_particles
+    assert occupied > 20 and empty > 10
+    assert missed == 0
+    assert skipped >= 0.8 * empty
+
+
+def test_segment_grid_covers_the_survey_with_record_sized_overlapping_segments():
+    grid = segment_grid((600, 600), 10.0, segment_um=(1.0, 1.0), overlap=0.1)
+    assert len(grid) == 36  # (6000 nm - 1000) / 900 + 1 = 6 per axis
+    widths = {c1 - c0 for _, _, _, _, c0, c1 in grid}
+    assert widths == {100}
+    assert [c for r, c, *_ in grid[:12]] == list(range(6)) + list(range(5, -1, -1))
+
+
+# --- runner ----------------------------------------------------------------------------------
+
+def test_simulated_backend_satisfies_the_protocol():
+    assert isinstance(SimulatedMicroscope(_scope()), Microscope)
+
+
+def test_acquisition_saves_in_focus_frames_of_occupied_segments(tmp_path):
+    scope = _scope(seed=7)
+    micro = SimulatedMicroscope(scope)
+    x, y = _populated_positions(scope, 1, seed=7, min_density=1.0)[0]
+    states = []
+    report = run_acquisition(micro, tmp_path, area_um=(x - 1, y - 1, x + 1, y + 1),
+                             max_frames=12, on_state=states.append, handle_sigint=False)
+    assert report.frames_saved == 12 and report.stop_reason == "max_frames"
+    for path in report.frames:
+        assert path.exists() and (path.parent / (path.name + ".mdoc")).exists()
+        truth = json.loads((tmp_path / "truth" / (path.stem + ".json")).read_text())
+        assert truth["particles"], f"{path.name} was recorded without particles"
+        assert abs(truth["defocus_um"] - truth["true_focus_um"]) < scope.depth_of_field_um
+        meta = mdoc_frame_meta(read_mdoc(str(path) + ".mdoc"))
+        assert meta["pixel_nm"] == pytest.approx(micro.pixel_nm("record"))
+        assert meta["stage_x_um"] == pytest.approx(truth["stage_x_um"], abs=1e-3)
+        assert meta["defocus_um"] == pytest.approx(truth["defocus_um"], abs=1e-4)
+        assert meta["magnification"] and meta["exposure_s"] and meta["datetime"]
+    assert [p.name for p in report.frames][:2] == ["frame_00001.mrc", "frame_00002.mrc"]
+    assert states[-1]["frames_saved"] == 12 and states[-1]["state"] == "stopped"
+    assert {"stage_x_um", "defocus_um", "tile", "tiles", "skipped_segments",
+            "focus_images"} <= set(states[-1])
+    assert report.focus_images_per_frame < 7
+    description = json.loads(report.description_path.read_text())
+    assert description["max_frames"] == 12 and description["focus"]["steps"] == 7
+    # the navigator lists the acquired positions and pyserialem reads it
+    from pyserialem import read_nav_file
+
+    items = read_nav_file(str(report.nav_path))
+    assert [i.tag for i in items] == [p.stem for p in report.frames]
+    assert items[0].stage_x == pytest.approx(mdoc_frame_meta(
+        read_mdoc(str(report.frames[0]) + ".mdoc"))["stage_x_um"], abs=1e-3)
+
+
+def test_stop_request_ends_the_run_after_the_current_frame(tmp_path):
+    scope = _scope(seed=8)
+    micro = SimulatedMicroscope(scope)
+    x, y = _populated_positions(scope, 1, seed=8, min_density=1.0)[0]
+    event = threading.Event()
+    seen = []
+
+    def on_state(state):
+        seen.append(state["frames_saved"])
+        if state["frames_saved"] == 3:
+            event.set()
+
+    report = run_acquisition(micro, tmp_path, area_um=(x - 2, y - 2, x + 2, y + 2),
+                             stop=event, on_state=on_state, handle_sigint=False)
+    assert report.stop_reason == "stop_requested" and report.frames_saved == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if n.endswith(".mrc")] == [f"frame_0000{i}.mrc" for i in (1, 2, 3)]
+    assert not [n for n in names if n.startswith(".")]  # no half-written files
+    # a second run continues the numbering and the navigator
+    again = run_acquisition(micro, tmp_path, area_um=(x - 2, y - 2, x + 2, y + 2),
+                            max_frames=2, handle_sigint=False)
+    assert [p.name for p in again.frames] == ["frame_00004.mrc", "frame_00005.mrc"]
+    assert next_frame_number(tmp_path) == 6
+    assert [p.label for p in read_navigator(again.nav_path)][-1] == "frame_00005"
+    assert (tmp_path / "acquisition_2.json").exists()
+
+
+def test_ctrl_c_stops_cleanly_after_the_current_frame(tmp_path):
+    scope = _scope(seed=9)
+    micro = SimulatedMicroscope(scope)
+    x, y = _populated_positions(scope, 1, seed=9, min_density=1.0)[0]
+
+    def on_state(state):
+        if state["frames_saved"] == 2 and state["stop_reason"] is None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    report = run_acquisition(micro, tmp_path, area_um=(x - 2, y - 2, x + 2, y + 2),
+                             on_state=on_state, stop=lambda: False)
+    assert report.stop_reason == "interrupted" and report.frames_saved == 2
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_converged_message_on_the_stats_stream_stops_the_run(tmp_path):
+    import zmq
+
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def publish():
+        # full state, repeated: a late subscriber still hears it (slow joiner)
+        while not done.wait(0.02):
+            pub.send(b"\x80\x04 not json")
+            pub.send_json({"schema_version": 1, "type": "stats", "converged": False})
+            pub.send_json({"schema_version": 1, "type": "converged", "populations": []})
+
+    scope = _scope(seed=10)
+    micro = SimulatedMicroscope(scope)
+    x, y = _populated_positions(scope, 1, seed=10, min_density=1.0)[0]
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        report = run_acquisition(micro, tmp_path, area_um=(x - 3, y - 3, x + 3, y + 3),
+                                 stop_on=f"tcp://127.0.0.1:{port}", handle_sigint=False,
+                                 max_frames=200)
+    finally:
+        done.set()
+        thread.join()
+        pub.close()
+    assert report.stop_reason == "converged"
+    assert report.frames_saved < 200
+
+
+def test_stream_messages_are_validated():
+    assert parse_stream_message(b'{"schema_version": 2, "type": "converged"}') is None
+    assert parse_stream_message(b'[1, 2]') is None
+    assert parse_stream_message(b'{"schema_version": 1, "type": "pickle"}') is None
+    assert says_converged(parse_stream_message(b'{"schema_version": 1, "type": "converged"}'))
+    assert not says_converged(parse_stream_message(
+        b'{"schema_version": 1, "type": "stats", "converged": "yes"}'))
+
+
+def test_navigator_round_trip_through_pyserialem(tmp_path):
+    positions = [NavPosition("frame_00001", 1.5, -2.25, note="defocus = 0.1"),
+                 NavPosition("frame_00002", 3.0, 4.0)]
+    path = write_navigator(tmp_path / "p.nav", positions)
+    back = read_navigator(path)
+    assert [(p.label, p.x_um, p.y_um) for p in back] == [(p.label, p.x_um, p.y_um)
+                                                         for p in positions]
+    assert "LastSavedAs = " + str(path) in path.read_text()
+    with pytest.raises(ValueError, match="label"):
+        write_navigator(tmp_path / "q.nav", [NavPosition("bad label", 0, 0)])
+
+
+def test_moving_outside_the_stage_limits_is_a_microscope_error():
+    micro = SimulatedMicroscope(_scope())
+    x1 = micro.stage_limits_um[2]
+    with pytest.raises(MicroscopeError, match="cannot move stage"):
+        micro.move_stage(x1 + 1, 0)
+
+
+def test_cli_acquire_simulated_and_serialem_without_module(tmp_path, capsys, monkeypatch):
+    from particlewatch import cli
+    from particlewatch.acquisition import cli as acquire_cli
+
+    # small frames keep the test fast; the CLI itself builds the default 2048 px scope
+    monkeypatch.setattr(acquire_cli, "make_scope", lambda args: SimulatedMicroscope(
+        SimScope(args.sample, seed=args.seed, size_px=256)))
+    code = cli.main(["acquire", "--backend", "simulated", "--out", str(tmp_path / "run"),
+                     "--area=-2,-2,2,2", "--max-frames", "2", "--seed", "1"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "run").glob("frame_*.mrc")) == [
+        "frame_00001.mrc", "frame_00002.mrc"]
+    assert "2 frames" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setitem(__import__("sys").modules, "serialem", None)  # import fails
+    code = cli.main(["acquire", "--backend", "serialem", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "serialem" in err
