@@ -41,6 +41,7 @@ _FIT_SAMPLE = 4000        # particles the clustering is fitted on; the rest are 
 _MIN_FIT = 20             # fewer valid particles than this: one population, no clustering
 _SEPARATION_D = 2.0       # Ashman's D needed to keep two groups apart
 _DIP_RATIO = 0.9          # density between two groups must fall below this × the lower peak
+_MIN_SOLIDITY = 0.9      # below: agglomerate or fragment (see _irregular_components)
 _REG_COVAR = 1e-3         # on unit-variance features: floors a component's sd at ~0.03
 
 
@@ -256,13 +257,21 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
     if len(Z) < _MIN_FIT:
         _set_components(model, Z, [np.arange(len(Z))], cutoff=np.inf)
         return model
+    if method != "auto" and "solidity" in names:
+        # K-means' silhouette and density clusters would make agglomerates a population of
+        # their own: leave particles of agglomerate-like solidity out of the fit (the
+        # mixture instead flags whole components, see _irregular_components)
+        regular = Xv[:, names.index("solidity")] >= _MIN_SOLIDITY
+        if regular.sum() >= _MIN_FIT:
+            Z = Z[regular]
     if method in ("auto", "kmeans"):
         if method == "auto":
             weights, means, covs = _best_gmm(Z, max_populations + 2, seed)
         else:
             weights, means, covs = _best_kmeans(Z, max_populations + 2, seed)
+        irregular = _irregular_components(means * scale + center, names)
         group = _merge_components(weights, means, covs, max_populations=max_populations,
-                                  min_fraction=min_fraction)
+                                  min_fraction=min_fraction, exclude=irregular)
         model.weights, model.means = weights, means
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)
@@ -403,9 +412,25 @@ def _dip_ratio(weights, means, covs, idx_a, idx_b, mean_a, mean_b, steps=41):
     return float(density[low] / peak) if peak > 0 else 1.0
 
 
-def _merge_components(weights, means, covs, *, max_populations, min_fraction):
-    """Group id per component (-1: outlier component) after merging unseparated pairs."""
-    groups = [np.array([k]) for k in range(len(weights))]
+def _irregular_components(means, names):
+    """Components whose mean solidity marks agglomerates or fragments (not a population).
+
+    Single particles of the shapes we meet (spheres, rods, cubes, capsules) are convex:
+    solidity ≥ 0.95 once measured. Touching particles left unsplit and broken debris are
+    not. (A population of star-shaped particles would need this test switched off.)
+    """
+    if "solidity" not in names:
+        return np.zeros(len(means), dtype=bool)
+    return means[:, names.index("solidity")] < _MIN_SOLIDITY
+
+
+def _merge_components(weights, means, covs, *, max_populations, min_fraction, exclude=None):
+    """Group id per component (-1: outlier component) after merging unseparated pairs.
+
+    Components flagged in ``exclude`` are outliers from the start.
+    """
+    excluded = np.zeros(len(weights), dtype=bool) if exclude is None else exclude
+    groups = [np.array([k]) for k in range(len(weights)) if not excluded[k]]
 
     def pair_separation(a, b):
         _, ma, ca = _moments(weights, means, covs, a)
@@ -440,7 +465,8 @@ def _merge_components(weights, means, covs, *, max_populations, min_fraction):
             group[g] = gid
             gid += 1
     if gid == 0:  # nothing reached min_fraction (tiny table): keep the heaviest group
-        group[max(groups, key=lambda g: weights[g].sum())] = 0
+        pool = groups or [np.array([k]) for k in range(len(weights))]
+        group[max(pool, key=lambda g: weights[g].sum())] = 0
     return group
 
 

@@ -1,0 +1,264 @@
+"""Population finding against ground truth: simulator size models and truth tables."""
+
+import numpy as np
+import pytest
+
+from particlewatch.analysis.populations import (ashman_d, find_populations, fit_populations,
+                                                population_features)
+from particlewatch.simulators import shapes
+from particlewatch.simulators.samples import SAMPLES, Population, SampleSpec
+from particlewatch.simulators.specimen import Specimen
+
+
+def _shape_measures(pop, n, rng):
+    """Exact outline measures of ``n`` particles drawn from the simulator's size model."""
+    a = np.clip(rng.normal(pop.size_nm, pop.size_sd_nm, n), pop.size_nm - 4 * pop.size_sd_nm,
+                pop.size_nm + 4 * pop.size_sd_nm)
+    b = a
+    if pop.shape == "rod":
+        b = np.minimum(rng.normal(pop.width_nm, pop.width_sd_nm, n), a)
+    p = rng.uniform(*pop.p_range, n) if pop.shape == "cube" else np.full(n, 2.0)
+    m = shapes.measures(shapes.SHAPES.index(pop.shape), a=a, b=b, p=p)
+    if pop.shape == "rod":
+        perimeter = 2 * (a - b) + np.pi * b
+        m["circularity"] = 4 * np.pi * m["area_nm2"] / perimeter ** 2
+    elif pop.shape == "cube":
+        m["circularity"] = np.where(p > 8, 0.80, 0.86)
+    else:
+        m["circularity"] = np.full(n, 0.97)
+    m["shell_nm"] = (rng.normal(pop.shell_nm, pop.shell_sd_nm, n) if pop.shape == "capsule"
+                     else np.full(n, np.nan))
+    return m
+
+
+def measured_table(spec, n, *, seed=0, outliers=0.06):
+    """A particle table as image analysis would measure it, with known truth.
+
+    Sizes come from the simulator's population models (exact outline measures), with 1%
+    measurement noise on sizes and realistic scatter on the shape factors; a fraction
+    ``outliers`` are agglomerates (2–4 touching particles measured as one: large, elongated,
+    non-convex) and debris (small, irregular fragments).
+
+    Returns
+    -------
+    table : dict of ndarray
+    truth : ndarray of int
+        True population per row, -1 for the outliers added.
+    """
+    rng = np.random.default_rng(seed)
+    fractions = np.array([p.fraction for p in spec.populations])
+    n_out = int(round(outliers * n))
+    pop = rng.choice(len(fractions), size=n - n_out, p=fractions / fractions.sum())
+    cols = {k: np.zeros(n) for k in ("area_nm2", "ecd_nm", "feret_max_nm", "feret_min_nm",
+                                     "circularity", "solidity", "convexity", "shell_nm")}
+    truth = np.full(n, -1)
+    for i, pp in enumerate(spec.populations):
+        sel = np.flatnonzero(pop == i)
+        m = _shape_measures(pp, len(sel), rng)
+        noise = 1 + rng.normal(0, 0.01, len(sel))
+        for k in ("area_nm2",):
+            cols[k][sel] = m[k] * noise ** 2
+        for k in ("ecd_nm", "feret_max_nm", "feret_min_nm"):
+            cols[k][sel] = m[k] * noise
+        # pixelation: the measured min Feret of a round particle is a little under its max
+        cols["feret_min_nm"][sel] *= 1 - np.abs(rng.normal(0, 0.02, len(sel)))
+        cols["circularity"][sel] = np.clip(m["circularity"] + rng.normal(0, 0.015, len(sel)),
+                                           0, 1)
+        cols["solidity"][sel] = np.clip(rng.normal(0.985, 0.007, len(sel)), 0, 1)
+        cols["convexity"][sel] = np.clip(rng.normal(0.99, 0.005, len(sel)), 0, 1)
+        cols["shell_nm"][sel] = m["shell_nm"]
+        truth[sel] = i
+    out = np.arange(n - n_out, n)
+    base = np.array([p.size_nm for p in spec.populations])[rng.integers(0, len(fractions),
+                                                                          n_out)]
+    agg = rng.random(n_out) < 0.6
+    k = rng.integers(2, 5, n_out)
+    ecd = np.where(agg, base * np.sqrt(k) * 0.95, base * rng.uniform(0.15, 0.4, n_out))
+    aspect = np.where(agg, rng.uniform(1.6, 2.8, n_out), rng.uniform(1.2, 2.5, n_out))
+    cols["ecd_nm"][out] = ecd
+    cols["area_nm2"][out] = np.pi * ecd ** 2 / 4
+    cols["feret_max_nm"][out] = ecd * np.sqrt(aspect)
+    cols["feret_min_nm"][out] = ecd / np.sqrt(aspect)
+    cols["circularity"][out] = rng.uniform(0.4, 0.75, n_out)
+    cols["solidity"][out] = rng.uniform(0.7, 0.88, n_out)
+    cols["convexity"][out] = rng.uniform(0.8, 0.93, n_out)
+    cols["shell_nm"][out] = np.nan
+    cols["aspect_ratio"] = cols["feret_max_nm"] / cols["feret_min_nm"]
+    order = rng.permutation(n)
+    return {k: v[order] for k, v in cols.items()}, truth[order]
+
+
+def _true_means(spec, table, truth):
+    return [table["ecd_nm"][truth == i].mean() for i in range(len(spec.populations))]
+
+
+def _model_mean_ecd(pop, rng):
+    return _shape_measures(pop, 200_000, rng)["ecd_nm"].mean()
+
+
+def test_ps_bimodal_two_populations_means_and_fractions():
+    spec = SAMPLES["ps-bimodal"]
+    table, truth = measured_table(spec, 3000, seed=1)
+    labels = find_populations(table)
+    assert sorted(set(labels.tolist()) - {-1}) == [0, 1]
+    rng = np.random.default_rng(5)
+    inliers = labels >= 0
+    for i, pp in enumerate(spec.populations):  # ids ordered by size like the spec
+        mean = table["ecd_nm"][labels == i].mean()
+        assert abs(mean / _model_mean_ecd(pp, rng) - 1) < 0.02
+        fraction = (labels[inliers] == i).mean()
+        assert abs(fraction - pp.fraction) < 0.03
+    # most added agglomerates and debris are flagged, few real particles are lost
+    assert (labels[truth == -1] == -1).mean() > 0.8
+    assert (labels[truth >= 0] == -1).mean() < 0.02
+
+
+@pytest.mark.parametrize("name", ["au10", "ps100", "silica-capsules"])
+def test_monodisperse_samples_are_one_population(name):
+    spec = SAMPLES[name]
+    table, truth = measured_table(spec, 2000, seed=2)
+    labels = find_populations(table)
+    assert sorted(set(labels.tolist()) - {-1}) == [0]
+    mean = table["ecd_nm"][labels == 0].mean()
+    truth_mean = _model_mean_ecd(spec.populations[0], np.random.default_rng(3))
+    assert abs(mean / truth_mean - 1) < 0.015
+    assert (labels[truth == -1] == -1).mean() > 0.8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_skewed_unimodal_is_not_split(seed):
+    # a broad, skewed (log-normal, CV ~35%) single population: BIC alone would split it
+    rng = np.random.default_rng(seed)
+    d = rng.lognormal(np.log(70), 0.35, 4000)
+    table = {"ecd_nm": d, "aspect_ratio": 1 + np.abs(rng.normal(0, 0.04, d.size)),
+             "circularity": np.clip(rng.normal(0.95, 0.02, d.size), 0, 1)}
+    labels = find_populations(table, seed=seed)
+    assert set(labels.tolist()) - {-1} == {0}
+    assert (labels == -1).mean() < 0.01
+
+
+def test_spheres_and_rods_of_similar_ecd_separate_by_shape():
+    spec = SAMPLES["spheres-rods"]
+    table, truth = measured_table(spec, 2000, seed=4)
+    ecd_sphere = table["ecd_nm"][truth == 0].mean()
+    ecd_rod = table["ecd_nm"][truth == 1].mean()
+    assert abs(ecd_sphere / ecd_rod - 1) < 0.1  # size alone cannot tell them apart
+    labels = find_populations(table)
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) == 2
+    # each found population is one true population (purity), whatever its id
+    for pid in ids:
+        counts = np.bincount(truth[(labels == pid) & (truth >= 0)], minlength=2)
+        assert counts.max() / counts.sum() > 0.98
+    rod_id = max(ids, key=lambda i: table["aspect_ratio"][labels == i].mean())
+    assert abs(table["feret_max_nm"][labels == rod_id].mean() / 39.0 - 1) < 0.03
+
+
+def test_spheres_and_cubes_of_similar_ecd_separate_by_shape():
+    spec = SampleSpec("mix", "spheres and cubes", (
+        Population("sphere", "au", 20.0, 2.0, fraction=0.6),
+        Population("cube", "pd", 18.0, 1.8, p_range=(5.0, 20.0), fraction=0.4)),
+        pixel_nm=1.0, detector="haadf")
+    table, truth = measured_table(spec, 2000, seed=5)
+    labels = find_populations(table)
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) == 2
+    for pid in ids:
+        counts = np.bincount(truth[(labels == pid) & (truth >= 0)], minlength=2)
+        assert counts.max() / counts.sum() > 0.97
+
+
+def _truth_table(sample, *, seed=0, n=2500):
+    """Exact truth of a simulated grid region (the simulator's truth columns only)."""
+    specimen = Specimen(sample, seed=seed)
+    half = 4000.0
+    table = specimen.particles_in(-half, -half, half, half)
+    while len(table["ecd_nm"]) < n and half < 40_000:
+        half *= 1.6
+        table = specimen.particles_in(-half, -half, half, half)
+    keep = np.arange(min(n, len(table["ecd_nm"])))
+    return {k: table[k][keep] for k in ("ecd_nm", "feret_max_nm", "feret_min_nm",
+                                        "population")}
+
+
+@pytest.mark.parametrize("sample", ["ps-bimodal", "spheres-rods"])
+def test_simulator_truth_tables_recover_true_populations(sample):
+    truth = _truth_table(sample, seed=3)
+    pop = truth.pop("population")
+    assert len(pop) > 500
+    labels = find_populations(truth)
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) == 2
+    agree = max(np.mean(labels == pop), np.mean(labels == 1 - pop))
+    assert agree > 0.98
+    for pid in ids:
+        true_id = np.bincount(pop[labels == pid]).argmax()
+        true_mean = truth["ecd_nm"][pop == true_id].mean()
+        assert abs(truth["ecd_nm"][labels == pid].mean() / true_mean - 1) < 0.01
+
+
+def test_kmeans_option_finds_bimodal_and_keeps_monodisperse_whole():
+    table, _ = measured_table(SAMPLES["ps-bimodal"], 1500, seed=6)
+    labels = find_populations(table, method="kmeans")
+    assert sorted(set(labels.tolist()) - {-1}) == [0, 1]
+    table, _ = measured_table(SAMPLES["au10"], 1500, seed=6)
+    labels = find_populations(table, method="kmeans")
+    assert sorted(set(labels.tolist()) - {-1}) == [0]
+
+
+@pytest.mark.parametrize("method", ["dbscan", "optics"])
+def test_density_methods_leave_outliers_out(method):
+    table, truth = measured_table(SAMPLES["spheres-rods"], 1200, seed=7)
+    labels = find_populations(table, method=method)
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) >= 2
+    # the two largest clusters are the two true populations
+    big = sorted(ids, key=lambda i: -(labels == i).sum())[:2]
+    for pid in big:
+        counts = np.bincount(truth[(labels == pid) & (truth >= 0)], minlength=2)
+        assert counts.max() / counts.sum() > 0.95
+    assert (labels[truth == -1] == -1).mean() > 0.5
+
+
+def test_max_populations_is_respected():
+    rng = np.random.default_rng(8)
+    d = np.concatenate([rng.normal(m, 0.04 * m, 400) for m in (10, 20, 40, 80)])
+    labels = find_populations({"ecd_nm": d})
+    assert sorted(set(labels.tolist()) - {-1}) == [0, 1, 2, 3]
+    labels = find_populations({"ecd_nm": d}, max_populations=2)
+    assert len(set(labels.tolist()) - {-1}) == 2
+
+
+def test_model_labels_new_particles_like_the_fit():
+    table, _ = measured_table(SAMPLES["ps-bimodal"], 2000, seed=9)
+    model = fit_populations(table, seed=0)
+    new, truth = measured_table(SAMPLES["ps-bimodal"], 500, seed=10)
+    labels = model.predict(new)
+    ok = truth >= 0
+    assert np.mean(labels[ok] == truth[ok]) > 0.98
+
+
+def test_degenerate_tables():
+    assert find_populations({"ecd_nm": np.zeros(0)}).shape == (0,)
+    labels = find_populations({"ecd_nm": np.array([10.0, 11.0, np.nan, -1.0, 9.5])})
+    assert labels.tolist() == [0, 0, -1, -1, 0]
+    X, names, valid = population_features({"ecd_nm": np.array([1.0, 2.0]),
+                                           "feret_max_nm": np.array([2.0, 2.0]),
+                                           "feret_min_nm": np.array([1.0, np.nan])})
+    assert names == ("log_ecd", "log_aspect_ratio") and valid.all()
+    assert np.isfinite(X).all()
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="ecd_nm"):
+        find_populations({"area_nm2": np.ones(3)})
+    with pytest.raises(ValueError, match="method 'ward'"):
+        find_populations({"ecd_nm": np.ones(3)}, method="ward")
+    with pytest.raises(ValueError, match="max_populations"):
+        find_populations({"ecd_nm": np.ones(3)}, max_populations=0)
+
+
+def test_ashman_d_of_known_gaussians():
+    # equal unit variances, means 3 apart: D = sqrt(2)·3/sqrt(2) = 3
+    d = ashman_d(np.zeros(2), np.eye(2), np.array([3.0, 0.0]), np.eye(2))
+    assert d == pytest.approx(3.0)
