@@ -318,9 +318,11 @@ class SimScope:
         background = render.upsample(beam * _HAADF_FILM * (1.0 + film), shape, step)
         if not has_particles:
             return background
-        weights = np.array([MATERIALS[m]["haadf_per_nm"] for m in material])
+        # the beam hardly changes across one particle: take it at each particle's centre
+        x_px, y_px = geom.to_px(table["x_nm"], table["y_nm"])
+        weights = np.array([MATERIALS[m]["haadf_per_nm"] for m in material]) * dose * (
+            render.illumination(x_px, y_px, shape, gradient=self._gradient, vignette=0.04))
         signal = render.blur(render.project(table, geom, weights=weights,
                                             supersample=supersample), sigma_px)
-        signal *= render.upsample(beam, shape, step)
         signal += background
         return signal
