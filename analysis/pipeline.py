@@ -1,0 +1,349 @@
+"""One frame, start to end: read → segment → separate → measure → filter → :class:`FrameResult`.
+
+:func:`analyze_frame` never raises for a bad frame: the result says ``status="failed"`` and why
+(one line naming the file), so a batch or the daemon records it and goes on.
+:meth:`FrameResult.to_message` / :meth:`FrameResult.from_message` carry a result as plain JSON
+(no image, NaN as ``null``) between processes and hosts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import FrameError, read_frame
+from .measure import measure
+from .outputs import PARTICLE_COLUMNS
+from .segment import segment
+from .separate import METHODS as SEPARATE_METHODS
+from .separate import separate as separate_particles
+
+__all__ = ["analyze_frame", "FrameResult", "RESULT_COLUMNS", "analyze_image"]
+
+#: Columns of ``FrameResult.particles``: :data:`PARTICLE_COLUMNS` without ``frame`` and
+#: ``population`` (known only from all frames together).
+RESULT_COLUMNS = tuple(c for c in PARTICLE_COLUMNS if c not in ("frame", "population"))
+_INT_COLUMNS = ("particle_id",)
+_BOOL_COLUMNS = ("separated",)
+_OPTIONAL_NUMBERS = ("pixel_nm", "defocus_um", "stage_x_um", "stage_y_um")
+_POLARITIES = ("auto", "dark", "bright")
+
+
+def _empty_particles():
+    return {c: np.zeros(0, np.int64 if c in _INT_COLUMNS else bool if c in _BOOL_COLUMNS
+                        else np.float64) for c in RESULT_COLUMNS}
+
+
+@dataclass
+class FrameResult:
+    """The analysis of one frame.
+
+    Attributes
+    ----------
+    frame : str
+        File name without suffix (``frame_00001``).
+    path : str
+    status : {"ok", "failed"}
+    reason : str or None
+        Why the frame failed, ``"<path>: <reason>"`` on one line; None when ok.
+    pixel_nm, defocus_um, stage_x_um, stage_y_um : float or None
+    seconds : float
+        Wall time of the analysis.
+    particles : dict of str to ndarray
+        One row per particle, the :data:`RESULT_COLUMNS` (sizes in nm, ``separated`` bool,
+        ``shell_nm`` NaN for solid particles). Empty arrays (all columns) when none.
+    n_agglomerates : int
+        Regions that could not be split into convex particles (not measured).
+    agglomerate_boxes : list of [row0, col0, row1, col1]
+    warnings : list of str
+        What the reader noted (stack: first image used; NaN pixels; header vs .mdoc).
+    image, labels : ndarray or None
+        The frame and its particle labels (label = ``particle_id``), for overlays; not part
+        of the message.
+    """
+
+    frame: str
+    path: str
+    status: str
+    reason: str | None = None
+    pixel_nm: float | None = None
+    defocus_um: float | None = None
+    stage_x_um: float | None = None
+    stage_y_um: float | None = None
+    seconds: float = 0.0
+    particles: dict = field(default_factory=_empty_particles)
+    n_agglomerates: int = 0
+    agglomerate_boxes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_particles(self) -> int:
+        """Particles measured in this frame."""
+        return int(len(self.particles.get("ecd_nm", ())))
+
+    def to_message(self):
+        """A JSON-safe dict of everything but ``image`` and ``labels`` (NaN → None).
+
+        Returns
+        -------
+        dict
+        """
+        msg = {
+            "frame": str(self.frame), "path": str(self.path), "status": str(self.status),
+            "reason": self.reason,
+            **{k: _finite_or_none(getattr(self, k)) for k in _OPTIONAL_NUMBERS},
+            "seconds": _finite_or_none(self.seconds),
+            "particles": {c: _column_to_list(c, v) for c, v in self.particles.items()},
+            "n_agglomerates": int(self.n_agglomerates),
+            "agglomerate_boxes": [[int(v) for v in box] for box in self.agglomerate_boxes],
+            "warnings": [str(w) for w in self.warnings],
+        }
+        return msg
+
+    @classmethod
+    def from_message(cls, message):
+        """Rebuild a result from :meth:`to_message`'s dict, checking every field's type.
+
+        Parameters
+        ----------
+        message : dict
+
+        Returns
+        -------
+        FrameResult
+
+        Raises
+        ------
+        ValueError
+            A missing key or a value of the wrong type, named in the message.
+        """
+        if not isinstance(message, dict):
+            raise ValueError(f"frame result must be a dict, got {type(message).__name__}")
+        for key in ("frame", "path", "status"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"frame result: {key!r} must be a string, got "
+                                 f"{message.get(key)!r}")
+        status = message["status"]
+        if status not in ("ok", "failed"):
+            raise ValueError(f"frame result: status {status!r} must be 'ok' or 'failed'")
+        reason = message.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"frame result: reason must be a string or null, got {reason!r}")
+        numbers = {k: _number_or_none(message, k) for k in _OPTIONAL_NUMBERS}
+        seconds = _number_or_none(message, "seconds")
+        n_agg = message.get("n_agglomerates", 0)
+        if isinstance(n_agg, bool) or not isinstance(n_agg, int) or n_agg < 0:
+            raise ValueError(f"frame result: n_agglomerates must be an integer >= 0, got "
+                             f"{n_agg!r}")
+        boxes = message.get("agglomerate_boxes", [])
+        if not isinstance(boxes, list) or not all(
+                isinstance(b, (list, tuple)) and len(b) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
+                for b in boxes):
+            raise ValueError("frame result: agglomerate_boxes must be a list of 4 integers "
+                             "each")
+        warnings = message.get("warnings", [])
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise ValueError("frame result: warnings must be a list of strings")
+        return cls(frame=message["frame"], path=message["path"], status=status,
+                   reason=reason, seconds=seconds or 0.0, **numbers,
+                   particles=_particles_from_message(message.get("particles")),
+                   n_agglomerates=n_agg, agglomerate_boxes=[list(b) for b in boxes],
+                   warnings=list(warnings))
+
+
+def _finite_or_none(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _column_to_list(name, values):
+    arr = np.asarray(values)
+    if name in _BOOL_COLUMNS or arr.dtype == bool:
+        return [bool(v) for v in arr]
+    if name in _INT_COLUMNS or arr.dtype.kind in "iu":
+        return [int(v) for v in arr]
+    return [float(v) if math.isfinite(v) else None for v in arr.astype(float)]
+
+
+def _number_or_none(message, key):
+    value = message.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"frame result: {key!r} must be a number or null, got {value!r}")
+    return float(value)
+
+
+def _particles_from_message(particles):
+    if particles is None or particles == {}:
+        return _empty_particles()
+    if not isinstance(particles, dict):
+        raise ValueError(f"frame result: particles must be a dict of columns, got "
+                         f"{type(particles).__name__}")
+    out = {}
+    length = None
+    for name, values in particles.items():
+        if not isinstance(name, str) or not isinstance(values, list):
+            raise ValueError(f"frame result: particle column {name!r} must be a list")
+        if length is None:
+            length = len(values)
+        elif len(values) != length:
+            raise ValueError(f"frame result: particle column {name!r} has {len(values)} rows, "
+                             f"others {length}")
+        out[name] = _column_from_list(name, values)
+    return out
+
+
+def _column_from_list(name, values):
+    if name in _BOOL_COLUMNS:
+        if not all(isinstance(v, bool) for v in values):
+            raise ValueError(f"frame result: particle column {name!r} must hold booleans")
+        return np.array(values, dtype=bool)
+    if name in _INT_COLUMNS:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"frame result: particle column {name!r} must hold integers")
+        return np.array(values, dtype=np.int64)
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+               for v in values):
+        raise ValueError(f"frame result: particle column {name!r} must hold numbers or null")
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+# -- the analysis ---------------------------------------------------------------------------
+
+def _validate_options(pixel_nm, min_size_nm, separate, polarity):
+    if separate not in SEPARATE_METHODS:
+        raise ValueError(f"separate {separate!r} must be one of {SEPARATE_METHODS}")
+    if polarity not in _POLARITIES:
+        raise ValueError(f"polarity {polarity!r} must be one of {_POLARITIES}")
+    for name, value in (("pixel_nm", pixel_nm), ("min_size_nm", min_size_nm)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0
+                                      and math.isfinite(value)):
+            raise ValueError(f"{name} {value!r} must be a positive number")
+
+
+def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarity="auto"):
+    """Segment, separate, measure and filter the particles of one image.
+
+    Parameters
+    ----------
+    image : (M, N) ndarray
+        The frame; NaN pixels are treated as missing.
+    pixel_nm : float
+        Pixel size in nm.
+    min_size_nm : float, optional
+        Particles with an ECD below this are dropped (their labels too).
+    separate : {"uecs", "watershed", "none"}
+        How touching particles are split.
+    polarity : {"auto", "dark", "bright"}
+
+    Returns
+    -------
+    particles : dict of str to ndarray
+        The :data:`RESULT_COLUMNS`.
+    labels : (M, N) ndarray of int32
+        Particle labels; label = ``particle_id``; dropped particles and agglomerates are 0.
+    separation : Separation
+        From :func:`~particlewatch.analysis.separate.separate` (agglomerate count and boxes).
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:128, :128]
+    >>> img = 100.0 - 60.0 * ((yy - 64) ** 2 + (xx - 64) ** 2 < 20 ** 2)
+    >>> particles, labels, _ = analyze_image(img, 0.5)
+    >>> len(particles["ecd_nm"]), bool(abs(particles["ecd_nm"][0] - 20.0) < 0.5)
+    (1, True)
+    """
+    _validate_options(pixel_nm, min_size_nm, separate, polarity)
+    raw = segment(image, pixel_nm, polarity=polarity)
+    sep = separate_particles(raw, pixel_nm, method=separate, image=image)
+    labels = sep.labels
+    table = measure(labels, image, pixel_nm)
+    ids = np.asarray(table["particle_id"], dtype=np.int64)
+    flags = np.asarray(sep.separated, dtype=bool)
+    separated = np.array([bool(flags[i]) if i < flags.size else False for i in ids], bool)
+    particles = {}
+    for name in RESULT_COLUMNS:
+        if name == "separated":
+            particles[name] = separated
+        elif name in table:
+            particles[name] = np.asarray(table[name])
+        else:  # a column measure does not give (yet): present, but unknown
+            particles[name] = np.full(ids.size, np.nan)
+    if min_size_nm is not None and ids.size:
+        keep = np.asarray(particles["ecd_nm"], dtype=float) >= float(min_size_nm)
+        if not keep.all():
+            drop = ids[~keep]
+            labels = np.where(np.isin(labels, drop), 0, labels).astype(np.int32)
+            particles = {k: v[keep] for k, v in particles.items()}
+    return particles, labels, sep
+
+
+def analyze_frame(path, *, pixel_nm=None, min_size_nm=None, separate="uecs", polarity="auto",
+                  keep_image=True):
+    """Analyse one frame file; a bad frame gives ``status="failed"`` with the reason.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A frame in any format :func:`~particlewatch.analysis.io.read_frame` reads.
+    pixel_nm : float, optional
+        Pixel size for files whose header and ``.mdoc`` give none.
+    min_size_nm : float, optional
+        Drop particles with an ECD below this.
+    separate : {"uecs", "watershed", "none"}
+        How touching particles are split (UECS by default).
+    polarity : {"auto", "dark", "bright"}
+        Particles darker (bright-field TEM) or brighter (HAADF-STEM) than the background.
+    keep_image : bool, optional
+        Keep ``image`` and ``labels`` in the result (for overlays).
+
+    Returns
+    -------
+    FrameResult
+
+    Raises
+    ------
+    ValueError
+        Only for invalid options (a programming error, not a bad frame).
+    """
+    _validate_options(pixel_nm, min_size_nm, separate, polarity)
+    start = time.perf_counter()
+    path = Path(path)
+    result = FrameResult(frame=path.stem, path=str(path), status="failed")
+    try:
+        frame = read_frame(path, pixel_nm=pixel_nm)
+        meta = frame.meta
+        result.pixel_nm = frame.pixel_nm
+        result.defocus_um = meta.get("defocus_um")
+        result.stage_x_um = meta.get("stage_x_um")
+        result.stage_y_um = meta.get("stage_y_um")
+        result.warnings = list(meta.get("warnings", []))
+        particles, labels, sep = analyze_image(frame.image, frame.pixel_nm,
+                                               min_size_nm=min_size_nm, separate=separate,
+                                               polarity=polarity)
+    except FrameError as exc:
+        result.reason = str(exc)
+    except MemoryError:
+        result.reason = f"{path}: out of memory analysing the frame"
+    except Exception as exc:  # a frame the stages cannot handle must not stop the batch
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        result.reason = f"{path}: analysis failed: {type(exc).__name__}: {text}"
+    else:
+        result.status = "ok"
+        result.particles = particles
+        result.n_agglomerates = int(sep.agglomerates)
+        result.agglomerate_boxes = [[int(v) for v in b] for b in sep.agglomerate_boxes]
+        if keep_image:
+            result.image, result.labels = frame.image, labels
+    result.seconds = time.perf_counter() - start
+    return result
