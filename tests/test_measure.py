@@ -1,0 +1,62 @@
+"""measure(): exact geometry of digital shapes."""
+
+import numpy as np
+import pytest
+
+from particlewatch.analysis.measure import COLUMNS, feret_diameters, measure
+
+
+def test_columns_and_disc_sizes():
+    yy, xx = np.mgrid[:120, :120]
+    lab = ((yy - 60) ** 2 + (xx - 50) ** 2 < 30 ** 2).astype(np.int32)
+    t = measure(lab, 100.0 - 40 * lab, 0.5)
+    assert set(COLUMNS) <= set(t)
+    assert t["x_px"][0] == pytest.approx(50, abs=0.01) and t["y_px"][0] == pytest.approx(60, abs=0.01)
+    assert t["ecd_nm"][0] == pytest.approx(30.0, rel=0.01)
+    assert t["feret_max_nm"][0] == pytest.approx(30.0, rel=0.02)
+    assert t["feret_min_nm"][0] == pytest.approx(30.0, rel=0.02)
+    assert t["circularity"][0] > 0.95 and t["convexity"][0] > 0.98
+    assert np.isnan(t["shell_nm"][0])
+
+
+def test_rotated_rectangle_feret_is_true_caliper_width():
+    yy, xx = np.mgrid[:200, :200].astype(float)
+    ang = np.deg2rad(30)
+    u = (xx - 100) * np.cos(ang) + (yy - 100) * np.sin(ang)
+    v = -(xx - 100) * np.sin(ang) + (yy - 100) * np.cos(ang)
+    lab = ((np.abs(u) < 60) & (np.abs(v) < 10)).astype(np.int32)
+    t = measure(lab, lab.astype(float), 1.0)
+    assert t["feret_min_nm"][0] == pytest.approx(20.0, abs=1.0)
+    assert t["feret_max_nm"][0] == pytest.approx(np.hypot(120, 20), rel=0.02)
+
+
+def test_feret_of_square():
+    sq = np.array([[0, 0], [0, 10], [10, 10], [10, 0]], float)
+    fmax, fmin = feret_diameters(sq)
+    assert fmax == pytest.approx(np.hypot(10, 10)) and fmin == pytest.approx(10)
+
+
+def test_concave_shape_has_low_convexity():
+    lab = np.zeros((100, 100), np.int32)
+    lab[20:80, 20:35] = 1
+    lab[65:80, 20:80] = 1  # an L
+    t = measure(lab, lab.astype(float), 1.0)
+    assert t["convexity"][0] < 0.95 and t["solidity"][0] < 0.8
+
+
+def test_hollow_ring_gives_shell():
+    yy, xx = np.mgrid[:160, :160].astype(float)
+    r2 = (yy - 80) ** 2 + (xx - 80) ** 2
+    R, ri = 40.0, 30.0
+    thick = 2 * np.sqrt(np.clip(R * R - r2, 0, None)) - 2 * np.sqrt(np.clip(ri * ri - r2, 0, None))
+    img = 1000 * np.exp(-thick / 350)
+    lab = (r2 < R * R).astype(np.int32)
+    t = measure(lab, img, 2.0)
+    assert t["shell_nm"][0] == pytest.approx(20.0, rel=0.2)
+
+
+def test_empty_and_bad_input():
+    t = measure(np.zeros((10, 10), int), np.zeros((10, 10)), 1.0)
+    assert all(len(v) == 0 for v in t.values())
+    with pytest.raises(ValueError, match="same shape"):
+        measure(np.zeros((10, 10), int), np.zeros((5, 5)), 1.0)
