@@ -34,8 +34,8 @@ import numpy as np
 
 from . import render
 from .samples import MATERIALS, MATERIAL_NAMES, SampleSpec
-from .specimen import Specimen
-from .truth import frame_truth
+from .specimen import Specimen, take
+from .truth import frame_truth, visible
 
 MODES = ("record", "survey")
 DETECTORS = ("bf", "haadf")
@@ -265,6 +265,7 @@ class SimScope:
         geom = render.FrameGeometry(self._x_um * 1000.0, self._y_um * 1000.0, pix,
                                     self.size_px, self.size_px)
         table = self.specimen.particles_in(*geom.bounds_nm())
+        table = take(table, visible(table, geom))
         dose = self.dose * (SURVEY_DOSE_FACTOR if mode == "survey" else 1.0)
         sigma = self.blur_sigma_px(mode)
         mean = self._expected_counts(table, geom, dose=dose, sigma_px=sigma,

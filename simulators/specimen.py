@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from . import shapes
 from .samples import MATERIAL_NAMES, SampleSpec, get_sample
@@ -227,15 +228,51 @@ class Specimen:
         return take(table, keep)
 
     def _place(self, rng, n, x0, y0, f, shape, cols):
-        """Centres of ``n`` particles in the cell at ``(x0, y0)``: singles and agglomerates."""
+        """Centres of ``n`` particles in the cell at ``(x0, y0)``: agglomerates and singles.
+
+        Agglomerates grow as random chains of touching or overlapping particles. Singles are
+        then spread out: a single closer than its circumradius (plus 15%) to any particle is
+        drawn again, a few times at most, so sparse regions hold mostly isolated particles
+        (as on a well-dried grid) while dense regions keep chance contacts.
+        """
         spec = self.sample
         cell = self.cell_nm
         x = x0 + rng.uniform(0.0, cell, n)
         y = y0 + rng.uniform(0.0, cell, n)
+        single = np.ones(n, dtype=bool)
         agg = float(np.clip(spec.agglomeration * (0.4 + 0.6 * f), 0.0, 0.95))
         n_agg = int(rng.binomial(n, agg))
-        if n_agg < 2:
-            return x, y
+        if n_agg >= 2:
+            members = self._grow_clusters(rng, n, n_agg, x, y, shape, cols)
+            single[members[members >= 0]] = False
+        # circumradius: a single must not touch anything whatever its orientation
+        a = cols["a_nm"]
+        radius = np.where(shape == shapes.CUBE, a * 2.0 ** (-0.5 - 1.0 / cols["p"]),
+                          a / 2.0)
+        for _ in range(6):
+            pairs = cKDTree(np.column_stack([x, y])).query_pairs(
+                2.3 * radius.max(), output_type="ndarray")
+            if pairs.size == 0:
+                break
+            i, j = pairs[:, 0], pairs[:, 1]
+            close = np.hypot(x[i] - x[j], y[i] - y[j]) < 1.15 * (radius[i] + radius[j])
+            mover = np.where(single[j], j, np.where(single[i], i, -1))[close]
+            mover = np.unique(mover[mover >= 0])
+            if mover.size == 0:
+                break
+            x[mover] = x0 + rng.uniform(0.0, cell, mover.size)
+            y[mover] = y0 + rng.uniform(0.0, cell, mover.size)
+        return x, y
+
+    def _grow_clusters(self, rng, n, n_agg, x, y, shape, cols):
+        """Move ``n_agg`` random particles into agglomerates, in place; return the members.
+
+        Returns
+        -------
+        ndarray, int, shape (clusters, MAX_CLUSTER)
+            Particle indices of each agglomerate, -1 padded.
+        """
+        spec = self.sample
         sizes = []
         while sum(sizes) < n_agg:
             sizes.append(int(np.clip(1 + rng.geometric(1.0 / max(spec.cluster_size - 1, 1.0)),
@@ -249,9 +286,9 @@ class Specimen:
         order = rng.permutation(n)
         start = 0
         members = np.full((len(sizes), MAX_CLUSTER), -1, dtype=np.int64)
-        for c, s in enumerate(sizes):
-            members[c, :s] = order[start:start + s]
-            start += s
+        for c, size in enumerate(sizes):
+            members[c, :size] = order[start:start + size]
+            start += size
         # grow every cluster one member at a time, vectorised over clusters: member k sits
         # against a random earlier member (its parent), 80–100% of their contact distance
         for k in range(1, MAX_CLUSTER):
@@ -264,7 +301,7 @@ class Specimen:
             theta = rng.uniform(0.0, 2 * np.pi, live.size)
             x[child] = x[parent] + dist * np.cos(theta)
             y[child] = y[parent] + dist * np.sin(theta)
-        return x, y
+        return members
 
     def particles_in(self, x0_nm: float, y0_nm: float, x1_nm: float,
                      y1_nm: float) -> dict[str, np.ndarray]:

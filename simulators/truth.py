@@ -81,6 +81,32 @@ def _outline_in(table, src, dst, gap_nm) -> np.ndarray:
     return out
 
 
+def visible(table, geom: FrameGeometry) -> np.ndarray:
+    """True for particles whose outline reaches into the frame (not just their bounding box).
+
+    Discs are tested exactly (distance from the centre to the frame rectangle); other shapes
+    by their outline points and centre, which is exact enough for particles far smaller
+    than the frame.
+    """
+    x_px, y_px = geom.to_px(table["x_nm"], table["y_nm"])
+    lo_x, lo_y, hi_x, hi_y = -0.5, -0.5, geom.width - 0.5, geom.height - 0.5
+    # distance from the centre to the frame rectangle, in nm (0 inside)
+    dx = np.maximum(np.maximum(lo_x - x_px, x_px - hi_x), 0.0) * geom.pixel_nm
+    dy = np.maximum(np.maximum(lo_y - y_px, y_px - hi_y), 0.0) * geom.pixel_nm
+    dist = np.hypot(dx, dy)
+    show = dist <= table["feret_min_nm"] / 2.0  # the inscribed circle already reaches in
+    unsure = np.flatnonzero(~show & (dist <= table["feret_max_nm"] / 2.0)
+                            & ~np.isin(table["shape"], (shapes.SPHERE, shapes.CAPSULE)))
+    for code in np.unique(table["shape"][unsure]):
+        sel = unsure[table["shape"][unsure] == code]
+        pts = shapes.outline(int(code), a=table["a_nm"][sel], b=table["b_nm"][sel],
+                             p=table["p"][sel], angle=table["angle"][sel], n=_OUTLINE_POINTS)
+        px = x_px[sel][:, None] + pts[..., 0] / geom.pixel_nm
+        py = y_px[sel][:, None] + pts[..., 1] / geom.pixel_nm
+        show[sel] = ((px >= lo_x) & (px <= hi_x) & (py >= lo_y) & (py <= hi_y)).any(axis=1)
+    return show
+
+
 def frame_truth(table, geom: FrameGeometry, *, sample: str, detector: str, dose: float,
                 defocus_um: float, extra=None) -> dict:
     """The truth dict of a frame showing the particles in ``table``.

@@ -13,6 +13,7 @@ from particlewatch.simulators.render import FrameGeometry, project
 from particlewatch.simulators.samples import SAMPLES
 from particlewatch.simulators.scope import SimScope
 from particlewatch.simulators.specimen import Specimen, take
+from particlewatch.simulators.truth import visible
 
 
 def _frame_at_particles(sample, *, seed=1, size=512, **kw):
@@ -27,7 +28,8 @@ def _table_and_geom(scope):
     pix = scope.pixel_nm()
     x, y = scope.stage_position()
     geom = FrameGeometry(x * 1000, y * 1000, pix, scope.size_px, scope.size_px)
-    return scope.specimen.particles_in(*geom.bounds_nm()), geom
+    table = scope.specimen.particles_in(*geom.bounds_nm())
+    return take(table, visible(table, geom)), geom
 
 
 @pytest.mark.parametrize("sample", ["au10", "au-rods", "cubes", "silica-capsules"])
@@ -283,3 +285,18 @@ def test_rod_overlaps_match_segment_distances():
             assert (j in parts[i]["overlaps"]) == (gap <= geom.pixel_nm), (i, j, gap)
             listed += j in parts[i]["overlaps"]
     assert listed > 0
+
+
+@pytest.mark.parametrize("sample", ["au-rods", "ps100"])
+def test_truth_lists_exactly_the_particles_that_show(sample):
+    scope = _frame_at_particles(sample, size=256)
+    x, y = scope.stage_position()
+    geom = FrameGeometry(x * 1000, y * 1000, scope.pixel_nm(), 256, 256)
+    table = scope.specimen.particles_in(*geom.bounds_nm())
+    shown = visible(table, geom)
+    assert len(scope.snap().truth["particles"]) == shown.sum()
+    hidden = project(take(table, ~shown), geom, quantity="coverage")
+    assert hidden.sum() == 0  # the bounding box met the frame, the particle does not
+    cover = [project(take(table, [k]), geom, quantity="coverage").sum()
+             for k in np.flatnonzero(shown)]
+    assert min(cover) > 0 or sorted(cover)[1] > 0  # at most one sliver below sampling
