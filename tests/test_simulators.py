@@ -287,16 +287,22 @@ def test_rod_overlaps_match_segment_distances():
     assert listed > 0
 
 
-@pytest.mark.parametrize("sample", ["au-rods", "ps100"])
-def test_truth_lists_exactly_the_particles_that_show(sample):
+@pytest.mark.parametrize("sample", ["ps100", "cubes"])
+def test_particles_whose_box_alone_meets_the_frame_are_not_truth(sample):
     scope = _frame_at_particles(sample, size=256)
-    x, y = scope.stage_position()
-    geom = FrameGeometry(x * 1000, y * 1000, scope.pixel_nm(), 256, 256)
-    table = scope.specimen.particles_in(*geom.bounds_nm())
-    shown = visible(table, geom)
-    assert len(scope.snap().truth["particles"]) == shown.sum()
-    hidden = project(take(table, ~shown), geom, quantity="coverage")
-    assert hidden.sum() == 0  # the bounding box met the frame, the particle does not
-    cover = [project(take(table, [k]), geom, quantity="coverage").sum()
-             for k in np.flatnonzero(shown)]
-    assert min(cover) > 0 or sorted(cover)[1] > 0  # at most one sliver below sampling
+    table, geom = _table_and_geom(scope)
+    row = take(table, [0])
+    row["angle"] = np.array([np.pi / 4])  # a cube becomes a diamond, its box a square
+    if sample == "cubes":
+        row["p"] = np.array([20.0])
+    corner_x, corner_y = geom.bounds_nm()[:2]
+    for frac, expected in ((0.85, False), (0.3, True)):
+        shifted = dict(row)
+        # centre off the top-left corner along the diagonal: box overlaps, shape may not
+        shifted["x_nm"] = np.array([corner_x - frac * row["hx_nm"][0]])
+        shifted["y_nm"] = np.array([corner_y - frac * row["hy_nm"][0]])
+        assert visible(shifted, geom)[0] == expected
+        cover = project(shifted, geom, quantity="coverage").sum()
+        assert (cover > 0) == expected
+    truth = scope.snap().truth["particles"]
+    assert len(truth) == len(table["x_nm"])
