@@ -192,7 +192,8 @@ class FocusModel:
     """Best focus measured at stage positions, and a prediction for a new position.
 
     With three or more non-collinear points a least-squares plane ``f = a + b x + c y`` is
-    used (a tilted, flat specimen); with fewer, the nearest measurement.
+    used (a tilted, flat specimen), refitted without outliers from five points on; with
+    fewer, the nearest measurement.
     """
 
     def __init__(self) -> None:
@@ -210,6 +211,13 @@ class FocusModel:
         """Record a measured best focus at a stage position."""
         self._points.append((float(x_um), float(y_um), float(focus_um)))
 
+    def distance(self, x_um: float, y_um: float) -> float:
+        """Distance in µm to the nearest measurement (infinite before the first)."""
+        if not self._points:
+            return math.inf
+        p = np.asarray(self._points)
+        return float(np.min(np.hypot(p[:, 0] - x_um, p[:, 1] - y_um)))
+
     def _plane(self, points) -> np.ndarray | None:
         p = np.asarray(points, dtype=np.float64)
         a = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1]])
@@ -226,6 +234,14 @@ class FocusModel:
         recent = self._points[-12:]
         if len(recent) >= 3:
             coef = self._plane(recent)
+            if coef is not None and len(recent) >= 5:
+                # One noisy measurement must not tilt the plane: refit without outliers.
+                p = np.asarray(recent)
+                residual = p[:, 2] - (coef[0] + coef[1] * p[:, 0] + coef[2] * p[:, 1])
+                spread = max(3 * 1.4826 * np.median(np.abs(residual)), 0.01)
+                keep = np.abs(residual) <= spread
+                if keep.sum() >= 3 and not keep.all():
+                    coef = self._plane(p[keep]) if self._plane(p[keep]) is not None else coef
             if coef is not None:
                 return float(coef[0] + coef[1] * x_um + coef[2] * y_um)
         p = np.asarray(recent)

@@ -104,6 +104,9 @@ class FocusSettings:
     empty_factor : float
         A sweep whose sharpness never exceeds ``empty_factor`` × the noise floor is an empty
         area.
+    refocus_distance_um : float
+        Measure focus again when the nearest measurement is farther than this (a 3 mrad
+        specimen tilt moves focus by 12 nm over 4 µm).
     """
 
     span_um: float = 1.2
@@ -113,6 +116,7 @@ class FocusSettings:
     quick_step_um: float | None = None
     radius_px: float = 6.0
     empty_factor: float = 6.0
+    refocus_distance_um: float = 4.0
 
     def __post_init__(self):
         if not 4 <= self.steps <= 15:
@@ -288,14 +292,17 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                  segments: SegmentSettings = SegmentSettings(),
                  target_defocus_um: float = 0.0, start_defocus_um: float = 0.0,
                  limits_um: tuple[float, float, float, float] | None = None) -> Plan:
-    """The autoSTEM loop, faster: survey, check segments, focus once per tile, record.
+    """The autoSTEM loop, faster: survey, check segments, focus only where needed, record.
 
-    For each tile in order: move there, take a survey image, find the record-sized segments
-    with particles (tiles without any are left without focusing); focus on the segment with
-    the most particles (a three-image check when earlier tiles predict focus, else a
-    sweep); then move to each occupied segment and record it at the focus the plane model
-    predicts there plus ``target_defocus_um``. Segments whose centre lies outside
-    ``limits_um`` (stage limits) are skipped.
+    For each tile in order: move there, take a survey image and find the record-sized
+    segments with particles (a tile without any costs no focusing). Then for each occupied
+    segment: if no focus was measured within ``focus.refocus_distance_um``, measure it at the
+    nearby occupied segment with the most particles (a three-image check when earlier
+    measurements predict focus, else a sweep; an empty result tries the next candidate);
+    then move to the segment and record it at the focus that the plane model of all
+    measurements predicts there, plus ``target_defocus_um``. Segments whose centre lies
+    outside ``limits_um`` (stage limits), or for which no focus could be found at all, are
+    skipped.
 
     Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
     ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus)
@@ -311,57 +318,60 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     width_um: float | None = None
     skipped = acquired = focus_images = visited = 0
     focus_log = []
-    last_focus = float(start_defocus_um)
     for tile in tiles:
         yield Checkpoint()
         visited += 1
         yield Report({"state": "surveying", "tile": tile.index + 1, "tiles": len(tiles)})
         yield Move(tile.x_um, tile.y_um)
         yield SetMode("survey")
+        if len(model):
+            yield SetDefocus(model.predict(tile.x_um, tile.y_um) + target_defocus_um)
+        elif start_defocus_um is not None:
+            yield SetDefocus(float(start_defocus_um))
         survey = yield Snap("survey")
         found: list[Segment] = check_segments(
             survey.image, survey.pixel_nm, segment_um=record_field_um,
             overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
             min_size_nm=segments.min_size_nm, polarity=segments.polarity)
-        occupied = [s for s in found if s.has_particles and _inside(
-            survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um, limits_um)]
+        centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
+                  for s in found}
+        occupied = [s for s in found if s.has_particles and _inside(*centre[id(s)], limits_um)]
         skipped += len(found) - len(occupied)
         yield Report({"skipped_segments": skipped})
         if not occupied:
             continue
         yield SetMode("record")
-        yield Report({"state": "focusing"})
-        # Focus where there is most to see; an empty sweep tries the next-best segment.
-        result = None
-        for seg in sorted(occupied, key=lambda s: -s.particles)[:3]:
-            fx, fy = survey.stage_x_um + seg.dx_um, survey.stage_y_um + seg.dy_um
-            yield Move(fx, fy)
+        tried: set[int] = set()  # focus sites that came out empty in this tile
+        for seg in occupied:
+            x, y = centre[id(seg)]
+            if model.distance(x, y) > focus.refocus_distance_um:
+                yield Report({"state": "focusing"})
+                near = [s for s in occupied if id(s) not in tried and math.dist(
+                    centre[id(s)], (x, y)) <= focus.refocus_distance_um / 2]
+                for site in sorted(near, key=lambda s: -s.particles)[:3]:
+                    fx, fy = centre[id(site)]
+                    yield Move(fx, fy)
+                    result = yield from _focus_here(fx, fy, model, width_um, focus)
+                    focus_images += result.images
+                    entry = (fx, fy, result.defocus_um, result.status, result.images)
+                    focus_log.append(entry)
+                    yield Report({"focus": entry, "defocus_um": result.defocus_um})
+                    if result.status == "ok":
+                        model.add(fx, fy, result.defocus_um)
+                        if result.method == "sweep" and math.isfinite(result.width_um):
+                            width_um = result.width_um
+                        break
+                    tried.add(id(site))
             if not len(model):
-                yield SetDefocus(last_focus)
-            result = yield from _focus_here(fx, fy, model, width_um, focus)
-            focus_images += result.images
-            entry = (fx, fy, result.defocus_um, result.status, result.images)
-            focus_log.append(entry)
-            yield Report({"focus": entry, "defocus_um": result.defocus_um})
-            if result.status == "ok":
-                model.add(fx, fy, result.defocus_um)
-                if result.method == "sweep" and math.isfinite(result.width_um):
-                    width_um = result.width_um
-                break
-        if result is None or result.status != "ok":
-            if not len(model):
-                # No focus measured anywhere yet: recording blind would waste frames.
-                skipped += len(occupied)
+                # No focus measured anywhere yet: recording blind would waste the frame.
+                skipped += 1
                 yield Report({"skipped_segments": skipped})
                 continue
-        yield Report({"state": "recording"})
-        for seg in occupied:
-            x, y = survey.stage_x_um + seg.dx_um, survey.stage_y_um + seg.dy_um
+            yield Report({"state": "recording"})
             yield Move(x, y)
-            best = model.predict(x, y)
-            last_focus = best
-            yield SetDefocus(best + target_defocus_um)
-            yield Report({"defocus_um": best + target_defocus_um})
+            best = model.predict(x, y) + target_defocus_um
+            yield SetDefocus(best)
+            yield Report({"defocus_um": best})
             frame = yield Snap("record")
             yield Save(frame, tile.index, (seg.row, seg.col))
             acquired += 1
