@@ -132,7 +132,8 @@ def unit_to_nm(unit):
 
 
 def _unit_key(text):
-    key = re.sub(r"[\s_]", "", text).lower().replace("\u00b5", "µ").replace("μ", "µ")
+    # ImageJ writes µ as the escape text "\u00B5"; Greek mu (U+03BC) looks the same
+    key = re.sub(r"[\s_]", "", text).lower().replace("\\u00b5", "µ").replace("μ", "µ")
     return "µm" if key == "um" else key
 
 
