@@ -22,15 +22,15 @@ from .scope import SimScope
 
 #: Simulated sessions start at this (arbitrary, fixed) time so output is reproducible.
 CLOCK_START = _dt.datetime(2025, 1, 6, 9, 0, 0)
-_ATTEMPTS_PER_FRAME = 400
 
 
 def frame_positions(scope: SimScope, n: int, *, seed: int) -> list[tuple[float, float]]:
     """``n`` stage positions (µm) whose record fields hold particles and do not overlap.
 
-    A field qualifies when it holds at least a fifth of the particles a field at the sample's
-    mean density would (and at least one), so the frames are worth analysing; fields may be
-    sparse, dense or agglomerated.
+    The grid is cut into record-sized tiles (offset by a random fraction of a tile) and the
+    tiles are visited in a random order. A tile qualifies when it holds at least a fifth of
+    the particles a field at the sample's mean density would (and at least one), so the
+    frames are worth analysing; they may be sparse, dense or agglomerated.
 
     Parameters
     ----------
@@ -46,34 +46,34 @@ def frame_positions(scope: SimScope, n: int, *, seed: int) -> list[tuple[float, 
     Raises
     ------
     RuntimeError
-        When the grid does not have ``n`` such fields (tried 400 candidates per frame).
+        When the grid holds fewer than ``n`` such fields.
     """
     rng = np.random.default_rng([seed, 17])
     fov = scope.field_of_view_um("record")
     x0, y0, x1, y1 = scope.stage_limits_um
-    lo_x, hi_x, lo_y, hi_y = x0 + fov / 2, x1 - fov / 2, y0 + fov / 2, y1 - fov / 2
-    if lo_x > hi_x or lo_y > hi_y:
+    ox, oy = rng.uniform(0.0, fov, 2)
+    xs = np.arange(x0 + fov / 2 + ox, x1 - fov / 2, fov)
+    ys = np.arange(y0 + fov / 2 + oy, y1 - fov / 2, fov)
+    if not (xs.size and ys.size):
         raise RuntimeError(f"a {fov:g} µm field does not fit on the grid")
     need_particles = not scope.sample.empty
     minimum = max(1, int(0.2 * scope.specimen.expected_count(fov * fov)))
+    half = fov * 500.0  # nm
     chosen: list[tuple[float, float]] = []
-    for _ in range(_ATTEMPTS_PER_FRAME * n):
-        if len(chosen) == n:
-            break
-        x, y = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
-        if any(abs(x - cx) < fov and abs(y - cy) < fov for cx, cy in chosen):
-            continue
+    for k in rng.permutation(xs.size * ys.size):
+        x, y = round(float(xs[k % xs.size]), 3), round(float(ys[k // xs.size]), 3)
         if need_particles:
-            half = fov * 500.0  # nm
+            if scope.specimen.density(x, y) == 0:
+                continue  # an empty region: skip without drawing its cells
             table = scope.specimen.particles_in(x * 1000 - half, y * 1000 - half,
                                                 x * 1000 + half, y * 1000 + half)
             if len(table["x_nm"]) < minimum:
                 continue
-        chosen.append((round(x, 3), round(y, 3)))
-    if len(chosen) < n:
-        raise RuntimeError(f"found only {len(chosen)} of {n} non-overlapping fields holding "
-                           f"particles on the grid")
-    return chosen
+        chosen.append((x, y))
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError(f"the grid holds only {len(chosen)} of the {n} non-overlapping "
+                       f"fields with particles asked for")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
