@@ -291,7 +291,9 @@ def write_histogram(path, table, labels, summary=None):
         mean = (pops.get(pid) or {}).get("mean_ecd_nm") or float(np.mean(values))
         z_avg = (pops.get(pid) or {}).get("z_average_nm")
         if z_avg is None:
-            z_avg = float(np.sum(values ** 6) / np.sum(values ** 5))
+            from .statistics import z_average
+
+            z_avg = z_average(values)
         ax.axvline(mean, color=colour, lw=1.6)
         ax.axvline(z_avg, color=colour, lw=1.4, ls="--")
     if ids:
