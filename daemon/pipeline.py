@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket as _socket
 import subprocess
@@ -102,46 +101,37 @@ def _default_statistics(*, precision: float, seed: int):
 
 
 class Outputs:
-    """The files in ``--out DIR``, kept current through :mod:`particlewatch.analysis.outputs`."""
+    """The files in ``--out DIR``, written by :mod:`particlewatch.analysis.outputs`.
+
+    ``frames.csv`` and ``particles.csv`` are appended frame by frame (population cells empty)
+    and rewritten whole, atomically, after a restart or a replaced result and at stop (then
+    with the final population of every particle); ``summary.json`` and ``histogram.png`` are
+    replaced atomically.
+    """
 
     def __init__(self, out_dir: Path):
         from ..analysis import outputs
-        from ..analysis.pipeline import FrameResult
 
         self.out_dir = out_dir
         self._outputs = outputs
-        self._frame_result = FrameResult
-
-    def _results(self, messages_: list[dict]):
-        return [self._frame_result.from_message(m) for m in messages_]
 
     def append(self, result: dict) -> None:
         """Append one frame's rows to frames.csv and particles.csv."""
-        self._outputs.append_frame_rows(self.out_dir, self._results([result]))
+        self._outputs.append_frame_rows(self.out_dir, [result])
 
     def rewrite(self, results: list[dict], stats) -> None:
-        """Rewrite frames.csv and particles.csv from ``results`` (atomic per file)."""
-        with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".rewrite-") as tmp:
-            tmp = Path(tmp)
-            if results:
-                self._outputs.append_frame_rows(tmp, self._results(results))
-            self._outputs.write_particles(tmp, stats.table, stats.labels)
-            for name in ("frames.csv", "particles.csv"):
-                if (tmp / name).exists():
-                    os.replace(tmp / name, self.out_dir / name)
-                else:
-                    (self.out_dir / name).unlink(missing_ok=True)
+        """Rewrite frames.csv from ``results`` and particles.csv from ``stats``."""
+        self._outputs.write_frames(self.out_dir, results)
+        self._outputs.write_particles(self.out_dir, stats.table, stats.labels)
 
     def summary(self, summary: dict) -> None:
-        """Replace summary.json atomically."""
+        """Replace summary.json."""
         self._outputs.write_summary(self.out_dir, summary)
 
     def histogram(self, stats, summary: dict) -> None:
-        """Replace histogram.png atomically."""
-        path = self.out_dir / "histogram.png"
-        tmp = self.out_dir / ".histogram.png.part"
-        self._outputs.write_histogram(tmp, stats.table, stats.labels, summary)
-        os.replace(tmp, path)
+        """Replace histogram.png."""
+        self._outputs.write_histogram(self.out_dir / "histogram.png", stats.table,
+                                      stats.labels, summary)
 
 
 @dataclass
@@ -347,9 +337,11 @@ class Daemon:
         self._ctx = ctx
         sockets = []
 
-        def make(kind, key):
+        def make(kind, key, **options):
             sock = ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 0)
+            for name, value in options.items():  # before bind: pipes take them when made
+                sock.setsockopt(getattr(zmq, name), value)
             sockets.append(sock)
             self.endpoints[key] = _bind(sock, self.endpoints[key])
             return sock
@@ -365,9 +357,9 @@ class Daemon:
             self._control.setsockopt(zmq.MAXMSGSIZE, messages.HARD_CONTROL_BYTES)
             sockets.append(self._control)
             self.endpoints["control"] = _bind(self._control, self.endpoints["control"])
-            self._tasks = make(zmq.PUSH, "tasks")
-            self._results = make(zmq.PULL, "results")
-            self._results.setsockopt(zmq.MAXMSGSIZE, messages.MAX_RESULT_BYTES)
+            # SNDHWM 1: when a worker's pipe is full, PUSH moves on to the next worker
+            self._tasks = make(zmq.PUSH, "tasks", SNDHWM=1)
+            self._results = make(zmq.PULL, "results", MAXMSGSIZE=messages.MAX_RESULT_BYTES)
             self._write_daemon_json()
             self._recover()
             self._events = FolderEvents(self.folder, polling=cfg.polling)
@@ -538,9 +530,9 @@ class Daemon:
 
     # --- workers -------------------------------------------------------------------------
     def _max_in_flight(self) -> int:
-        now = time.monotonic()
-        remote = sum(1 for w in self._workers_seen.values() if now - w.last_seen < 3600)
-        return 2 * max(self.n_workers, remote, 1)
+        # two per worker that said hello: one analysed, one queued (PUSH round-robins, so
+        # more would pile up behind a slow worker while another idles)
+        return 2 * max(len(self._workers_seen), 1)
 
     def _dispatch(self, zmq) -> None:
         room = self._max_in_flight() - len(self._in_flight)
@@ -639,10 +631,16 @@ class Daemon:
             prefix = f"{_socket.gethostname()}:{proc.pid}:"
             for wid in [w for w in self._workers_seen if w.startswith(prefix)]:
                 worker = self._workers_seen.pop(wid)
-                if worker.task and worker.task in self._in_flight:
+                if worker.task:
                     log.warning("%s: its worker (pid %d) died with code %s; sending it again",
                                 worker.task, proc.pid, code)
-                    self._requeue(worker.task)
+            # Tasks queued for the dead worker are lost with it, and PUSH does not say which
+            # those were: send again every task no living worker has started. A duplicate
+            # result is ignored by the ledger, a lost frame would be waited for until timeout.
+            started = {w.task for w in self._workers_seen.values() if w.task}
+            for name in list(self._in_flight):
+                if name not in started:
+                    self._requeue(name)
             if not self._stop.is_set():
                 self._spawn_worker()
 
@@ -685,6 +683,12 @@ class Daemon:
         result = dict(msg["result"])
         result["path"] = str(self.folder / name)
         result["frame"] = result.get("frame") or Path(name).stem
+        try:
+            self._check_result(result)
+        except ValueError as exc:  # the worker speaks another version: the frame fails
+            result = failed_result(name, result["path"],
+                                   f"{result['path']}: worker {msg['worker']} sent an invalid "
+                                   f"result: {exc}")
         reason = result.get("reason")
         if result["status"] == "failed" and not reason:
             reason = result["reason"] = f"{result['path']}: analysis failed (no reason given)"
@@ -696,6 +700,15 @@ class Daemon:
             return
         self._in_flight.pop(name, None)
         self._on_done(name, result)
+
+    @staticmethod
+    def _check_result(result: dict) -> None:
+        """Raise ValueError unless ``result`` is a valid ``FrameResult`` message."""
+        try:
+            from ..analysis.pipeline import FrameResult
+        except ImportError:  # results of an injected analysis are checked by messages only
+            return
+        FrameResult.from_message(result)
 
     # --- results -> statistics, outputs, stream ------------------------------------------
     def _on_done(self, name: str, result: dict) -> None:
@@ -794,6 +807,7 @@ class Daemon:
         if not self.ledger.reanalyze(path.name):
             self._known.pop(path.name, None)
             self._arrivals.nominate(path, time.monotonic())
+        self._periodic(time.monotonic())  # so status and wait_idle see the new work at once
         return {"type": "analyze", "ok": True, "path": str(path)}
 
     # --- stop ----------------------------------------------------------------------------

@@ -1,0 +1,331 @@
+"""The daemon end to end: exactly once, slow writers, bad files, control, restarts.
+
+Most tests inject the fake analysis of ``test_daemon_fakes`` (frames carry their particles'
+ECDs in their pixels), so every count is checked against what was written, and image
+analysis speed does not matter; the last test runs the real analysis on simulated frames.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from particlewatch.daemon.pipeline import Daemon, request
+
+sys.path.insert(0, str(Path(__file__).parent))  # importlib mode: make the fakes importable
+from test_daemon_fakes import encode_frame, fake_analyze, truth_ecds
+
+TESTS = str(Path(__file__).parent)
+FAST = dict(workers=2, worker_mode="thread", analyze=fake_analyze,
+            stats_endpoint="tcp://127.0.0.1:0", settle_s=0.05, stall_timeout_s=1.0,
+            rescan_s=0.5, stats_interval_s=0.2, histogram_interval_s=0.5)
+
+
+def rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class Subscriber:
+    """Collects every message of a daemon's stream in a thread."""
+
+    def __init__(self, endpoint):
+        import zmq
+
+        self.messages = []
+        self._stop = threading.Event()
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self._sock.poll(50):
+                self.messages.append(json.loads(self._sock.recv()))
+
+    def wait_for(self, kind, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(m["type"] == kind for m in list(self.messages)):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def of(self, kind):
+        return [m for m in list(self.messages) if m["type"] == kind]
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    folder, out = tmp_path / "frames", tmp_path / "out"
+    folder.mkdir()
+    return folder, out
+
+
+def test_frames_dropped_at_once_are_each_processed_exactly_once(dirs, tmp_path):
+    folder, out = dirs
+    truth = truth_ecds(np.random.default_rng(1), 203)
+    for i in range(3):  # frames already there at start are processed too
+        encode_frame(folder / f"frame_{i:05d}.mrc", truth[i], index=i)
+    staging = tmp_path / "staging"
+    for i in range(3, 203):
+        encode_frame(staging / f"frame_{i:05d}.mrc", truth[i], index=i)
+    daemon = Daemon(folder, out, **FAST).start()
+    sub = Subscriber(daemon.endpoints["stats"])
+    try:
+        assert sub.wait_for("stats")  # subscribed, and the first frames are done
+        for path in sorted(staging.iterdir()):  # .mdoc first, as a writer would
+            if path.suffix == ".mdoc":
+                os.rename(path, folder / path.name)
+        for path in sorted(staging.iterdir()):
+            os.rename(path, folder / path.name)
+        assert daemon.wait_idle(60, frames=203)
+        time.sleep(0.3)  # let the last messages reach the subscriber
+    finally:
+        daemon.stop()
+        sub.close()
+    frames = rows(out / "frames.csv")
+    assert sorted(r["frame"] for r in frames) == [f"frame_{i:05d}" for i in range(203)]
+    assert all(r["status"] == "ok" for r in frames)
+    assert {r["frame"]: int(r["particles"]) for r in frames} == {
+        f"frame_{i:05d}": len(e) for i, e in enumerate(truth)}
+    particles = rows(out / "particles.csv")
+    assert len(particles) == sum(len(e) for e in truth)
+    ecd = sorted(float(r["ecd_nm"]) for r in particles)
+    np.testing.assert_allclose(ecd, sorted(np.concatenate(truth)), atol=0.006)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["frames_ok"], summary["particles"]) == (203, len(ecd))
+    frame_msgs = [m["frame"] for m in sub.of("frame")]
+    # every frame published once (the 3 first may predate the subscription)
+    assert len(frame_msgs) == len(set(frame_msgs))
+    assert set(frame_msgs) >= {f"frame_{i:05d}" for i in range(3, 203)}
+    last = sub.of("stats")[-1]
+    assert last["schema_version"] == 1 and isinstance(last["populations"], list)
+
+
+def _slow_write(path, data, *, chunks, pause_s):
+    step = -(-len(data) // chunks)
+    with open(path, "wb") as fh:
+        for start in range(0, len(data), step):
+            fh.write(data[start:start + step])
+            fh.flush()
+            time.sleep(pause_s)
+
+
+def test_a_frame_written_slowly_is_processed_once_when_whole(dirs, tmp_path):
+    folder, out = dirs
+    ecd = [12.5, 30.25, 9.0]
+    # 256 x 256 uint16: half a megabyte in 8 chunks, each pause longer than settle_s
+    source = encode_frame(tmp_path / "frame_00001.mrc", ecd, size=256)
+    mdoc = Path(str(source) + ".mdoc")
+    daemon = Daemon(folder, out, **FAST).start()
+    try:
+        (folder / mdoc.name).write_bytes(mdoc.read_bytes())
+        _slow_write(folder / source.name, source.read_bytes(), chunks=8, pause_s=0.2)
+        assert daemon.wait_idle(30, frames=1)
+        time.sleep(0.5)  # a second look would show any double processing
+        assert daemon.wait_idle(5, frames=1)
+    finally:
+        daemon.stop()
+    (row,) = rows(out / "frames.csv")
+    assert (row["status"], int(row["particles"])) == ("ok", 3)
+    assert sorted(float(r["ecd_nm"]) for r in rows(out / "particles.csv")) == sorted(ecd)
+
+
+def test_bad_files_are_recorded_failed_and_the_daemon_goes_on(dirs, tmp_path):
+    folder, out = dirs
+    good = encode_frame(tmp_path / "good.mrc", [10.0, 11.0])
+    data = good.read_bytes()
+    (folder / "empty.mrc").write_bytes(b"")
+    (folder / "truncated.mrc").write_bytes(data[:len(data) // 2])
+    (folder / "corrupt.mrc").write_bytes(b"\x13" * len(data))
+    (folder / "notes.png").write_bytes(b"\x89PNG not really")
+    (folder / "frame_00001.mrc.mdoc").write_text("a companion, never a frame")
+    daemon = Daemon(folder, out, **FAST).start()
+    try:
+        assert daemon.wait_idle(30, frames=4)
+        encode_frame(folder / "frame_00002.mrc", [10.0, 11.0, 12.0])
+        assert daemon.wait_idle(30, frames=5)
+    finally:
+        daemon.stop()
+    by_name = {r["frame"]: r for r in rows(out / "frames.csv")}
+    assert set(by_name) == {"empty", "truncated", "corrupt", "notes", "frame_00002"}
+    expect = {"empty": "empty file", "truncated": "truncated", "corrupt": "corrupt MRC header",
+              "notes": "unsupported file type"}
+    for name, fragment in expect.items():
+        assert by_name[name]["status"] == "failed"
+        assert fragment in by_name[name]["reason"] and name in by_name[name]["reason"]
+    assert (by_name["frame_00002"]["status"], by_name["frame_00002"]["particles"]) == ("ok", "3")
+
+
+def test_malformed_control_messages_get_an_error_reply(dirs, tmp_path):
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0])
+    (tmp_path / "outside.mrc").write_bytes(b"x")
+    daemon = Daemon(folder, out, **FAST).start()
+    control = daemon.endpoints["control"]
+    bad = {
+        b"{not json": "not JSON",
+        json.dumps({"schema_version": 7, "type": "status"}).encode(): "schema_version",
+        json.dumps({"type": "status"}).encode(): "schema_version",
+        json.dumps({"schema_version": 1, "type": "status", "pad": "x" * 70000}).encode():
+            "exceeds",
+        json.dumps({"schema_version": 1, "type": "analyze",
+                    "path": str(tmp_path / "outside.mrc")}).encode(): "outside",
+        json.dumps({"schema_version": 1, "type": "analyze",
+                    "path": "../outside.mrc"}).encode(): "outside",
+        json.dumps({"schema_version": 1, "type": "analyze", "path": 42}).encode(): "must be str",
+        json.dumps({"schema_version": 1, "type": "shutdown-everything"}).encode(): "unknown",
+    }
+    try:
+        assert daemon.wait_idle(20, frames=1)
+        for payload, fragment in bad.items():
+            reply = request(control, payload)
+            assert reply["type"] == "error" and reply["ok"] is False
+            assert fragment in reply["error"]
+        status = request(control, {"type": "status"})
+        assert status["ok"] and status["frames_ok"] == 1
+        again = request(control, {"type": "analyze", "path": "frame_00001.mrc"})
+        assert again["ok"]
+        reply = request(control, {"type": "stop"})
+        assert reply["ok"]
+        daemon._thread.join(20)
+        assert not daemon._thread.is_alive()
+    finally:
+        daemon.stop()
+    (row,) = rows(out / "frames.csv")  # re-analysed, still counted once
+    assert row["status"] == "ok"
+
+
+def test_a_modified_frame_replaces_its_old_result(dirs):
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0, 10.5])
+    encode_frame(folder / "frame_00002.mrc", [20.0])
+    daemon = Daemon(folder, out, **FAST).start()
+    try:
+        assert daemon.wait_idle(20, frames=2)
+        time.sleep(0.05)  # a new mtime even on coarse-clock filesystems
+        encode_frame(folder / "frame_00001.mrc", [30.0, 31.0, 32.0])
+        deadline = time.monotonic() + 20
+        while daemon.summary["particles"] != 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+    by_name = {r["frame"]: r for r in rows(out / "frames.csv")}
+    assert len(rows(out / "frames.csv")) == 2 and by_name["frame_00001"]["particles"] == "3"
+    assert sorted(float(r["ecd_nm"]) for r in rows(out / "particles.csv")) == [20, 30, 31, 32]
+
+
+def test_a_worker_dying_mid_frame_does_not_lose_the_frame(dirs, tmp_path, monkeypatch):
+    folder, out = dirs
+    marker = tmp_path / "crash-once"
+    marker.write_text("the first worker to see frame_00002_crash dies")
+    monkeypatch.setenv("PW_FAKE_CRASH_ONCE", str(marker))
+    monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    truth = {"frame_00001": [10.0], "frame_00002_crash": [11.0, 12.0], "frame_00003": [13.0]}
+    for name, ecd in truth.items():
+        encode_frame(folder / f"{name}.mrc", ecd)
+    options = {**FAST, "worker_mode": "process", "analyze": "test_daemon_fakes:fake_analyze",
+               "task_timeout_s": 60.0}
+    daemon = Daemon(folder, out, **options).start()
+    try:
+        assert daemon.wait_idle(60, frames=3)
+    finally:
+        daemon.stop()
+    assert not marker.exists()  # a worker did die
+    assert {r["frame"]: int(r["particles"]) for r in rows(out / "frames.csv")} == {
+        name: len(ecd) for name, ecd in truth.items()}
+
+
+def _start_subprocess(folder, out, port):
+    env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PW_FAKE_DELAY_S": "0.1"}
+    cmd = [sys.executable, "-m", "particlewatch.daemon.cli", "watch", str(folder), "--out",
+           str(out), "--workers", "2", "--worker-mode", "thread", "--stats",
+           f"tcp://127.0.0.1:{port}", "--analyze", "test_daemon_fakes:fake_analyze",
+           "--settle-s", "0.05", "--stall-timeout-s", "1", "--rescan-s", "0.5",
+           "--histogram-interval-s", "0.5"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _free_port_block():
+    import socket
+
+    for _ in range(50):
+        base = int(np.random.default_rng().integers(20000, 60000))
+        try:
+            socks = []
+            for p in range(base, base + 4):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of 4 ports")
+
+
+def test_kill_9_at_random_moments_then_restart_equals_an_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng(7)
+    truth = truth_ecds(rng, 60)
+    ref_folder, ref_out = tmp_path / "ref", tmp_path / "ref_out"
+    folder, out = tmp_path / "frames", tmp_path / "out"
+    for i, ecd in enumerate(truth):
+        encode_frame(ref_folder / f"frame_{i:05d}.mrc", ecd, index=i)
+    reference = Daemon(ref_folder, ref_out, **FAST).start()
+    assert reference.wait_idle(60, frames=60)
+    reference.stop()
+
+    folder.mkdir()
+    port = _free_port_block()
+    written = 0
+    for kill in range(4):
+        for i in range(written, written + 15):  # frames keep arriving between crashes
+            encode_frame(folder / f"frame_{i:05d}.mrc", truth[i], index=i)
+        written += 15
+        proc = _start_subprocess(folder, out, port)
+        time.sleep(float(rng.uniform(0.5, 2.5)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = _start_subprocess(folder, out, port)
+    try:
+        control = f"tcp://127.0.0.1:{port + 1}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status = request(control, {"type": "status"}, timeout_s=1, retries=1)
+            except TimeoutError:
+                continue
+            if status["idle"] and status["frames_ok"] == 60:
+                break
+            time.sleep(0.1)
+        assert request(control, {"type": "stop"})["ok"]
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "frames.csv").read_text().replace(str(folder), "F") == \
+        (ref_out / "frames.csv").read_text().replace(str(ref_folder), "F")
+    assert (out / "particles.csv").read_text() == (ref_out / "particles.csv").read_text()
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref_out))
+    assert summary == ref_summary
+    assert summary["frames_ok"] == 60 and summary["particles"] == sum(map(len, truth))
