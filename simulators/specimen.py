@@ -273,10 +273,12 @@ class Specimen:
             Particle indices of each agglomerate, -1 padded.
         """
         spec = self.sample
-        sizes = []
-        while sum(sizes) < n_agg:
-            sizes.append(int(np.clip(1 + rng.geometric(1.0 / max(spec.cluster_size - 1, 1.0)),
-                                     2, MAX_CLUSTER)))
+        # agglomerate sizes: 1 + geometric (mean cluster_size), 2..MAX_CLUSTER, enough of
+        # them to hold n_agg particles; the last one is cut to fit
+        draws = np.clip(1 + rng.geometric(1.0 / max(spec.cluster_size - 1, 1.0), n_agg // 2),
+                        2, MAX_CLUSTER)
+        count = int(np.searchsorted(np.cumsum(draws), n_agg)) + 1
+        sizes = draws[:count].tolist()
         sizes[-1] -= sum(sizes) - n_agg
         if sizes[-1] < 2:
             sizes.pop()
