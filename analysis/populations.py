@@ -39,6 +39,7 @@ FEATURES = ("log_ecd", "log_aspect_ratio", "circularity", "solidity")
 
 _FIT_SAMPLE = 4000        # particles the clustering is fitted on; the rest are classified
 _MIN_FIT = 20             # fewer valid particles than this: one population, no clustering
+_MIN_GROUP = 30           # particles a population needs in the fitted sample
 _SEPARATION_D = 2.0       # Ashman's D needed to keep two groups apart
 _DIP_RATIO = 0.9          # density between two groups must fall below this × the lower peak
 _MIN_SOLIDITY = 0.9      # below: agglomerate or fragment (see _irregular_components)
@@ -270,8 +271,11 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         else:
             weights, means, covs = _best_kmeans(Z, max_populations + 2, seed)
         irregular = _irregular_components(means * scale + center, names)
+        # a population needs a few tens of particles too: a small early sample otherwise
+        # yields spurious little components in the tails
+        floor = max(min_fraction, _MIN_GROUP / len(Z))
         group = _merge_components(weights, means, covs, max_populations=max_populations,
-                                  min_fraction=min_fraction, exclude=irregular)
+                                  min_fraction=floor, exclude=irregular)
         model.weights, model.means = weights, means
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)

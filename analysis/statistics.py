@@ -208,7 +208,10 @@ def population_stats(table, index, clusters, *, precision=0.01, confidence=_CONF
     circ = _nanmean(_column(table, "circularity", n_table)[index])
     solidity = _nanmean(_column(table, "solidity", n_table)[index])
     if np.isfinite(rel) and rel > 0:
-        needed = max(0.0, n * (rel / precision) ** 2 - n)
+        # half-width ∝ 1/√n; t shrinks toward the normal quantile as frames accumulate
+        q_now = sps.t.ppf(0.5 + confidence / 2, frames - 1) if frames > 1 else 1.0
+        q_end = sps.norm.ppf(0.5 + confidence / 2) if frames > 1 else 1.0
+        needed = max(0.0, n * (rel * q_end / q_now / precision) ** 2 - n)
     else:
         needed = math.inf if n < 2 else 0.0
     return {
@@ -521,20 +524,19 @@ class RunningStatistics:
         """
         table = {k: np.asarray(v) for k, v in particles.items() if k not in ("frame",
                                                                             "population")}
-        if "ecd_nm" not in table:
+        n = len(table["ecd_nm"]) if "ecd_nm" in table else 0
+        if n == 0:
+            table = {}  # an empty frame, whatever columns it came with
+        elif "ecd_nm" not in table:
             raise ValueError(f"{frame}: particle table (columns {sorted(table)}) has no "
                              f"'ecd_nm' column")
-        n = len(table["ecd_nm"])
-        if any(len(v) != n for v in table.values()):
+        elif any(len(v) != n for v in table.values()):
             raise ValueError(f"{frame}: particle table columns differ in length")
-        if self._columns is None:
+        elif self._columns is None:
             self._columns = tuple(table)
         elif set(table) != set(self._columns):
-            if n == 0:  # an empty frame may come with no columns at all
-                table = {c: np.zeros(0) for c in self._columns}
-            else:
-                raise ValueError(f"{frame}: columns {sorted(table)} differ from earlier "
-                                 f"frames' {sorted(self._columns)}")
+            raise ValueError(f"{frame}: columns {sorted(table)} differ from earlier "
+                             f"frames' {sorted(self._columns)}")
         self._chunks.append(table)
         self._frame_names.append(str(frame))
         self._label_chunks.append(self._predict(table))
@@ -547,7 +549,7 @@ class RunningStatistics:
     @property
     def n_particles(self) -> int:
         """Particles added so far."""
-        return sum(len(c["ecd_nm"]) for c in self._chunks)
+        return sum(_rows(c) for c in self._chunks)
 
     @property
     def n_frames(self) -> int:
@@ -581,8 +583,10 @@ class RunningStatistics:
         if frames_ok is None:
             frames_ok = self.n_frames
         table, labels = self._concat()
+        # integer frame codes: sorting 100,000 frame-name strings on every update is slow
+        codes = np.repeat(np.arange(len(self._chunks)), [_rows(t) for t in self._chunks])
         summary = summarize(table, labels, frames_ok=frames_ok, frames_failed=frames_failed,
-                            precision=self.precision, frames=table["frame"],
+                            precision=self.precision, frames=codes,
                             min_per_population=self.min_per_population,
                             min_frames=self.min_frames,
                             fraction_tolerance=self.fraction_tolerance)
@@ -600,18 +604,17 @@ class RunningStatistics:
     def _concat(self):
         if self._cache is None:
             cols = self._columns or ("ecd_nm",)
-            table = {c: np.concatenate([np.asarray(t[c]) for t in self._chunks])
-                     if self._chunks else np.zeros(0) for c in cols}
+            table = {c: np.concatenate([np.zeros(0)] + [np.asarray(t[c]) for t in self._chunks
+                                                        if t]) for c in cols}
             table["frame"] = np.repeat(np.array(self._frame_names, dtype=object),
-                                       [len(t["ecd_nm"]) for t in self._chunks]) \
-                if self._chunks else np.zeros(0, dtype=object)
+                                       [_rows(t) for t in self._chunks])
             labels = np.concatenate(self._label_chunks) if self._label_chunks \
                 else np.zeros(0, dtype=np.int64)
             self._cache = (table, labels)
         return self._cache
 
     def _predict(self, table):
-        n = len(table["ecd_nm"])
+        n = _rows(table)
         if self._model is None or n == 0:
             return np.full(n, -1, dtype=np.int64)
         raw = self._model.predict(table)
@@ -628,7 +631,7 @@ class RunningStatistics:
         self._model = model
         self._fitted_n = len(raw)
         labels = np.where(raw >= 0, self._id_map[np.maximum(raw, 0)], -1)
-        bounds = np.cumsum([0] + [len(t["ecd_nm"]) for t in self._chunks])
+        bounds = np.cumsum([0] + [_rows(t) for t in self._chunks])
         self._label_chunks = [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self._cache = None
 
@@ -654,6 +657,10 @@ class RunningStatistics:
         self._next_id = max(self._next_id, int(ids.max()) + 1 if n_groups else 0)
         self._signatures = {int(i): s for i, s in zip(ids, sig)}
         return ids
+
+
+def _rows(table):
+    return len(table["ecd_nm"]) if table else 0
 
 
 def _signatures(table, raw, n_groups):

@@ -1,0 +1,217 @@
+"""Coverage of the stop rule: is the true mean inside the interval reported at the stop?
+
+Simulates many sequential acquisition sessions per sample, directly as particle tables (no
+images): every frame holds a random number of particles (the grid's density varies, some
+frames are empty), every frame shifts the sizes it measures by a random factor (focus,
+thickness: particles of one frame are correlated), mixtures vary in composition from frame to
+frame, and a few percent of the particles are agglomerates and debris. After every frame the
+session updates ``RunningStatistics`` and stops at the first ``converged`` — exactly what a
+live session does, and what inflates the error of a naive rule. At the stop it checks, per
+population, whether the true mean lies inside the reported ``ci95_nm``.
+
+Usage::
+
+    python bench/stop_rule_coverage.py [--sessions 200] [--precision 0.01] [--jobs 2]
+        [--samples au10,ps100,ps-bimodal,silica-capsules,spheres-rods] [--frame-sd 0.01]
+        [--truth-simulator]
+
+``--truth-simulator`` draws each frame's true particles from the real simulator's specimen
+(``Specimen.particles_in`` over a record field), with the same measurement model on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from particlewatch.analysis.statistics import RunningStatistics
+from particlewatch.simulators import shapes
+from particlewatch.simulators.samples import SAMPLES
+from particlewatch.simulators.specimen import Specimen
+
+DEFAULT_SAMPLES = ("au10", "ps100", "ps-bimodal", "silica-capsules", "spheres-rods")
+PARTICLES_PER_FRAME = 150  # mean; a record frame of these samples holds 50 to 500
+MAX_FRAMES = 400
+
+
+def true_particles(spec, n, rng):
+    """Exact ECD, Feret max/min and population of ``n`` particles of a sample's model."""
+    fractions = np.array([p.fraction for p in spec.populations])
+    pop = rng.choice(len(fractions), size=n, p=fractions / fractions.sum())
+    out = {k: np.zeros(n) for k in ("ecd_nm", "feret_max_nm", "feret_min_nm")}
+    for i, pp in enumerate(spec.populations):
+        sel = np.flatnonzero(pop == i)
+        a = np.clip(rng.normal(pp.size_nm, pp.size_sd_nm, sel.size),
+                    pp.size_nm - 4 * pp.size_sd_nm, pp.size_nm + 4 * pp.size_sd_nm)
+        b = np.minimum(rng.normal(pp.width_nm, pp.width_sd_nm, sel.size), a) \
+            if pp.shape == "rod" else a
+        p = rng.uniform(*pp.p_range, sel.size) if pp.shape == "cube" else np.full(sel.size,
+                                                                                  2.0)
+        m = shapes.measures(shapes.SHAPES.index(pp.shape), a=a, b=b, p=p)
+        for k in out:
+            out[k][sel] = m[k]
+    out["population"] = pop
+    return out
+
+
+def true_means(spec, *, seed=12345, n=400_000):
+    """Mean ECD of each population of the model (the quantity the interval must hold)."""
+    t = true_particles(spec, n, np.random.default_rng(seed))
+    return np.array([t["ecd_nm"][t["population"] == i].mean()
+                     for i in range(len(spec.populations))])
+
+
+def measure_frame(truth, rng, *, frame_sd, outliers=0.05):
+    """A measured particle table from a frame's true particles.
+
+    The frame's sizes share one random factor ``1 + N(0, frame_sd)`` (focus, thickness),
+    each particle adds 1% noise; ``outliers`` of the rows are agglomerates and debris.
+    """
+    n = len(truth["ecd_nm"])
+    shift = 1.0 + rng.normal(0.0, frame_sd)
+    noise = shift * (1.0 + rng.normal(0.0, 0.01, n))
+    ecd = truth["ecd_nm"] * noise
+    fmax = truth["feret_max_nm"] * noise
+    fmin = truth["feret_min_nm"] * noise * (1 - np.abs(rng.normal(0, 0.02, n)))
+    aspect = fmax / fmin
+    solidity = np.clip(rng.normal(0.985, 0.007, n), 0, 1)
+    circ = np.clip(np.where(aspect > 1.8, 0.66, 0.96) + rng.normal(0, 0.015, n), 0, 1)
+    bad = rng.random(n) < outliers
+    agg = bad & (rng.random(n) < 0.6)
+    deb = bad & ~agg
+    k = rng.integers(2, 5, n)
+    ecd = np.where(agg, ecd * np.sqrt(k) * 0.95, np.where(deb, ecd * rng.uniform(0.15, 0.4,
+                                                                                  n), ecd))
+    aspect = np.where(bad, rng.uniform(1.3, 2.8, n), aspect)
+    fmax = np.where(bad, ecd * np.sqrt(aspect), fmax)
+    fmin = np.where(bad, ecd / np.sqrt(aspect), fmin)
+    solidity = np.where(bad, rng.uniform(0.7, 0.88, n), solidity)
+    circ = np.where(bad, rng.uniform(0.4, 0.75, n), circ)
+    return {"ecd_nm": ecd, "feret_max_nm": fmax, "feret_min_nm": fmin, "aspect_ratio": aspect,
+            "circularity": circ, "solidity": solidity}
+
+
+class _SimulatorFrames:
+    """True particles of consecutive record fields of the simulator's specimen."""
+
+    def __init__(self, name, seed):
+        self.specimen = Specimen(name, seed=seed)
+        self.field_nm = SAMPLES[name].pixel_nm * 1024  # a 1024² record frame
+        self.i = 0
+
+    def __call__(self, rng):
+        # serpentine-free simple raster over the grid; empty areas give empty frames
+        ix, iy = self.i % 40, self.i // 40
+        self.i += 1
+        x0 = -50_000 + ix * 2.5 * self.field_nm
+        y0 = -50_000 + iy * 2.5 * self.field_nm
+        t = self.specimen.particles_in(x0, y0, x0 + self.field_nm, y0 + self.field_nm)
+        return {k: t[k] for k in ("ecd_nm", "feret_max_nm", "feret_min_nm", "population")}
+
+
+def run_session(name, seed, *, precision, frame_sd, truth_simulator=False):
+    """One sequential session; returns (stopped, frames, particles, covered per population)."""
+    spec = SAMPLES[name]
+    rng = np.random.default_rng([seed, 7])
+    means = true_means(spec)
+    fractions = np.array([p.fraction for p in spec.populations])
+    stats = RunningStatistics(precision=precision, seed=seed)
+    source = _SimulatorFrames(name, seed) if truth_simulator else None
+    summary = None
+    for f in range(MAX_FRAMES):
+        if source is not None:
+            truth = source(rng)
+        else:
+            # density varies over the grid: gamma-distributed frame means, some frames empty
+            n = int(rng.poisson(PARTICLES_PER_FRAME * rng.gamma(2.0, 0.5)))
+            sub = SAMPLES[name]
+            if len(fractions) > 1:  # local composition varies too
+                local = rng.dirichlet(fractions * 30.0)
+                sub = _with_fractions(spec, local)
+            truth = true_particles(sub, n, rng)
+        stats.add(f"frame_{f:05d}", measure_frame(truth, rng, frame_sd=frame_sd))
+        summary = stats.summary()
+        if summary["converged"]:
+            break
+    covered = _coverage(summary, means)
+    return bool(summary["converged"]), f + 1, summary["particles"], covered
+
+
+def _with_fractions(spec, fractions):
+    from dataclasses import replace
+
+    pops = tuple(replace(p, fraction=float(w)) for p, w in zip(spec.populations, fractions))
+    return replace(spec, populations=pops)
+
+
+def _coverage(summary, means):
+    """Per true population: is its mean inside the interval of the matching population?"""
+    pops = summary["populations"]
+    covered = []
+    for m in means:
+        if not pops:
+            covered.append(False)
+            continue
+        best = min(pops, key=lambda p: abs((p["mean_ecd_nm"] or np.inf) - m))
+        lo, hi = best["ci95_nm"]
+        # a population merged with another, or a missing one, is a miss too
+        ok = (lo is not None and hi is not None and lo <= m <= hi
+              and len(pops) == len(means))
+        covered.append(bool(ok))
+    return covered
+
+
+def _one(args):
+    return run_session(*args[:2], **args[2])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--precision", type=float, default=0.01)
+    parser.add_argument("--frame-sd", type=float, default=0.01,
+                        help="relative sd of the per-frame size shift (default 0.01)")
+    parser.add_argument("--samples", default=",".join(DEFAULT_SAMPLES))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--truth-simulator", action="store_true",
+                        help="draw true particles from the simulator's specimen")
+    args = parser.parse_args(argv)
+    names = [s for s in args.samples.split(",") if s]
+    print(f"stop rule coverage: {args.sessions} sessions per sample, precision "
+          f"±{args.precision:.1%}, frame shift sd {args.frame_sd:.1%}, "
+          f"{'simulator specimen' if args.truth_simulator else 'model'} particles")
+    print(f"{'sample':<16} {'pop':>3} {'coverage':>9} {'stopped':>8} {'frames':>12} "
+          f"{'particles':>16}")
+    worst = 1.0
+    for name in names:
+        t0 = time.time()
+        kw = {"precision": args.precision, "frame_sd": args.frame_sd,
+              "truth_simulator": args.truth_simulator}
+        tasks = [(name, s, kw) for s in range(args.sessions)]
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                results = list(pool.map(_one, tasks, chunksize=4))
+        else:
+            results = [_one(t) for t in tasks]
+        stopped = np.array([r[0] for r in results])
+        frames = np.array([r[1] for r in results])
+        particles = np.array([r[2] for r in results])
+        cov = np.array([r[3] for r in results])
+        for i in range(cov.shape[1]):
+            c = cov[:, i].mean()
+            worst = min(worst, c)
+            print(f"{name:<16} {i:>3} {c:>9.1%} {stopped.mean():>8.0%} "
+                  f"{np.median(frames):>5.0f} [{frames.min()}-{frames.max()}] "
+                  f"{np.median(particles):>7.0f} [{particles.min()}-{particles.max()}]"
+                  f"  ({time.time() - t0:.0f} s)")
+        sys.stdout.flush()
+    print(f"worst coverage {worst:.1%} (target ≥ 93%)")
+    return 0 if worst >= 0.93 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
