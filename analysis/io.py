@@ -29,6 +29,7 @@ import io as _io
 import logging
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,19 +338,36 @@ def _mrc_header(path, size):
 
 
 def _read_mrc(path, size):
-    import mrcfile
-
     dims, header_nm = _mrc_header(path, size)
     meta = {"format": "mrc", "shape_in_file": (dims[2], dims[1], dims[0]), "warnings": []}
     try:
-        with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
-            data = _first_image(path, mrc.data, meta)
-            image = np.array(data)  # copy out of the memory map before it closes
+        image = _mrc_first_image(path, meta, permissive=False)
     except FrameError:
         raise
-    except Exception as exc:  # mrcfile raises ValueError/OSError with multi-line texts
-        raise FrameError(path, f"cannot read MRC: {_one_line(exc)}") from None
+    except Exception as strict:  # mrcfile raises ValueError/OSError with multi-line texts
+        # The fixed header already passed our checks (magic, dims, size); what strict mode
+        # still rejects is minor (a zero machine stamp from some writers): read it anyway.
+        try:
+            image = _mrc_first_image(path, meta, permissive=True)
+        except Exception:
+            raise FrameError(path, f"cannot read MRC: {_one_line(strict)}") from None
+        meta["warnings"].append(f"MRC header not strictly valid ({_one_line(strict)}); "
+                                f"read permissively")
     return image, header_nm, meta
+
+
+def _mrc_first_image(path, meta, *, permissive):
+    import mrcfile
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mrcfile.mmap(path, mode="r", permissive=permissive) as mrc:
+            if mrc.data is None:
+                raise ValueError("no data block")
+            data = _first_image(path, mrc.data, meta)
+            image = np.array(data)  # copy out of the memory map before it closes
+    meta["warnings"].extend(_one_line(w.message) for w in caught)
+    return image
 
 
 def _mdoc_path(path):
@@ -478,7 +496,28 @@ def _read_ncempy(path):
         if all(v is not None and v > 0 for v in nm):
             header_nm = _square_pixel_nm(path, nm)
     data = _first_image(path, data, meta, what=f"{kind.upper()} stack")
+    if kind in ("dm3", "dm4"):
+        meta.update(_dm_meta(path))
     return data, header_nm, meta
+
+
+def _dm_meta(path):
+    """Stage position (µm, as Gatan records it) and magnification from DM tags, if present."""
+    from ncempy.io import dm
+
+    try:
+        with contextlib.redirect_stdout(_io.StringIO()), dm.fileDM(path) as f:
+            tags = f.getMetadata(0)
+    except Exception:  # the image was read; missing or odd tags only cost the metadata
+        return {}
+    out = {}
+    for key, name in (("Microscope Info Stage Position Stage X", "stage_x_um"),
+                      ("Microscope Info Stage Position Stage Y", "stage_y_um"),
+                      ("Microscope Info Indicated Magnification", "magnification")):
+        value = tags.get(key)
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 def _as_list(value):

@@ -153,6 +153,21 @@ def test_dims_larger_than_file(tmp_path, good_mrc):
     assert "needs 3200001024" in _error(p)
 
 
+def test_extra_bytes_and_zero_stamp_still_read(tmp_path, good_mrc):
+    p = tmp_path / "long.mrc"
+    p.write_bytes(good_mrc.read_bytes() + b"\0" * 400)
+    frame = read_frame(p)
+    np.testing.assert_array_equal(frame.image, _image())
+    assert any("400 bytes larger" in w for w in frame.meta["warnings"])
+    data = bytearray(good_mrc.read_bytes())
+    data[212:216] = b"\0\0\0\0"  # machine stamp left unset by some writers
+    q = tmp_path / "stamp.mrc"
+    q.write_bytes(bytes(data))
+    frame = read_frame(q)
+    np.testing.assert_array_equal(frame.image, _image())
+    assert any("read permissively" in w for w in frame.meta["warnings"])
+
+
 def test_all_nan(tmp_path):
     with pytest.warns(RuntimeWarning):
         p = _mrc(tmp_path / "nan.mrc", np.full((32, 32), np.nan, np.float32), voxel_a=5.0)
@@ -252,6 +267,9 @@ def test_real_dm4():
     assert frame.image.shape == (112, 112)
     assert np.isfinite(frame.image).all() and frame.image.std() > 0
     assert frame.meta["format"] == "dm4"
+    # Gatan's "Microscope Info" tags record the stage in µm
+    assert frame.meta["stage_x_um"] == pytest.approx(-32.38, abs=0.01)
+    assert frame.meta["stage_y_um"] == pytest.approx(13.30, abs=0.01)
 
 
 @pytest.mark.parametrize("unit,factor", [
