@@ -261,6 +261,34 @@ def test_emd_units(tmp_path, size, unit, expected_nm):
     assert frame.image.shape == (48, 64)
 
 
+def _write_ser(path, image, pixel_m):
+    """A minimal TIA series file (version 0x0210, one 2-D float32 element), as FEI writes."""
+    h, w = image.shape
+    dims = struct.pack("<i2d2ii", 1, 0.0, 1.0, 0, 0, 0)  # one series dimension, no text
+    head_len = 6 + 16 + 4 + 4 + len(dims)
+    offsets_at = head_len
+    data_at = offsets_at + 8
+    element = (struct.pack("<2di2dih2i", 0.0, pixel_m, 0, 0.0, pixel_m, 0, 7, w, h)
+               + np.ascontiguousarray(image[::-1], "<f4").tobytes())  # rows bottom-up
+    tag_at = data_at + len(element)
+    out = (struct.pack("<3h", 0x4949, 0x0197, 0x0210) + struct.pack("<4i", 0x4122, 0x4152, 1, 1)
+           + struct.pack("<i", offsets_at) + struct.pack("<i", 1) + dims
+           + struct.pack("<2i", data_at, tag_at) + element + struct.pack("<2i", 0x4152, 0))
+    path.write_bytes(out)
+
+
+def test_ser_pixel_size_in_metres(tmp_path):
+    image = _image().astype(np.float32)
+    p = tmp_path / "f_1.ser"
+    _write_ser(p, image, 7.5e-10)
+    frame = read_frame(p)
+    assert frame.pixel_nm == pytest.approx(0.75)
+    np.testing.assert_array_equal(frame.image, image)
+    cut = tmp_path / "cut_1.ser"
+    cut.write_bytes(p.read_bytes()[:40])
+    assert _error(cut).startswith("cannot read SER")
+
+
 def test_real_dm4():
     frame = read_frame(REAL_DM4)
     assert frame.pixel_nm == pytest.approx(1.249, abs=5e-4)
