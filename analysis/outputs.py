@@ -39,6 +39,7 @@ SUMMARY_JSON = "summary.json"
 _INT_COLUMNS = {"particle_id", "population", "particles"}
 _BOOL_COLUMNS = {"separated"}
 _OUTLIER_GREY = (0.55, 0.55, 0.55)
+_INF = float("inf")
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -175,19 +176,38 @@ def write_particles(out, table, labels):
     labels : (n,) array_like of int
         Population id per particle, -1 for outliers.
     """
-    n = _n_rows(table) if table else 0
+    table = dict(table or {})
+    n = _n_rows(table)
     labels = np.asarray(labels if labels is not None else np.full(n, -1), dtype=np.int64)
     if labels.shape != (n,):
         raise ValueError(f"labels (shape {labels.shape}) must have one entry per particle "
                          f"({n})")
-    cols = {c: np.asarray(v) for c, v in (table or {}).items()}
-    rows = []
-    for i in range(n):
-        row = {c: cols[c][i] for c in cols}
-        row["population"] = int(labels[i])
-        rows.append(row)
-    text = _rows_text(PARTICLE_COLUMNS, rows, header=True)
-    atomic_write_bytes(Path(out) / PARTICLES_CSV, text.encode("utf-8"))
+    table["population"] = labels
+    # column by column: one formatting decision per column, not per cell
+    columns = [_format_column(c, table.get(c), n) for c in PARTICLE_COLUMNS]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PARTICLE_COLUMNS)
+    writer.writerows(zip(*columns))
+    atomic_write_bytes(Path(out) / PARTICLES_CSV, buf.getvalue().encode("utf-8"))
+
+
+def _format_column(name, values, n):
+    """The CSV cells of one column (see :func:`_cell` for the rules)."""
+    if values is None:
+        return [""] * n
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise ValueError(f"column {name!r} (shape {arr.shape}) must have {n} rows")
+    if name in _BOOL_COLUMNS or arr.dtype == bool:
+        return ["true" if v else "false" for v in arr.astype(bool).tolist()]
+    if arr.dtype.kind in "iu":
+        return [str(v) for v in arr.tolist()]
+    if arr.dtype.kind == "f":
+        if name in _INT_COLUMNS:
+            return [_cell(name, v) for v in arr.tolist()]
+        return ["" if v != v or v in (_INF, -_INF) else f"{v:.7g}" for v in arr.tolist()]
+    return [_cell(name, v) for v in arr.tolist()]
 
 
 def write_summary(out, summary):
