@@ -421,19 +421,20 @@ def write_overlay(path, image, labels, *, populations=None, separated=None,
     if image.shape != labels.shape or image.ndim != 2:
         raise ValueError(f"image (shape {image.shape}) and labels (shape {labels.shape}) "
                          f"must be 2-D and of the same shape")
-    grey = contrast_stretch(image)
+    # uint8 throughout: a 4096² frame is 50 MB of RGB, not 200 MB of floats
+    grey = (contrast_stretch(image) * 255.0 + 0.5).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     n = int(labels.max()) if labels.size else 0
     if n > 0:
         edge = find_boundaries(labels, mode="inner")
         if max(labels.shape) > 2048:  # stay visible when the PNG is viewed scaled down
             edge = ndi.binary_dilation(edge) & (labels > 0)
-        lut = _label_colours(n, populations, separated)
+        lut = (_label_colours(n, populations, separated) * 255.0 + 0.5).astype(np.uint8)
         rgb[edge] = lut[labels[edge]]
     for box in agglomerate_boxes or ():
-        _draw_box(rgb, box, (0.9, 0.1, 0.1))
+        _draw_box(rgb, box, (230, 26, 26))
     data = io.BytesIO()
-    mpimg.imsave(data, (rgb * 255).astype(np.uint8), format="png")
+    mpimg.imsave(data, rgb, format="png")
     atomic_write_bytes(path, data.getvalue())
 
 

@@ -141,7 +141,7 @@ def test_overlay_png_draws_outlines_by_population(tmp_path):
     assert rgb.shape == (64, 96, 3)
     np.testing.assert_allclose(rgb[10, 15], outputs.population_colour(0), atol=0.01)
     np.testing.assert_allclose(rgb[30, 60], outputs.population_colour(-1), atol=0.01)
-    np.testing.assert_allclose(rgb[55, 20], (0.9, 0.1, 0.1), atol=0.01)
+    np.testing.assert_allclose(rgb[55, 20], (0.9, 0.1, 0.1), atol=0.01)  # red box
     assert rgb[15, 15].std() < 1e-6  # inside a particle: grey, no outline
     outputs.write_overlay(tmp_path / "sep.png", image, labels,
                           separated=np.array([False, True, False]))
