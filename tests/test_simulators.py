@@ -306,3 +306,16 @@ def test_particles_whose_box_alone_meets_the_frame_are_not_truth(sample):
         assert (cover > 0) == expected
     truth = scope.snap().truth["particles"]
     assert len(truth) == len(table["x_nm"])
+
+
+@pytest.mark.parametrize("lam", [4.0, 25.0, 400.0])
+def test_shot_noise_has_poisson_moments(lam):
+    from particlewatch.simulators.render import shot_noise
+
+    counts = shot_noise(np.full((300, 300), lam, np.float32),
+                        rng=np.random.default_rng(0)).astype(float)
+    mean, var = counts.mean(), counts.var()
+    skew = ((counts - mean) ** 3).mean() / var ** 1.5
+    assert mean == pytest.approx(lam, rel=0.01)
+    assert var == pytest.approx(lam, rel=0.03)
+    assert skew == pytest.approx(lam ** -0.5, abs=0.03)
