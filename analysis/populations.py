@@ -221,7 +221,7 @@ def find_populations(table, *, method="auto", max_populations=6, seed=0, min_fra
 
 
 def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_fraction=0.03,
-                    outlier_p=1e-3, fit_sample=_FIT_SAMPLE):
+                    outlier_p=1e-3, fit_sample=_FIT_SAMPLE, components=None):
     """Fit a :class:`PopulationModel` (see :func:`find_populations` for the parameters).
 
     Parameters
@@ -229,6 +229,10 @@ def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_frac
     fit_sample : int
         The clustering is fitted on a random subsample of at most this many particles (the
         model then labels all of them), which keeps it fast for 100,000 particles.
+    components : (int, int), optional
+        Range of mixture components (``"auto"``) or clusters (``"kmeans"``) to try; default
+        1 (K-means 2) to ``max_populations + 2``. A refit of a running model tries only
+        around the previous number, which is several times faster.
 
     Returns
     -------
@@ -238,10 +242,12 @@ def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_frac
     # small matrices: BLAS threads only fight over the cores (10x slower on a busy machine)
     with threadpool_limits(1):
         return _fit(table, method=method, max_populations=max_populations, seed=seed,
-                    min_fraction=min_fraction, outlier_p=outlier_p, fit_sample=fit_sample)
+                    min_fraction=min_fraction, outlier_p=outlier_p, fit_sample=fit_sample,
+                    components=components)
 
 
-def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_sample):
+def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_sample,
+         components):
     X, names, valid = population_features(table)
     Xv = X[valid]
     rng = np.random.default_rng(seed)
@@ -255,6 +261,8 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
     cutoff = float(sps.chi2.isf(outlier_p, X.shape[1]))
     model = PopulationModel(features=names, center=center, scale=scale, cutoff=cutoff,
                             method=method)
+    if components is not None and not 1 <= components[0] <= components[1]:
+        raise ValueError(f"components {components} must be (low, high) with 1 ≤ low ≤ high")
     if len(Z) < _MIN_FIT:
         _set_components(model, Z, [np.arange(len(Z))], cutoff=np.inf)
         return model
@@ -266,10 +274,11 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         if regular.sum() >= _MIN_FIT:
             Z = Z[regular]
     if method in ("auto", "kmeans"):
+        k_lo, k_hi = components if components is not None else (1, max_populations + 2)
         if method == "auto":
-            weights, means, covs = _best_gmm(Z, max_populations + 2, seed)
+            weights, means, covs = _best_gmm(Z, k_lo, k_hi, seed)
         else:
-            weights, means, covs = _best_kmeans(Z, max_populations + 2, seed)
+            weights, means, covs = _best_kmeans(Z, max(k_lo, 2), k_hi, seed)
         irregular = _irregular_components(means * scale + center, names)
         # a population needs a few tens of particles too: a small early sample otherwise
         # yields spurious little components in the tails
@@ -320,14 +329,14 @@ def _set_components(model, Z, members, *, cutoff):
 
 # --- mixture and K-means fits -------------------------------------------------------------
 
-def _best_gmm(Z, k_max, seed):
-    """The Gaussian mixture (1..k_max components) with the lowest BIC."""
+def _best_gmm(Z, k_min, k_max, seed):
+    """The Gaussian mixture (k_min..k_max components) with the lowest BIC."""
     from sklearn.mixture import GaussianMixture
 
     best, best_bic = None, np.inf
     k_max = max(1, min(k_max, len(Z) // (4 * Z.shape[1] + 4)))
     worse = 0
-    for k in range(1, k_max + 1):
+    for k in range(min(k_min, k_max), k_max + 1):
         gmm = GaussianMixture(k, covariance_type="full", reg_covar=_REG_COVAR, n_init=1,
                               init_params="k-means++", random_state=seed, max_iter=200)
         gmm.fit(Z)
@@ -341,7 +350,7 @@ def _best_gmm(Z, k_max, seed):
     return best.weights_, best.means_, best.covariances_
 
 
-def _best_kmeans(Z, k_max, seed):
+def _best_kmeans(Z, k_min, k_max, seed):
     """K-means with K (2..k_max) chosen by the silhouette, refined into Gaussian components.
 
     A hard partition cuts a single population into truncated pieces that look separated
@@ -355,7 +364,7 @@ def _best_kmeans(Z, k_max, seed):
     rng = np.random.default_rng(seed)
     probe = Z if len(Z) <= 2000 else Z[rng.choice(len(Z), 2000, replace=False)]
     best_labels, best_score = np.zeros(len(Z), dtype=int), -np.inf
-    for k in range(2, max(2, min(k_max, len(Z) // 10)) + 1):
+    for k in range(k_min, max(k_min, min(k_max, len(Z) // 10)) + 1):
         km = KMeans(k, n_init=3, random_state=seed).fit(Z)
         score = silhouette_score(probe, km.predict(probe))
         if score > best_score:

@@ -101,9 +101,11 @@ def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
     mean = float(values.mean())
     if n == 1:
         return mean, math.inf, 1
-    _, codes = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(codes, weights=values)
+    codes = _compact(clusters)
     counts = np.bincount(codes).astype(float)
+    nonempty = counts > 0
+    sums = np.bincount(codes, weights=values)[nonempty]
+    counts = counts[nonempty]
     frames = len(sums)
     var_iid = values.var(ddof=1) / n
     if frames > 1:
@@ -115,15 +117,25 @@ def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
     return mean, float(q * math.sqrt(max(var_cluster, var_iid))), frames
 
 
+def _compact(clusters):
+    """Non-negative integer cluster codes (frames without particles are simply absent)."""
+    clusters = np.asarray(clusters)
+    if clusters.dtype.kind in "iu" and (clusters.size == 0 or clusters.min() >= 0):
+        return clusters
+    return np.unique(clusters, return_inverse=True)[1].reshape(-1)
+
+
 def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE):
     """Fraction of ``member`` (bool per particle) and its cluster-robust half-width."""
     n = len(member)
     if n == 0:
         return math.nan, math.nan
     p = float(member.mean())
-    _, codes = np.unique(clusters, return_inverse=True)
-    hits = np.bincount(codes, weights=member.astype(float))
+    codes = _compact(clusters)
     counts = np.bincount(codes).astype(float)
+    nonempty = counts > 0
+    hits = np.bincount(codes, weights=member.astype(float))[nonempty]
+    counts = counts[nonempty]
     frames = len(hits)
     # floor at the binomial variance, with p pulled off 0/1 (Agresti–Coull style) so that a
     # fraction of 1.0 or 0.0 does not claim zero uncertainty
@@ -194,6 +206,9 @@ def population_stats(table, index, clusters, *, precision=0.01, confidence=_CONF
         mean_shell_nm, shape, frames`` and ``needed_for_precision`` (particles still
         needed for the precision, estimated as n·(rel/precision)² − n). Undefined values NaN.
     """
+    index = np.asarray(index)
+    if index.dtype == bool:
+        index = np.flatnonzero(index)  # one gather per column is cheaper with indices
     d = np.asarray(table["ecd_nm"], dtype=float)[index]
     n_table = len(table["ecd_nm"])
     n = len(d)
@@ -243,7 +258,7 @@ def _frame_codes(table, frames, n):
     if len(frames) != n:
         raise ValueError(f"frames (length {len(frames)}) must have one entry per particle "
                          f"(table length {n})")
-    return np.unique(frames, return_inverse=True)[1]
+    return np.unique(frames, return_inverse=True)[1].reshape(-1)
 
 
 def _validate_summary_inputs(table, labels, precision):
@@ -624,8 +639,14 @@ class RunningStatistics:
         self._cache = None
         table, _ = self._concat()
         features = {c: table[c] for c in table if c != "frame"}
+        components = None
+        if self._model is not None and len(self._model.weights):
+            # search around the previous number of components: the sample changes slowly
+            k = len(self._model.weights)
+            components = (max(1, k - 1), min(k + 1, self.max_populations + 2))
         model = fit_populations(features, method=self.method,
-                                max_populations=self.max_populations, seed=self.seed)
+                                max_populations=self.max_populations, seed=self.seed,
+                                components=components)
         raw = model.predict(features)
         self._id_map = self._match_ids(features, raw, model.n_populations)
         self._model = model
