@@ -310,3 +310,18 @@ def test_unit_to_nm(unit, factor):
 def test_suffixes_cover_interface_formats():
     assert set(FRAME_SUFFIXES) >= {".mrc", ".mrcs", ".tif", ".tiff", ".dm3", ".dm4", ".ser",
                                    ".emd"}
+
+
+def test_tiff_stack_and_colour(tmp_path):
+    stack = np.stack([_image(seed=s) for s in range(3)])
+    p = tmp_path / "stack.tif"
+    tifffile.imwrite(p, stack, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "nm"})
+    frame = read_frame(p)
+    np.testing.assert_array_equal(frame.image, stack[0])
+    assert frame.pixel_nm == pytest.approx(0.5)
+    assert any("using the first" in w for w in frame.meta["warnings"])
+    rgb = np.stack([_image(seed=s) for s in range(3)], axis=-1).astype(np.uint8)
+    q = tmp_path / "rgb.tif"
+    tifffile.imwrite(q, rgb, photometric="rgb")
+    frame = read_frame(q, pixel_nm=1.0)
+    np.testing.assert_allclose(frame.image, rgb.astype(np.float32).mean(axis=-1), rtol=1e-6)
