@@ -113,7 +113,10 @@ def test_analyze_end_to_end(simulated, tmp_path, capsys):
     assert all(int(p["population"]) >= -1 for p in particles)
     ecd = np.array([float(p["ecd_nm"]) for p in particles])
     inliers = np.array([int(p["population"]) >= 0 for p in particles])
-    assert 8.0 < np.median(ecd[inliers]) < 12.5  # au10: ~10 nm gold
+    truth = [t["ecd_nm"] for f in sorted((simulated / "truth").glob("*.json"))
+             for t in json.loads(f.read_text())["particles"]
+             if not t["touches_edge"] and not t["overlaps"]]
+    assert np.median(ecd[inliers]) == pytest.approx(np.median(truth), rel=0.04)
 
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
