@@ -201,8 +201,8 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
             best_d, best_s = float(defoci[i_max]), float(values[i_max])
         floor = noise_floor(shape)
         if values.max() < settings.empty_factor * floor and best_s < settings.empty_factor * floor:
-            if len(sweeps) == 1:
-                # Nothing sharp anywhere: widen once in case focus is far away.
+            if len(sweeps) == 1 and values.max() > 2 * floor:
+                # Faint structure, nothing sharp: widen once in case focus is far away.
                 span *= 3
                 continue
             yield SetDefocus(float(center_um))
@@ -348,7 +348,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 yield Report({"state": "focusing"})
                 near = [s for s in occupied if id(s) not in tried and math.dist(
                     centre[id(s)], (x, y)) <= focus.refocus_distance_um / 2]
-                for site in sorted(near, key=lambda s: -s.particles)[:3]:
+                for site in sorted(near, key=lambda s: -s.particles)[:2]:
                     fx, fy = centre[id(site)]
                     yield Move(fx, fy)
                     result = yield from _focus_here(fx, fy, model, width_um, focus)

@@ -91,12 +91,13 @@ def _background(a: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_sigma: float = 5.0,
                   min_size_nm: float = 2.0, smooth_px: float = 1.0,
-                  background_px: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
+                  background_px: float = 40.0, tail_factor: float = 1.3
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of particles in a survey image, and the intensity peaks that confirm them.
 
     Steps: Gaussian smoothing, subtraction of a wide Gaussian background, noise from the
-    median absolute deviation, hysteresis threshold (``threshold_sigma`` to seed, half of
-    it to grow), removal of objects smaller than a ``min_size_nm`` disc, and
+    median absolute deviation, hysteresis threshold (``threshold_sigma``, or more where the
+    noise tail is heavier, to seed; half of ``threshold_sigma`` to grow), removal of objects smaller than a ``min_size_nm`` disc, and
     ``peak_local_max`` above ``threshold_sigma``; only objects holding a peak are kept.
 
     Parameters
@@ -112,6 +113,9 @@ def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_s
         Smallest particle diameter that counts.
     smooth_px, background_px : float
         Gaussian sigmas of the smoothing and of the background.
+    tail_factor : float
+        Seeds must also exceed ``tail_factor`` × the largest excursion on the side opposite
+        the particles (an estimate, from this image, of how far noise alone reaches).
 
     Returns
     -------
@@ -139,7 +143,11 @@ def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_s
         polarity = "bright" if np.sum(z > threshold_sigma) >= np.sum(z < -threshold_sigma) else "dark"
     if polarity == "dark":
         z = -z
-    mask = apply_hysteresis_threshold(z, threshold_sigma / 2, threshold_sigma)
+    # Film texture and low-count shot noise have heavier tails than a Gaussian; the most
+    # extreme value on the side particles do not reach shows how far noise alone goes in
+    # this very image, so seeds must exceed it too.
+    seed_level = max(threshold_sigma, tail_factor * float(-z.min()))
+    mask = apply_hysteresis_threshold(z, threshold_sigma / 2, seed_level)
     min_px = max(2, int(math.pi * (min_size_nm / pixel_nm / 2) ** 2))
     labels, n = ndi.label(mask)
     if n == 0:
@@ -148,7 +156,7 @@ def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_s
     min_distance = max(1, int(round(min_size_nm / pixel_nm / 2)))
     # Masking instead of ``labels=`` (which loops over every object) keeps this fast.
     peaks = peak_local_max(np.where(mask, z, 0.0), min_distance=min_distance,
-                           threshold_abs=threshold_sigma, exclude_border=False)
+                           threshold_abs=seed_level, exclude_border=False)
     confirmed = np.zeros(n + 1, bool)
     confirmed[labels[peaks[:, 0], peaks[:, 1]]] = True
     confirmed &= sizes >= min_px
