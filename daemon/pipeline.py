@@ -134,6 +134,56 @@ class Outputs:
                                       stats.labels, summary)
 
 
+class _Painter:
+    """Draws histogram.png in a thread so that matplotlib never holds up ingest.
+
+    Only the newest request is kept: a picture nobody will see is never drawn.
+    """
+
+    def __init__(self, draw: Callable):
+        self._draw = draw
+        self._cond = threading.Condition()
+        self._job = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="particlewatch-histogram",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, stats, summary: dict) -> None:
+        """Ask for a new picture of ``stats`` (its current table and labels)."""
+        with self._cond:
+            self._job = (_Snapshot(dict(stats.table), stats.labels), summary)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job, self._job = self._job, None
+            try:
+                self._draw(*job)
+            except Exception:  # a failed picture must not stop the daemon
+                log.exception("histogram.png not written")
+
+    def close(self) -> None:
+        """Draw what is asked for, then end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(120)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The table and labels of a RunningStatistics at one moment."""
+
+    table: dict
+    labels: Any
+
+
 @dataclass
 class _Worker:
     """A worker heard from (``hello``) and what it is doing."""
@@ -332,6 +382,7 @@ class Daemon:
         self._exclude = [ledger_path, Path(str(ledger_path) + "-wal"),
                          Path(str(ledger_path) + "-shm")]
         self._outputs = (cfg.outputs or Outputs)(self.out_dir)
+        self._painter = _Painter(self._outputs.histogram)
         self._new_stats = cfg.statistics or _default_statistics
         ctx = zmq.Context()
         self._ctx = ctx
@@ -370,6 +421,7 @@ class Daemon:
             self._finish()
         finally:
             self._ready.set()
+            self._painter.close()
             if self._events is not None:
                 self._events.stop()
             self._stop_workers()
@@ -399,6 +451,7 @@ class Daemon:
         self._workers_seen: dict[str, _Worker] = {}
         self._announced_converged = False
         self._histogram_due = False
+        self._dirty = False
         self._last_histogram = 0.0
         self._last_stats = 0.0
         self._next_rescan = 0.0
@@ -464,6 +517,7 @@ class Daemon:
                 self._expire(now)
                 self._supervise_workers()
                 self._next_expiry = now + 0.5
+            self._flush()
             self._dispatch(zmq)
             self._periodic(now)
 
@@ -712,6 +766,8 @@ class Daemon:
 
     # --- results -> statistics, outputs, stream ------------------------------------------
     def _on_done(self, name: str, result: dict) -> None:
+        """A frame is done (its result already durable in the ledger): count it, append its
+        rows, announce it. The summary follows in :meth:`_flush`, once per batch."""
         if name in self._in_stats:  # a new result replaces an old one: start over
             self._rebuild_statistics(order="done", rewrite=True)
         else:
@@ -719,11 +775,7 @@ class Daemon:
             if result["status"] == "ok":
                 self._stats.add(result["frame"], result.get("particles") or {})
             self._outputs.append(result)
-            self._summary_now = self._make_summary()
-            self._outputs.summary(self._summary_now)
-            self._histogram_due = True
-        with self._lock:
-            self._summary = self._summary_now
+        self._dirty = True
         frame_msg = {"type": "frame", "frame": result["frame"], "path": result["path"],
                      "status": result["status"], "reason": result.get("reason"),
                      "particles": len(next(iter((result.get("particles") or {}).values()), [])),
@@ -733,6 +785,17 @@ class Daemon:
         if result["status"] == "failed":
             self._publish({"type": "error", "error": result.get("reason"),
                            "path": result["path"]})
+
+    def _flush(self) -> None:
+        """After the frames that came in together: summary.json, ``stats``, ``converged``."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._summary_now = self._make_summary()
+        self._outputs.summary(self._summary_now)
+        self._histogram_due = True
+        with self._lock:
+            self._summary = self._summary_now
         self._publish_stats()
         if self._stats_converged() and not self._announced_converged:
             self._announced_converged = True
@@ -762,7 +825,7 @@ class Daemon:
         if self._histogram_due and now - self._last_histogram >= cfg.histogram_interval_s:
             self._histogram_due = False
             self._last_histogram = now
-            self._outputs.histogram(self._stats, self._summary_now)
+            self._painter.submit(self._stats, self._summary_now)
         if now - self._last_stats >= cfg.stats_interval_s:
             self._publish_stats()
         queue = self._queue_state()
@@ -814,6 +877,7 @@ class Daemon:
     def _finish(self) -> None:
         """Final outputs in canonical (name) order, so any run over the same frames —
         interrupted or not, with any number of workers — ends with the same files."""
+        self._painter.close()  # its last picture must not overwrite the final one
         self._rebuild_statistics(order="name", rewrite=True)
         if self._summary_now is not None:
             self._publish_stats()

@@ -203,6 +203,7 @@ def test_malformed_control_messages_get_an_error_reply(dirs, tmp_path):
         assert status["ok"] and status["frames_ok"] == 1
         again = request(control, {"type": "analyze", "path": "frame_00001.mrc"})
         assert again["ok"]
+        assert daemon.wait_idle(20, frames=1)
         reply = request(control, {"type": "stop"})
         assert reply["ok"]
         daemon._thread.join(20)
