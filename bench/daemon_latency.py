@@ -1,0 +1,114 @@
+"""Latency of the live daemon: from a frame's rename into the folder to its ``stats`` message.
+
+For each frame size and worker count a fresh daemon (real analysis, worker processes)
+watches an empty folder; simulated au10 frames are renamed in one at a time, and the time
+from the rename to the first ``stats`` message that counts the frame is recorded.
+
+Usage: ``python bench/daemon_latency.py [--frames 8] [--sizes 2048 4096] [--workers 1 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _simulated_frames(size: int, n: int, *, seed: int, folder: Path) -> list[Path]:
+    from particlewatch.frames import write_frame
+    from particlewatch.simulators.scope import SimScope
+
+    scope = SimScope("au10", seed=seed, size_px=size)
+    x0, y0, x1, y1 = scope.stage_limits_um
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        scope.move_stage(float(rng.uniform(x0 + 5, x1 - 5)), float(rng.uniform(y0 + 5, y1 - 5)))
+        snap = scope.snap()
+        paths.append(write_frame(folder / f"frame_{i:05d}.mrc", snap.image, pixel_nm=snap.pixel_nm,
+                                 section={"StagePosition": (snap.stage_x_um, snap.stage_y_um),
+                                          "Defocus": snap.defocus_um}))
+    return paths
+
+
+def _wait_for(sock, predicate, timeout_s: float):
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if sock.poll(100):
+            message = json.loads(sock.recv())
+            if predicate(message):
+                return message, time.perf_counter()
+    raise TimeoutError(f"no matching message within {timeout_s} s")
+
+
+def measure(size: int, workers: int, sources: list[Path], *, work: Path) -> list[float]:
+    """Seconds from rename to stats message for each frame in ``sources``."""
+    import zmq
+
+    from particlewatch.daemon.pipeline import Daemon
+
+    folder, out, staging = work / "frames", work / "out", work / "staging"
+    for d in (folder, out, staging):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    daemon = Daemon(folder, out, workers=workers, stats_endpoint="tcp://127.0.0.1:0",
+                    histogram_interval_s=5.0).start()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(daemon.endpoints["stats"])
+    latencies = []
+    try:
+        while daemon.status().get("workers", 0) < workers:  # worker processes started
+            time.sleep(0.1)
+        time.sleep(0.5)  # the subscription reaches the daemon
+        for i, src in enumerate(sources):
+            name = f"frame_{i:05d}.mrc"
+            shutil.copy(src, staging / name)
+            shutil.copy(str(src) + ".mdoc", staging / (name + ".mdoc"))
+            os.rename(staging / (name + ".mdoc"), folder / (name + ".mdoc"))
+            t0 = time.perf_counter()
+            os.rename(staging / name, folder / name)
+            _, t1 = _wait_for(sub, lambda m: m.get("type") == "stats"
+                              and m.get("frames_ok", 0) + m.get("frames_failed", 0) >= i + 1,
+                              timeout_s=300)
+            latencies.append(t1 - t0)
+    finally:
+        sub.close(linger=0)
+        daemon.stop()
+    frames = (out / "frames.csv").read_text().splitlines()[1:]
+    failed = [line for line in frames if ",failed," in line]
+    if failed:
+        print(f"  warning: {len(failed)} frame(s) failed, e.g. {failed[0][:160]}")
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"daemon latency, rename -> stats message; {os.cpu_count()} cores; "
+          f"{args.frames} frames each, renamed one at a time")
+    print(f"{'size':>6} {'workers':>7} {'median_s':>9} {'p95_s':>7} {'max_s':>7}")
+    with tempfile.TemporaryDirectory(prefix="pw-bench-") as tmp:
+        work = Path(tmp)
+        for size in args.sizes:
+            source_dir = work / f"src{size}"
+            source_dir.mkdir()
+            sources = _simulated_frames(size, args.frames, seed=args.seed, folder=source_dir)
+            for workers in args.workers:
+                lat = np.array(measure(size, workers, sources, work=work / "run"))
+                print(f"{size:>6} {workers:>7} {np.median(lat):>9.3f} "
+                      f"{np.percentile(lat, 95):>7.3f} {lat.max():>7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
