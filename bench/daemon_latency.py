@@ -81,11 +81,15 @@ def measure(size: int, workers: int, sources: list[Path], *, work: Path) -> list
     finally:
         sub.close(linger=0)
         daemon.stop()
-    frames = (out / "frames.csv").read_text().splitlines()[1:]
-    failed = [line for line in frames if ",failed," in line]
+    import csv
+
+    with open(out / "frames.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    failed = [r for r in rows if r["status"] != "ok"]
     if failed:
-        print(f"  warning: {len(failed)} frame(s) failed, e.g. {failed[0][:160]}")
-    return latencies
+        print(f"  warning: {len(failed)} frame(s) failed, e.g. {failed[0]['reason'][:160]}")
+    analysis_s = [float(r["seconds"]) for r in rows if r["seconds"]]
+    return latencies, analysis_s
 
 
 def main() -> None:
@@ -97,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"daemon latency, rename -> stats message; {os.cpu_count()} cores; "
           f"{args.frames} frames each, renamed one at a time")
-    print(f"{'size':>6} {'workers':>7} {'median_s':>9} {'p95_s':>7} {'max_s':>7}")
+    print(f"{'size':>6} {'workers':>7} {'median_s':>9} {'p95_s':>7} {'max_s':>7} "
+          f"{'analysis_median_s':>18}")
     with tempfile.TemporaryDirectory(prefix="pw-bench-") as tmp:
         work = Path(tmp)
         for size in args.sizes:
@@ -105,9 +110,11 @@ def main() -> None:
             source_dir.mkdir()
             sources = _simulated_frames(size, args.frames, seed=args.seed, folder=source_dir)
             for workers in args.workers:
-                lat = np.array(measure(size, workers, sources, work=work / "run"))
+                lat, analysis_s = measure(size, workers, sources, work=work / "run")
+                lat = np.array(lat)
                 print(f"{size:>6} {workers:>7} {np.median(lat):>9.3f} "
-                      f"{np.percentile(lat, 95):>7.3f} {lat.max():>7.3f}", flush=True)
+                      f"{np.percentile(lat, 95):>7.3f} {lat.max():>7.3f} "
+                      f"{np.median(analysis_s):>18.3f}", flush=True)
 
 
 if __name__ == "__main__":
