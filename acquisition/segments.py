@@ -91,7 +91,7 @@ def _background(a: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_sigma: float = 5.0,
                   min_size_nm: float = 2.0, smooth_px: float = 1.0,
-                  background_px: float = 40.0, tail_factor: float = 1.3
+                  background_px: float = 40.0, tail_factor: float = 1.15
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of particles in a survey image, and the intensity peaks that confirm them.
 
