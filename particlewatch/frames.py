@@ -211,6 +211,10 @@ def write_frame(path: str | os.PathLike, image: np.ndarray, *, pixel_nm: float,
         mrc.set_data(data)
         mrc.voxel_size = pixel_nm * 10.0
         mrc.update_header_stats()
+        # mrcfile stamps its creation time into label 0; a fixed label keeps a frame's
+        # bytes a function of its pixels and metadata alone (reproducible for a seed).
+        mrc.header.label[0] = b"particlewatch frame"
+        mrc.header.nlabl = 1
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

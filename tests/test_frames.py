@@ -36,3 +36,12 @@ def test_temporary_names():
     assert is_temporary_name(".frame_00001.mrc.part")
     assert is_temporary_name("frame.mrc.tmp")
     assert not is_temporary_name("frame_00001.mrc")
+
+
+def test_same_pixels_and_metadata_give_identical_bytes(tmp_path):
+    image = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
+    section = {"StagePosition": (1.0, 2.0), "DateTime": "06-Jan-2025  09:00:05"}
+    a = write_frame(tmp_path / "a" / "f.mrc", image, pixel_nm=1.0, section=section)
+    b = write_frame(tmp_path / "b" / "f.mrc", image, pixel_nm=1.0, section=section)
+    assert a.read_bytes() == b.read_bytes()
+    assert (a.parent / "f.mrc.mdoc").read_bytes() == (b.parent / "f.mrc.mdoc").read_bytes()
