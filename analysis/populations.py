@@ -2,7 +2,10 @@
 
 Particles are described by a few features scaled to unit variance: log equivalent diameter
 (sizes are multiplicative, and a log scale makes PS50 and PS100 equally wide), log aspect ratio
-(spheres ~1, cubes ~1.2–1.4, rods ~3) and, where measured, circularity and solidity.
+(spheres ~1, cubes ~1.2–1.4, rods ~3) and, where measured, circularity. Solidity is not a
+clustering feature (measured outlines of convex particles pile up at exactly 1.0, a point mass
+that a mixture would gladly call a population); it marks agglomerates instead: a particle with
+solidity below 0.9 is an outlier from the start.
 
 The default method (``"auto"``) fits Gaussian mixtures of 1 to ``max_populations + 2``
 components and keeps the one with the lowest BIC (Schwarz 1978). A mixture component is not a
@@ -35,14 +38,14 @@ __all__ = ["find_populations", "fit_populations", "PopulationModel", "population
 #: Clustering methods accepted by :func:`find_populations`.
 METHODS = ("auto", "kmeans", "dbscan", "optics")
 #: Features used when their columns are present (``ecd_nm`` is required).
-FEATURES = ("log_ecd", "log_aspect_ratio", "circularity", "solidity")
+FEATURES = ("log_ecd", "log_aspect_ratio", "circularity")
 
 _FIT_SAMPLE = 4000        # particles the clustering is fitted on; the rest are classified
 _MIN_FIT = 20             # fewer valid particles than this: one population, no clustering
 _MIN_GROUP = 30           # particles a population needs in the fitted sample
 _SEPARATION_D = 2.0       # Ashman's D needed to keep two groups apart
 _DIP_RATIO = 0.9          # density between two groups must fall below this × the lower peak
-_MIN_SOLIDITY = 0.9      # below: agglomerate or fragment (see _irregular_components)
+_MIN_SOLIDITY = 0.9      # below: agglomerate or fragment, an outlier
 _REG_COVAR = 1e-3         # on unit-variance features: floors a component's sd at ~0.03
 
 
@@ -53,7 +56,8 @@ def population_features(table):
     ----------
     table : dict of str to ndarray
         Particle table; ``ecd_nm`` is required, ``aspect_ratio`` (or ``feret_max_nm`` and
-        ``feret_min_nm``), ``circularity`` and ``solidity`` are used when present.
+        ``feret_min_nm``) and ``circularity`` are used when present, ``solidity`` to
+        recognise agglomerates.
 
     Returns
     -------
@@ -63,7 +67,8 @@ def population_features(table):
     names : tuple of str
         The feature names, a subset of :data:`FEATURES` in that order.
     valid : (n,) ndarray of bool
-        Rows with a finite, positive ECD (the others cannot be placed in any population).
+        Rows with a finite, positive ECD that are not agglomerate-like (solidity < 0.9); the
+        others cannot belong to any population.
     """
     if "ecd_nm" not in table:
         raise ValueError(f"particle table (columns {sorted(table)}) has no 'ecd_nm' column")
@@ -75,10 +80,13 @@ def population_features(table):
     if aspect is not None:
         columns.append(np.log(np.clip(aspect, 1.0, None)))
         names.append("log_aspect_ratio")
-    for name in ("circularity", "solidity"):
-        if name in table:
-            columns.append(np.asarray(table[name], dtype=float))
-            names.append(name)
+    if "circularity" in table:
+        columns.append(np.asarray(table["circularity"], dtype=float))
+        names.append("circularity")
+    if "solidity" in table:
+        # touching particles left unsplit and broken debris are not convex; single spheres,
+        # rods, cubes and capsules are (a star-shaped population would need this off)
+        valid &= ~(np.asarray(table["solidity"], dtype=float) < _MIN_SOLIDITY)
     X = np.column_stack(columns) if len(ecd) else np.zeros((0, len(columns)))
     for j in range(1, X.shape[1]):
         bad = ~np.isfinite(X[:, j])
@@ -266,25 +274,17 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
     if len(Z) < _MIN_FIT:
         _set_components(model, Z, [np.arange(len(Z))], cutoff=np.inf)
         return model
-    if method != "auto" and "solidity" in names:
-        # K-means' silhouette and density clusters would make agglomerates a population of
-        # their own: leave particles of agglomerate-like solidity out of the fit (the
-        # mixture instead flags whole components, see _irregular_components)
-        regular = Xv[:, names.index("solidity")] >= _MIN_SOLIDITY
-        if regular.sum() >= _MIN_FIT:
-            Z = Z[regular]
     if method in ("auto", "kmeans"):
         k_lo, k_hi = components if components is not None else (1, max_populations + 2)
         if method == "auto":
             weights, means, covs = _best_gmm(Z, k_lo, k_hi, seed)
         else:
             weights, means, covs = _best_kmeans(Z, max(k_lo, 2), k_hi, seed)
-        irregular = _irregular_components(means * scale + center, names)
         # a population needs a few tens of particles too: a small early sample otherwise
         # yields spurious little components in the tails
         floor = max(min_fraction, _MIN_GROUP / len(Z))
         group = _merge_components(weights, means, covs, max_populations=max_populations,
-                                  min_fraction=floor, exclude=irregular)
+                                  min_fraction=floor)
         model.weights, model.means = weights, means
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)
@@ -337,9 +337,7 @@ def _best_gmm(Z, k_min, k_max, seed):
     k_max = max(1, min(k_max, len(Z) // (4 * Z.shape[1] + 4)))
     worse = 0
     for k in range(min(k_min, k_max), k_max + 1):
-        gmm = GaussianMixture(k, covariance_type="full", reg_covar=_REG_COVAR, n_init=1,
-                              init_params="k-means++", random_state=seed, max_iter=200)
-        gmm.fit(Z)
+        gmm = _fit_gmm(Z, k, seed)
         bic = gmm.bic(Z)
         if bic < best_bic:
             best, best_bic, worse = gmm, bic, 0
@@ -348,6 +346,29 @@ def _best_gmm(Z, k_min, k_max, seed):
             if worse >= 2:  # BIC has turned up twice: more components only overfit
                 break
     return best.weights_, best.means_, best.covariances_
+
+
+def _fit_gmm(Z, k, seed):
+    """EM from two starts, the more likely fit wins.
+
+    k-means++ alone can settle on a split along shape noise and miss a clear size
+    bimodality (EM's local optima); the second start puts the k means at quantiles of log
+    ECD (column 0), since size is what populations differ in most often.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    def em(**init):
+        return GaussianMixture(k, covariance_type="full", reg_covar=_REG_COVAR, n_init=1,
+                               random_state=seed, max_iter=200, **init).fit(Z)
+
+    best = em(init_params="k-means++")
+    if k > 1:
+        means = np.tile(np.median(Z, axis=0), (k, 1))
+        means[:, 0] = np.quantile(Z[:, 0], (np.arange(k) + 0.5) / k)
+        other = em(means_init=means)
+        if other.score(Z) > best.score(Z):
+            best = other
+    return best
 
 
 def _best_kmeans(Z, k_min, k_max, seed):
@@ -425,25 +446,9 @@ def _dip_ratio(weights, means, covs, idx_a, idx_b, mean_a, mean_b, steps=41):
     return float(density[low] / peak) if peak > 0 else 1.0
 
 
-def _irregular_components(means, names):
-    """Components whose mean solidity marks agglomerates or fragments (not a population).
-
-    Single particles of the shapes we meet (spheres, rods, cubes, capsules) are convex:
-    solidity ≥ 0.95 once measured. Touching particles left unsplit and broken debris are
-    not. (A population of star-shaped particles would need this test switched off.)
-    """
-    if "solidity" not in names:
-        return np.zeros(len(means), dtype=bool)
-    return means[:, names.index("solidity")] < _MIN_SOLIDITY
-
-
-def _merge_components(weights, means, covs, *, max_populations, min_fraction, exclude=None):
-    """Group id per component (-1: outlier component) after merging unseparated pairs.
-
-    Components flagged in ``exclude`` are outliers from the start.
-    """
-    excluded = np.zeros(len(weights), dtype=bool) if exclude is None else exclude
-    groups = [np.array([k]) for k in range(len(weights)) if not excluded[k]]
+def _merge_components(weights, means, covs, *, max_populations, min_fraction):
+    """Group id per component (-1: outlier component) after merging unseparated pairs."""
+    groups = [np.array([k]) for k in range(len(weights))]
 
     def pair_separation(a, b):
         _, ma, ca = _moments(weights, means, covs, a)
@@ -478,8 +483,7 @@ def _merge_components(weights, means, covs, *, max_populations, min_fraction, ex
             group[g] = gid
             gid += 1
     if gid == 0:  # nothing reached min_fraction (tiny table): keep the heaviest group
-        pool = groups or [np.array([k]) for k in range(len(weights))]
-        group[max(pool, key=lambda g: weights[g].sum())] = 0
+        group[max(groups, key=lambda g: weights[g].sum())] = 0
     return group
 
 

@@ -23,7 +23,7 @@ def _shape_measures(pop, n, rng):
         perimeter = 2 * (a - b) + np.pi * b
         m["circularity"] = 4 * np.pi * m["area_nm2"] / perimeter ** 2
     elif pop.shape == "cube":
-        m["circularity"] = np.where(p > 8, 0.80, 0.86)
+        m["circularity"] = 0.785 + 0.5 / p  # a square is π/4, rounder corners more
     else:
         m["circularity"] = np.full(n, 0.97)
     m["shell_nm"] = (rng.normal(pop.shell_nm, pop.shell_sd_nm, n) if pop.shape == "capsule"
@@ -64,7 +64,8 @@ def measured_table(spec, n, *, seed=0, outliers=0.06):
         cols["feret_min_nm"][sel] *= 1 - np.abs(rng.normal(0, 0.02, len(sel)))
         cols["circularity"][sel] = np.clip(m["circularity"] + rng.normal(0, 0.015, len(sel)),
                                            0, 1)
-        cols["solidity"][sel] = np.clip(rng.normal(0.985, 0.007, len(sel)), 0, 1)
+        # measure() caps solidity at 1.0: a point mass that must not become a population
+        cols["solidity"][sel] = np.clip(rng.normal(0.99, 0.01, len(sel)), 0, 1)
         cols["convexity"][sel] = np.clip(rng.normal(0.99, 0.005, len(sel)), 0, 1)
         cols["shell_nm"][sel] = m["shell_nm"]
         truth[sel] = i
