@@ -1,19 +1,25 @@
 """Segment nanoparticles in one electron micrograph.
 
-The steps follow what microscopists use (autoSTEM, ANTEMA; SCIENCE.md §1–2), with one addition
-that matters for weak-contrast particles: after a global threshold finds the particles, each
-outline is moved to where the edge really is, the iso-intensity level of the strongest gradient
-around that particle, so the size does not depend on contrast, dose or the threshold method.
+The steps follow what microscopists use (autoSTEM, ANTEMA; SCIENCE.md §1–2), with two
+additions that matter for weak-contrast particles (polystyrene, silica) on a mottled film:
+a background that follows the film locally, and outlines moved to where each edge really is.
 
 1. Replace non-finite pixels; give up early (empty labels) on constant, all-NaN or tiny frames.
-2. Flatten uneven illumination with a large-scale background fitted on a downsampled frame,
-   excluding the particles found in a first pass (normalised convolution).
-3. Detect polarity (dark particles in bright-field, bright ones in HAADF) from the skew of the
-   flattened frame, unless the caller says which.
-4. Denoise with a Gaussian whose width grows as the dose falls (low-dose frames).
-5. Threshold (Li by default, as autoSTEM; Otsu or any callable).
-6. Refine every outline to the gradient-weighted iso-level around it.
-7. Fill holes, despeckle by size in nm, remove particles touching the frame border.
+2. Orient the frame (particles positive): polarity from the skew of a flattened frame (dark
+   particles in bright-field, bright ones in HAADF) unless the caller says which; bright-field
+   contrast is linearised with −log(I / background).
+3. Denoise with a Gaussian whose width grows as the dose falls.
+4. Detect with hysteresis against a background fitted without the particles (normalised
+   convolution), first frame-wide, then at a scale set by the size of the particles found, so
+   film mottle and uneven illumination do not decide what is a particle. Both levels are set
+   in units of the background's own spread (film texture plus noise): the outline level at 3σ,
+   the seed level from the threshold method (Li by default, as autoSTEM) clipped to 5–8σ.
+5. Refine every outline: the edge profile averaged along each particle's outline is fitted
+   with blurred curved (sphere, rod) and flat (cube) edge models, all particles at once (one
+   least-squares grid search per size class), and each particle is re-thresholded at the
+   level its model has at the true edge.
+6. Fill holes, despeckle by size in nm, drop regions that do not stand out of the background,
+   remove particles touching the frame border.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import filters, measure, segmentation
+from skimage import filters, segmentation
 
 __all__ = ["segment", "flatten_background", "detect_polarity", "THRESHOLDS"]
 
 #: Named threshold methods; ``segment(threshold=...)`` also accepts any callable
-#: ``f(image) -> float``.
+#: ``f(values) -> float``.
 THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
     "li": filters.threshold_li,
     "otsu": filters.threshold_otsu,
@@ -37,6 +43,9 @@ THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 _MIN_SIDE_PX = 16  # below this a frame cannot hold a measurable, non-border particle
+_LOW_SIGMAS = 3.0  # hysteresis outline level, in units of the background spread
+_SEED_SIGMAS = (5.0, 8.0)  # the seed level (threshold method) is clipped to this range
+_STATS_PX = 512 * 512  # background statistics from at most about this many pixels
 
 
 def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5,
@@ -54,8 +63,9 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         ``"dark"``: particles darker than the background (bright-field TEM); ``"bright"``:
         brighter (HAADF-STEM); ``"auto"`` detects it from the skew of the flattened frame.
     threshold : {"li", "otsu", "yen", "triangle"} or callable, optional
-        Global threshold on the flattened, denoised frame (particles made positive); a callable
-        takes that image and returns the threshold value.
+        Seed level of the hysteresis detection, computed on the flattened, denoised frame
+        (particles positive) and clipped to 5–8 background standard deviations; a callable
+        takes those values and returns the level.
     min_size_nm : float, optional
         Regions with an equivalent circular diameter below this are removed (despeckle), and
         holes below it are filled. Default 0.5 nm (ANTEMA).
@@ -65,9 +75,9 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     smooth_px : float, optional
         Gaussian denoising width in pixels. Default: chosen from the frame's noise level.
     flatten : bool, optional
-        Subtract a large-scale background first (uneven illumination).
+        Subtract a background fitted without the particles (film, uneven illumination).
     refine_edges : bool, optional
-        Move each outline to the gradient-weighted iso-level around it.
+        Move each outline to the true edge found by fitting edge models.
     clear_border : bool, optional
         Remove particles touching the frame border (they are cropped).
 
@@ -95,33 +105,22 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     if img is None:
         return empty
     thresh_fn = _threshold_function(threshold)
-    oriented, sign = _oriented_flat(img, valid, polarity=polarity, flatten=flatten)
+    oriented = _oriented(img, valid, polarity=polarity, flatten=flatten)
     if oriented is None:
         return empty
     sigma = float(smooth_px) if smooth_px is not None else _auto_sigma(oriented)
-    smooth = ndi.gaussian_filter(oriented, sigma, mode="nearest") if sigma > 0 else oriented
-    level = _safe_threshold(thresh_fn, smooth[valid])
-    if level is None:
-        return empty
-    # A histogram threshold cuts through the noise when particles are faint or absent; never
-    # go below 4 standard deviations of the background (which also keeps blank frames blank).
-    centre, spread = _background_stats(smooth[valid])
-    level = max(level, centre + 4.0 * spread)
-    mask = (smooth > level) & valid
+    smooth = (ndi.gaussian_filter(oriented, sigma, mode="nearest") if sigma > 0
+              else oriented.copy())
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
-    mask = _clean(mask, min_area, fill_holes=True)
-    labels, n = ndi.label(mask)
-    if n == 0:
+    found = _detect(oriented, smooth, valid, thresh_fn=thresh_fn, min_area=min_area,
+                    sigma=sigma, flatten=flatten)
+    if found is None:
         return empty
-    labels = _drop_insignificant(labels, smooth, valid)
+    labels, spread, low = found  # oriented and smooth are now flattened in place
     if refine_edges:
-        for _ in range(2):  # the second pass re-centres the edge band on the moved outline
-            labels = _refine_edges(labels, smooth, valid, sigma=sigma, fallback=level,
-                                    raw=oriented)
-            labels = _relabel_clean(labels, min_area)
-            if labels.max() == 0:
-                return empty
-    labels = _drop_insignificant(labels, smooth, valid)
+        labels = _refine_edges(labels, smooth, oriented, valid, sigma=sigma, fallback=low)
+        labels = _relabel_clean(labels, min_area)
+    labels = _drop_insignificant(labels, smooth, spread)
     if clear_border:
         labels = segmentation.clear_border(labels)
         labels = _clear_invalid_border(labels, valid)
@@ -269,35 +268,139 @@ def detect_polarity(flat):
     return "dark" if (med - p1) > (p99 - med) else "bright"
 
 
-def _oriented_flat(img, valid, *, polarity, flatten):
-    """Flattened frame with particles positive, and the sign used (+1 bright, -1 dark)."""
+def _oriented(img, valid, *, polarity, flatten):
+    """The frame with particles positive: −log(I / background) for dark particles (linear in
+    thickness, which the edge models assume), ``I − background`` for bright ones."""
     if flatten:
         bg = flatten_background(img)
     else:
         bg = np.full_like(img, np.median(img[valid]))
     flat = img - bg
     pol = detect_polarity(flat) if polarity == "auto" else polarity
-    sign = 1.0 if pol == "bright" else -1.0
-    oriented = sign * flat
-    if flatten:
-        # Refit the background without the particles: pixels standing out of the background
-        # noise (estimated from the particle-free side of the histogram) are excluded. Dense
-        # weak-contrast specimens (polystyrene) need a few rounds.
-        for _ in range(3):
-            rough = ndi.gaussian_filter(oriented, 2.0)
-            centre, spread = _background_stats(rough[valid])
-            part = ndi.binary_dilation(rough > centre + 2.0 * spread, iterations=3)
-            bg = flatten_background(img, exclude=part | ~valid)
-            oriented = sign * (img - bg)
-    if sign < 0 and float(np.min(bg)) > 0 and float(np.median(img[valid])) > 0:
-        # Bright-field amplitude contrast is exp(−thickness/λ): −log(I/background) is linear
-        # in thickness, which the edge model assumes (matters for strongly scattering gold).
-        floor = 0.5 * float(np.min(img[valid & (img > 0)])) if (img > 0).any() else 0.5
-        oriented = -np.log(np.maximum(img, floor) / bg)
+    if pol == "dark" and float(np.min(bg)) > 0 and float(np.median(img[valid])) > 0:
+        # Bright-field amplitude contrast is exp(−thickness/λ).
+        pos = img > 0
+        floor = 0.5 * float(np.min(img[valid & pos])) if pos.any() else 0.5
+        oriented = np.log(bg / np.maximum(img, floor), dtype=np.float32)
+    else:
+        oriented = flat if pol == "bright" else -flat
+    oriented = oriented.astype(np.float32, copy=False)
     oriented[~valid] = 0.0
     if not oriented.max() > oriented.min():
-        return None, sign
-    return oriented, sign
+        return None
+    return oriented
+
+
+def _masked_background(image, exclude, sigma_px):
+    """Smooth background of ``image`` at Gaussian width ``sigma_px``, ignoring ``exclude``.
+
+    Normalised convolution on a block-averaged copy (about four blocks per ``sigma_px``, so
+    the cost hardly depends on the scale); where the excluded area is wider than the scale,
+    a four times wider estimate fills in.
+    """
+    factor = max(1, int(sigma_px / 4.0))
+    small = _block_mean(image, factor)
+    s = max(sigma_px / factor, 0.5)
+    if exclude is None:
+        bg_small = ndi.gaussian_filter(small, s, mode="nearest")
+        return _upsample(bg_small, image.shape)
+    weight = 1.0 - _block_mean(exclude.astype(np.float32), factor)
+    weight = np.where(weight > 0.999, 1.0, 0.0).astype(np.float32)  # partly covered blocks out
+    num = ndi.gaussian_filter(small * weight, s, mode="nearest")
+    den = ndi.gaussian_filter(weight, s, mode="nearest")
+    num4 = ndi.gaussian_filter(small * weight, 4 * s, mode="nearest")
+    den4 = ndi.gaussian_filter(weight, 4 * s, mode="nearest")
+    fallback = float(np.median(small[weight > 0])) if (weight > 0).any() else float(
+        np.median(small))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wide = np.where(den4 > 1e-3, num4 / den4, fallback)
+        bg_small = np.where(den > 0.05, num / den, wide)
+    return _upsample(bg_small.astype(np.float32), image.shape)
+
+
+def _subsample(values2d, valid):
+    step = max(1, int(np.sqrt(values2d.size / _STATS_PX)))
+    v = values2d[::step, ::step]
+    return v[valid[::step, ::step]]
+
+
+def _hysteresis(flat, valid, *, low, high, min_area):
+    """Regions above ``low`` that reach ``high`` and hold ``min_area`` pixels, holes filled."""
+    mask = ndi.binary_fill_holes((flat > low) & valid)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return labels, 0
+    idx = np.arange(1, n + 1)
+    peak = ndi.maximum(flat, labels, idx)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = (peak > high) & (area >= min_area)
+    remap = np.zeros(n + 1, np.int32)
+    remap[keep] = np.arange(1, int(keep.sum()) + 1)
+    return remap[labels], int(keep.sum())
+
+
+def _typical_radius(labels):
+    """Median equivalent radius (px) of the labelled regions."""
+    area = np.bincount(labels.ravel())[1:]
+    area = area[area > 0]
+    return float(np.sqrt(np.median(area) / np.pi)) if area.size else None
+
+
+def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
+    """Hysteresis detection against a background fitted without the particles.
+
+    Round 1 flattens with a frame-wide background (1/8 of the shorter side); the particles it
+    finds set the scale of the background of rounds 2 and 3 (twice their typical radius),
+    which leaves them (dilated by half a radius) out. ``oriented`` and ``smooth`` are
+    flattened in place. Returns ``(labels, spread, low)`` or None when nothing is found:
+    ``spread`` is the background's standard deviation in ``smooth``, ``low`` the outline level.
+    """
+    side = float(min(smooth.shape))
+    labels, radius = None, None
+    for _ in range(3):
+        if not flatten:
+            bg = np.float32(np.median(smooth[valid]))
+        elif labels is None:
+            bg = _masked_background(smooth, None, side / 8.0)
+        else:
+            scale = np.clip(2.0 * radius, 4.0 * sigma + 4.0, side / 8.0)
+            margin = int(np.ceil(0.5 * radius + 2.0 * sigma + 1.0))
+            exclude = _dilate(labels > 0, margin) | ~valid
+            bg = _masked_background(smooth, exclude, scale)
+        flat = smooth - bg
+        values = _subsample(flat, valid)
+        centre, spread = _background_stats(values)
+        if not spread > 0:
+            spread = max(_noise_sigma(smooth), 1e-12)
+        level = _safe_threshold(thresh_fn, values)
+        lo_seed, hi_seed = centre + _SEED_SIGMAS[0] * spread, centre + _SEED_SIGMAS[1] * spread
+        high = lo_seed if level is None else float(np.clip(level, lo_seed, hi_seed))
+        low = centre + _LOW_SIGMAS * spread
+        labels, n = _hysteresis(flat, valid, low=low, high=high, min_area=min_area)
+        if n == 0:
+            return None
+        if not flatten:
+            break
+        radius = _typical_radius(labels)
+    oriented -= bg + centre
+    smooth -= bg + centre
+    oriented[~valid] = 0.0
+    smooth[~valid] = 0.0
+    return labels, spread, low - centre
+
+
+def _dilate(mask, margin_px):
+    """Binary dilation by about ``margin_px`` (a distance threshold: cheap for wide margins)."""
+    if margin_px <= 3:
+        return ndi.binary_dilation(mask, iterations=max(1, margin_px))
+    factor = max(1, margin_px // 4)
+    small = _block_mean(mask.astype(np.float32), factor) > 0
+    small = ndi.binary_dilation(small, iterations=int(np.ceil(margin_px / factor)))
+    big = np.repeat(np.repeat(small, factor, axis=0), factor, axis=1)
+    out = np.ones(mask.shape, bool)  # the uncovered remainder (shape not a multiple): excluded
+    out[:big.shape[0], :big.shape[1]] = big
+    return out | mask
 
 
 def _background_stats(values):
@@ -368,28 +471,20 @@ def _relabel_clean(labels, min_area):
     return out
 
 
-def _drop_insignificant(labels, smooth, valid):
-    """Remove regions whose mean signal is indistinguishable from background noise.
+def _drop_insignificant(labels, flat, spread):
+    """Remove regions whose mean signal is indistinguishable from the background.
 
-    A threshold always cuts something out of a blank frame; real particles stand several noise
-    levels above the background on average over their area.
+    A threshold always cuts something out of a blank frame; real particles stand several
+    background standard deviations above it on average over their area, and peak higher.
     """
     n = int(labels.max())
-    if n == 0:
-        return labels
-    bg = (labels == 0) & valid
-    if bg.sum() < 16:
-        return labels
-    bvals = smooth[bg]
-    med = float(np.median(bvals))
-    noise = float(1.4826 * np.median(np.abs(bvals - med)))
-    if noise <= 0:
+    if n == 0 or not spread > 0:
         return labels
     idx = np.arange(1, n + 1)
-    means = ndi.mean(smooth, labels, idx)
-    peaks = ndi.maximum(smooth, labels, idx)
+    means = ndi.mean(flat, labels, idx)
+    peaks = ndi.maximum(flat, labels, idx)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = ((means - med) > 3.0 * noise) & ((peaks - med) > 6.0 * noise)
+    keep[1:] = (means > _LOW_SIGMAS * spread) & (peaks > _SEED_SIGMAS[0] * spread)
     return np.where(keep[labels], labels, 0)
 
 
@@ -404,21 +499,20 @@ def _clear_invalid_border(labels, valid):
     return labels
 
 
-# -- edge refinement ------------------------------------------------------------------------
-
 _E_STEP = 0.1    # px, resolution of the fitted edge position
+_SHIFTS = np.arange(-4.0, 10.0 + 1e-9, _E_STEP)  # px, candidate edge positions
 _BIN_PX = 0.25   # px, bin width of the edge profile
 _SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths (px)
-
-
 _FINE_PX = 0.1   # px, sampling of the model profiles
-_MODEL_HALF_PX = 24.0
+_MODEL_HALF_PX = 48.0
+_RHO_STEP = 1.04  # relative step of the radius classes that share one set of models
+_FLAT_EVIDENCE = 9.0  # χ² a flat edge must gain over a curved one to be chosen
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
 def _blurred_profiles(rho_q, sigma_key):
     """Blurred curved and flat edge profiles on a fine grid, for a radius quantised to
-    0.25 px (cached: particles of one frame share a few radii).
+    0.25 px (cached: particles of one frame share a few radius classes).
 
     Two edge kinds: a curved solid (sphere, rod: projected thickness sqrt(2ρs − s²) at depth s
     inside the edge) and a flat one (cube lying on a face: a step). ``sigma_key`` is a tuple of
@@ -450,98 +544,140 @@ def _edge_models(rho, xs, shifts, sigmas):
     return prof[:, :, i0] * (1 - t) + prof[:, :, i0 + 1] * t
 
 
-def _fit_edge(x, v, rho, smooth_sigma):
-    """Fit one particle's edge profile; return the level of the smoothed image at its edge.
+def _rho_classes(rho):
+    """Quantise radii (px): 0.25 px steps below 6 px, relative steps of 4% above."""
+    rho = np.maximum(rho, 1.0)
+    fine = np.round(rho * 4) / 4
+    coarse = 6.0 * _RHO_STEP ** np.round(np.log(rho / 6.0) / np.log(_RHO_STEP))
+    return np.where(rho < 6.0, fine, coarse)
 
-    ``x``: signed distances (px) of band pixels from the current outline, ``v``: their values
-    in the (unsmoothed) oriented frame. The profile averaged over the whole outline is fitted
-    with blurred curved and flat edge models (shift, blur and kind by grid search, amplitude
-    and background by least squares); the true edge is where the model's thickness falls to
-    zero, and the returned level is the fitted model there once blurred like the image that
-    is thresholded.
+
+def _fit_profiles(xs, counts, sums, rho, sigma):
+    """Fit every particle's edge profile at once; return the edge level and edge shift.
+
+    ``counts`` and ``sums`` (particles × bins) hold each particle's profile of the flattened,
+    unsmoothed frame over signed distances ``xs`` from its current outline. For every model
+    (curved or flat edge, blur width, edge position) the amplitude and background follow by
+    weighted least squares, for all particles of one radius class in a few matrix products.
+    The blur is one for the whole frame (the optics blur every particle alike): the width that
+    fits all particles best, weighing each by its own noise; with it each particle takes its
+    best edge position, and the flat edge only where it fits clearly better than the curved
+    one (weak, noisy profiles cannot tell them apart, and most particles are round). The
+    model's value at the true edge, once blurred like the smoothed frame (extra width
+    ``sigma``), is the level to threshold at. NaN where no model fits.
     """
-    nb = int(np.ceil((x.max() - x.min()) / _BIN_PX)) + 1
-    idx = ((x - x.min()) / _BIN_PX).astype(int)
-    counts = np.bincount(idx, minlength=nb).astype(float)
-    sums = np.bincount(idx, weights=v, minlength=nb)
-    ok = counts > 0
-    if ok.sum() < 6:
-        return None
-    xs = (np.arange(nb) + 0.5) * _BIN_PX + x.min()
-    xs, prof, w = xs[ok], sums[ok] / counts[ok], counts[ok]
-    shifts = np.arange(-3.0, 8.0 + 1e-9, _E_STEP)
-    sw = w.sum()
-    pp = (prof * w).sum() / sw
-    dp = prof - pp
+    n = counts.shape[0]
+    shape = (2, _SIGMAS.size)
+    sw = counts.sum(1)
+    sy = sums.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        syy = np.where(counts > 0, sums ** 2 / np.maximum(counts, 1), 0.0).sum(1)
+    nbins = (counts > 0).sum(1)
+    usable = nbins >= 8
+    totals = np.round(np.hypot(_SIGMAS, sigma), 2)
+    shift = np.zeros(n)
     for _ in range(2):  # the radius of curvature follows the edge found
-        models = _edge_models(rho, xs, shifts, _SIGMAS)
-        # Weighted least squares of prof ≈ a·m + b for every model at once.
-        mp = (models * w).sum(-1) / sw
-        dm = models - mp[..., None]
-        var = (dm * dm * w).sum(-1)
-        cov = (dm * dp * w).sum(-1)
-        a = cov / np.maximum(var, 1e-12)
-        resid = ((dp - a[..., None] * dm) ** 2 * w).sum(-1)
-        resid[a <= 0] = np.inf
-        kind, js, je = np.unravel_index(int(np.argmin(resid)), resid.shape)
-        if not np.isfinite(resid[kind, js, je]):
-            return None
-        new_rho = max(rho + shifts[je], 1.0)
-        if abs(new_rho - rho) < 0.25:
-            break
-        rho, xs = new_rho, xs - shifts[je]  # re-centre on the edge just found
-        shifts = np.arange(-3.0, 3.0 + 1e-9, _E_STEP)
-    b = pp - a[kind, js, je] * mp[kind, js, je]
-    # Level at the true edge after the extra smoothing applied to the thresholded image.
-    total = float(np.hypot(_SIGMAS[js], smooth_sigma))
-    edge = _edge_models(rho, np.array([0.0]), np.array([0.0]), np.array([round(total, 2)]))
-    return float(a[kind, js, je] * edge[kind, 0, 0, 0] + b)
+        resid = np.full((n,) + shape, np.inf)
+        best_shift = np.zeros((n,) + shape)
+        level_at = np.full((n,) + shape, np.nan)
+        classes = _rho_classes(rho + shift)
+        for rq in np.unique(classes[usable]):
+            g = np.flatnonzero(usable & (classes == rq))
+            models = _edge_models(float(rq), xs, _SHIFTS, _SIGMAS)
+            flat_models = models.reshape(-1, xs.size)  # (kind · sigma · shift, bins)
+            w, y = counts[g], sums[g]
+            swm = w @ flat_models.T
+            swmm = w @ (flat_models ** 2).T
+            sym = y @ flat_models.T
+            swg, syg = sw[g, None], sy[g, None]
+            cov = sym - syg * swm / swg
+            var = swmm - swm ** 2 / swg
+            with np.errstate(invalid="ignore", divide="ignore"):
+                a = cov / var
+                r = syy[g, None] - syg ** 2 / swg - a * cov
+            r[~(a > 0) | ~(var > 1e-12)] = np.inf
+            r = r.reshape(g.size, *shape, _SHIFTS.size)
+            je = np.argmin(r, axis=-1)  # best edge position per (kind, sigma)
+            pick = lambda v: np.take_along_axis(  # noqa: E731
+                v.reshape(r.shape), je[..., None], axis=-1)[..., 0]
+            a_k = pick(a)
+            b_k = (sy[g, None, None] - a_k * pick(swm)) / sw[g, None, None]
+            edge = _edge_models(float(rq), np.array([0.0]), np.array([0.0]), totals)
+            resid[g] = pick(r)
+            best_shift[g] = _SHIFTS[je]
+            level_at[g] = a_k * edge[:, :, 0, 0][None] + b_k
+        # noise per particle from its best fit; χ² of every (kind, sigma) in those units
+        rmin = resid.reshape(n, -1).min(1)
+        ok = usable & np.isfinite(rmin)
+        if not ok.any():
+            return np.full(n, np.nan), np.zeros(n)
+        noise2 = np.maximum(rmin / np.maximum(nbins - 4, 1), 1e-30)
+        chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
+        chi[~ok] = 0.0
+        frame_chi = np.where(np.isfinite(chi), chi, 1e6).min(1).sum(0)  # per sigma
+        js = int(np.argmin(frame_chi))
+        curved, flat = chi[:, 0, js], chi[:, 1, js]
+        kind = np.where(curved - flat > _FLAT_EVIDENCE, 1, 0)
+        rows = np.arange(n)
+        shift = np.where(ok, best_shift[rows, kind, js], 0.0)
+        level = np.where(ok & np.isfinite(resid[rows, kind, js]), level_at[rows, kind, js],
+                         np.nan)
+    return level, shift
 
 
-def _refine_edges(labels, smooth, valid, *, sigma, fallback, raw=None):
-    """Re-threshold each particle at the intensity its fitted edge model has at the true edge.
+def _signed_distance(labels):
+    """Signed distance (px) of every pixel from the nearest outline (negative inside) and the
+    label of the particle it belongs to (its own, or the nearest one outside). One Euclidean
+    distance transform, to the ring of pixels just outside the particles."""
+    inside = labels > 0
+    ring = ndi.binary_dilation(inside) & ~inside
+    if not ring.any():
+        return None, None
+    ring_owner = ndi.maximum_filter(labels, size=3)
+    d, (iy, ix) = ndi.distance_transform_edt(~ring, return_indices=True)
+    d = d.astype(np.float32)
+    owner = np.where(inside, labels, ring_owner[iy, ix])
+    signed = np.where(inside, 0.5 - d, d + 0.5)
+    return signed, owner
+
+
+def _refine_edges(labels, smooth, raw, valid, *, sigma, fallback):
+    """Re-threshold each particle at the level its fitted edge model has at the true edge.
 
     A plain threshold, or the half-contrast level, sits inside the edge of a sphere or rod,
     whose projected thickness falls to zero like sqrt(depth); by how much depends on contrast,
     blur and size. Fitting the edge profile averaged along the particle's whole outline (so
-    shot noise averages out) with blurred curved and flat edge models locates the edge to a
-    fraction of a pixel whatever the dose or contrast.
+    shot noise averages out) with blurred edge models locates the edge to a fraction of a
+    pixel whatever the dose or contrast. ``smooth`` and ``raw`` are flattened (background 0);
+    particles whose fit fails keep the outline level ``fallback``.
     """
-    inside = labels > 0
-    if raw is None:
-        raw = smooth
-    band_px = 3.0 + 3.0 * max(sigma, 1.0)
-    dist_out, (iy, ix) = ndi.distance_transform_edt(~inside, return_indices=True)
-    owner = labels[iy, ix]  # nearest particle of every pixel (its territory)
-    dist_in = ndi.distance_transform_edt(inside)
     n = int(labels.max())
-    rho = ndi.maximum(dist_in, labels, np.arange(1, n + 1))
-    signed = np.where(inside, 0.5 - dist_in, dist_out - 0.5)
-    band = (np.abs(signed) <= band_px) & valid
-    # the band inside a particle is no deeper than its own radius
-    lab_b = owner[band]
-    x_b = signed[band]
-    v_b = raw[band]
-    keep = x_b >= -np.asarray(np.concatenate([[0.0], rho]))[lab_b]
-    lab_b, x_b, v_b = lab_b[keep], x_b[keep], v_b[keep]
-    order = np.argsort(lab_b, kind="stable")
-    lab_b, x_b, v_b = lab_b[order], x_b[order], v_b[order]
-    bounds = np.searchsorted(lab_b, np.arange(1, n + 2))
-    level = np.full(n + 1, fallback, dtype=np.float64)
-    for i in range(1, n + 1):
-        lo, hi = bounds[i - 1], bounds[i]
-        if hi - lo < 12:
-            continue
-        lev = _fit_edge(x_b[lo:hi], v_b[lo:hi], max(float(rho[i - 1]), 1.0), sigma)
-        if lev is not None:
-            level[i] = lev
-    level[0] = np.inf
-    territory = owner * (dist_out <= 2.0 * band_px)
-    new = (territory > 0) & (smooth > level[territory]) & valid
-    # Keep, per territory, only the pieces overlapping the original particle.
+    signed, owner = _signed_distance(labels)
+    if signed is None:
+        return labels
+    rho = np.maximum(ndi.maximum(-signed, labels, np.arange(1, n + 1)) + 0.5, 1.0)
+    band = 3.0 + 3.0 * max(sigma, 1.0)
+    w_in = np.concatenate([[0.0], np.minimum(rho, band)]).astype(np.float32)
+    # the outside band reaches past the true edge into the background, wider for big particles
+    w_out = np.concatenate([[0.0], band + 0.3 * rho]).astype(np.float32)
+    sel = valid & (owner > 0) & (signed >= -w_in[owner]) & (signed <= w_out[owner])
+    lab = owner[sel]
+    x = signed[sel]
+    lo = -float(w_in.max())
+    nb = int(np.ceil((float(w_out.max()) - lo) / _BIN_PX)) + 1
+    key = lab.astype(np.int64) * nb + ((x - lo) / _BIN_PX).astype(np.int64)
+    counts = np.bincount(key, minlength=(n + 1) * nb).reshape(n + 1, nb)[1:].astype(float)
+    sums = np.bincount(key, weights=raw[sel], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
+    xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
+    level, _ = _fit_profiles(xs, counts, sums, rho, sigma)
+    level = np.concatenate([[np.inf], np.where(np.isfinite(level), level, fallback)])
+    inside = labels > 0
+    new = sel & (smooth > level[owner]) | (inside & (owner > 0) & (smooth > level[owner])
+                                           & valid)
+    # Keep, per particle, only the pieces overlapping the original particle.
     pieces, _ = ndi.label(new)
     hit = np.unique(pieces[inside & new])
     keep = np.zeros(int(pieces.max()) + 1, bool)
     keep[hit] = True
     keep[0] = False
-    return np.where(keep[pieces], territory, 0).astype(np.int32)
+    return np.where(keep[pieces], owner, 0).astype(np.int32)
