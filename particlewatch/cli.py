@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analysis worker processes (default: the number of cores)")
     p.add_argument("--stats", type=_endpoint, default=None,
                    help="PUB endpoint of the statistics stream (default tcp://127.0.0.1:5556)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="frame width in pixels of the simulated camera (default 2048)")
     p.add_argument("--no-dashboard", action="store_true", help="print progress lines instead")
     p.set_defaults(handler="particlewatch.session")
 

@@ -53,13 +53,14 @@ def centred_area_um(limits_um, side_um: float) -> tuple[float, float, float, flo
     return (max(x0, cx - half), max(y0, cy - half), min(x1, cx + half), min(y1, cy + half))
 
 
-def make_microscope(backend: str, *, sample: str, seed: int, ip: str = "127.0.0.1",
-                    port: int = 48888):
+def make_microscope(backend: str, *, sample: str, seed: int, size_px: int | None = None,
+                    ip: str = "127.0.0.1", port: int = 48888):
     """The acquisition backend: the simulated microscope or a connection to SerialEM."""
     from particlewatch.acquisition.backends import SerialEMMicroscope, SimulatedMicroscope
 
     if backend == "simulated":
-        return SimulatedMicroscope.create(sample, seed=seed)
+        options = {} if size_px is None else {"size_px": size_px}
+        return SimulatedMicroscope.create(sample, seed=seed, **options)
     if backend == "serialem":
         return SerialEMMicroscope(connect=True, ip=ip, port=port)
     raise ValueError(f"unknown backend {backend!r}; use simulated or serialem")
@@ -142,7 +143,8 @@ def _progress_line(stats: dict | None, acquisition: dict) -> str:
 def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: float = 0.01,
                 max_frames: int | None = None, seed: int = 0, backend: str = "simulated",
                 workers: int | None = None, stats_endpoint: str | None = None,
-                dashboard: bool = True, area_um=None, console=None) -> SessionResult:
+                dashboard: bool = True, area_um=None, size_px: int | None = None,
+                console=None) -> SessionResult:
     """Run acquisition and the live daemon until the statistics converge.
 
     Parameters
@@ -164,6 +166,8 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         Show the live rich dashboard; otherwise print a progress line per update.
     area_um : 4 floats, optional
         Stage area to tile (default: a ``SESSION_AREA_UM`` square at the grid centre).
+    size_px : int, optional
+        Frame width of the simulated camera (default: the simulator's, 2048).
     """
     from rich.console import Console
     from rich.live import Live
@@ -180,10 +184,11 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         stats_endpoint = f"tcp://127.0.0.1:{_free_tcp_port_block()}"
     settings = {"sample": sample, "precision": precision, "max_frames": max_frames,
                 "seed": seed, "backend": backend, "workers": workers,
-                "stats_endpoint": stats_endpoint, "particlewatch": __version__}
+                "stats_endpoint": stats_endpoint, "size_px": size_px,
+                "particlewatch": __version__}
 
     t0 = time.monotonic()
-    scope = make_microscope(backend, sample=sample, seed=seed)
+    scope = make_microscope(backend, sample=sample, seed=seed, size_px=size_px)
     area = tuple(area_um) if area_um else centred_area_um(scope.stage_limits_um,
                                                           SESSION_AREA_UM)
     settings["area_um"] = area
@@ -226,13 +231,14 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                 live.update(render(daemon.summary, {**acq, "state": "done"}, errors=errors,
                                    width=console.width))
         else:
-            last = 0.0
+            last_line = ""
             while acquisition.is_alive():
                 acquisition.join(0.5)
-                if time.monotonic() - last > 5:
-                    last = time.monotonic()
-                    stats, acq, _ = progress.snapshot()
-                    console.print(_progress_line(stats, acq))
+                stats, acq, _ = progress.snapshot()
+                line = _progress_line(stats, acq)
+                if line != last_line:
+                    console.print(line, highlight=False)
+                    last_line = line
             _drain(daemon, frames_dir)
     except KeyboardInterrupt:
         stop_reason = "interrupted by the user (Ctrl-C)"
@@ -253,8 +259,51 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                            frames_saved=report.frames_saved if report else 0,
                            wall_s=time.monotonic() - t0, acquisition=report,
                            settings=settings)
+    write_overlays(out, frames_dir)
     write_report(result)
     return result
+
+
+#: Overlays a session writes at the end: enough to judge the segmentation by eye.
+SESSION_OVERLAYS = 3
+
+
+def write_overlays(out: Path, frames_dir: Path, *, count: int = SESSION_OVERLAYS) -> list[Path]:
+    """Overlay PNGs for the first ``count`` frames analysed ok, coloured by final population.
+
+    The frames are analysed again (analysis is deterministic, so particle ids match
+    ``particles.csv``, which the daemon rewrote with the final population labels).
+    """
+    import csv
+
+    from particlewatch.analysis.outputs import write_overlay
+    from particlewatch.analysis.pipeline import analyze_frame
+
+    frames_csv, particles_csv = out / "frames.csv", out / "particles.csv"
+    if not (frames_csv.exists() and particles_csv.exists()):
+        return []
+    with open(frames_csv, newline="") as fh:
+        ok = [row for row in csv.DictReader(fh) if row.get("status") == "ok"][:count]
+    wanted = {row["frame"] for row in ok}
+    populations: dict[str, dict[int, int]] = {name: {} for name in wanted}
+    with open(particles_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["frame"] in wanted and row.get("population", "") not in ("", None):
+                populations[row["frame"]][int(row["particle_id"])] = int(row["population"])
+    written = []
+    for row in ok:
+        path = Path(row["path"])
+        if not path.is_absolute():
+            path = frames_dir / path.name
+        result = analyze_frame(path)
+        if result.status != "ok" or result.image is None or result.labels is None:
+            continue
+        target = out / "overlays" / f"{row['frame']}.png"
+        write_overlay(target, result.image, result.labels,
+                      populations=populations[row["frame"]],
+                      agglomerate_boxes=result.agglomerate_boxes)
+        written.append(target)
+    return written
 
 
 def _drain(daemon, frames_dir: Path, *, timeout_s: float = 600.0) -> None:
@@ -334,7 +383,7 @@ def main(args) -> int:
     result = run_session(args.out, sample=args.sample, precision=args.precision,
                          max_frames=args.max_frames, seed=args.seed, backend=args.backend,
                          workers=args.workers, stats_endpoint=args.stats,
-                         dashboard=not args.no_dashboard)
+                         dashboard=not args.no_dashboard, size_px=args.size)
     print(f"session in {result.out_dir}: {result.stop_reason}; "
           f"{result.frames_saved} frames in {result.wall_s / 60:.1f} min; "
           f"report {result.out_dir / 'report.md'}", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""The main job end to end: acquisition + daemon stop by themselves on convergence, and the
+populations they report match the simulator's ground truth."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from particlewatch.session import run_session
+
+
+def _truth_populations(frames_dir: Path):
+    """True mean ECD and number fraction per population over the frames acquired, counting
+    only particles an analysis can measure (inside the frame, not overlapping)."""
+    sizes: dict[int, list[float]] = {}
+    for path in sorted((frames_dir / "truth").glob("frame_*.json")):
+        for p in json.loads(path.read_text())["particles"]:
+            if not p["touches_edge"] and not p["overlaps"]:
+                sizes.setdefault(p["population"], []).append(p["ecd_nm"])
+    total = sum(len(v) for v in sizes.values())
+    return {k: (float(np.mean(v)), len(v) / total) for k, v in sizes.items()}
+
+
+def _match(reported, truth):
+    """Pair each true population with the reported one nearest in mean size."""
+    pairs = []
+    for true_id, (mean, fraction) in sorted(truth.items(), key=lambda kv: kv[1][0]):
+        best = min(reported, key=lambda p: abs(p["mean_ecd_nm"] - mean))
+        pairs.append((mean, fraction, best))
+    return pairs
+
+
+@pytest.mark.parametrize("sample, n_populations", [("au10", 1), ("ps-bimodal", 2)])
+def test_session_stops_on_convergence_and_matches_truth(tmp_path, sample, n_populations):
+    out = tmp_path / "session"
+    result = run_session(out, sample=sample, precision=0.05, max_frames=12, seed=3,
+                         workers=1, dashboard=False, size_px=768)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["converged"], summary.get("convergence")
+    assert "converged" in result.stop_reason
+    assert result.frames_saved < 12  # it stopped by itself, before the frame limit
+
+    populations = summary["populations"]
+    assert len(populations) == n_populations
+    truth = _truth_populations(out / "frames")
+    for true_mean, true_fraction, pop in _match(populations, truth):
+        assert abs(pop["mean_ecd_nm"] - true_mean) <= 0.02 * true_mean
+        if n_populations > 1:
+            assert abs(pop["fraction"] - true_fraction) <= 0.03
+
+    report = (out / "report.md").read_text()
+    assert "stopped because: the statistics converged" in report
+    for name in ("particles.csv", "frames.csv", "histogram.png"):
+        assert (out / name).stat().st_size > 0
+    assert list((out / "overlays").glob("frame_*.png"))
+    assert (out / "frames" / "positions.nav").exists()
