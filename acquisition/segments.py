@@ -73,6 +73,10 @@ def segment_grid(shape: tuple[int, int], pixel_nm: float, *, segment_um: tuple[f
     return out
 
 
+#: Extra factor on the noise tail for bright particles (right-skewed counts).
+_SKEW_ALLOWANCE = 1.15
+
+
 def _background(a: np.ndarray, sigma_px: float) -> np.ndarray:
     """Wide Gaussian background, computed on a block-averaged copy for speed."""
     from scipy import ndimage as ndi
@@ -146,7 +150,10 @@ def particle_mask(image, pixel_nm: float, *, polarity: str = "auto", threshold_s
     # Film texture and low-count shot noise have heavier tails than a Gaussian; the most
     # extreme value on the side particles do not reach shows how far noise alone goes in
     # this very image, so seeds must exceed it too.
-    seed_level = max(threshold_sigma, tail_factor * float(-z.min()))
+    # Counts are right-skewed (shot noise, film), so for bright particles the dark tail
+    # understates the bright one: allow for that.
+    skew = _SKEW_ALLOWANCE if polarity == "bright" else 1.0
+    seed_level = max(threshold_sigma, tail_factor * skew * float(-z.min()))
     mask = apply_hysteresis_threshold(z, threshold_sigma / 2, seed_level)
     min_px = max(2, int(math.pi * (min_size_nm / pixel_nm / 2) ** 2))
     labels, n = ndi.label(mask)
