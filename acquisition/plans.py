@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Mapping
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 
@@ -287,11 +287,17 @@ def _focus_here(x_um: float, y_um: float, model: FocusModel, width_um: float | N
     return result
 
 
+def _already_done(xy, done_um, record_field_um) -> bool:
+    reach = 0.5 * min(record_field_um)
+    return any(math.dist(xy, d) < reach for d in done_um)
+
+
 def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                  focus: FocusSettings = FocusSettings(),
                  segments: SegmentSettings = SegmentSettings(),
                  target_defocus_um: float = 0.0, start_defocus_um: float = 0.0,
-                 limits_um: tuple[float, float, float, float] | None = None) -> Plan:
+                 limits_um: tuple[float, float, float, float] | None = None,
+                 done_um: Sequence[tuple[float, float]] = ()) -> Plan:
     """The autoSTEM loop, faster: survey, check segments, focus only where needed, record.
 
     For each tile in order: move there, take a survey image and find the record-sized
@@ -302,7 +308,9 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     then move to the segment and record it at the focus that the plane model of all
     measurements predicts there, plus ``target_defocus_um``. Segments whose centre lies
     outside ``limits_um`` (stage limits), or for which no focus could be found at all, are
-    skipped.
+    skipped. Segments whose centre lies within half a record field of a position in
+    ``done_um`` (frames an earlier, interrupted run saved) are not acquired again, so a
+    resumed run never images the same particles twice.
 
     Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
     ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus)
@@ -335,7 +343,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             min_size_nm=segments.min_size_nm, polarity=segments.polarity)
         centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
                   for s in found}
-        occupied = [s for s in found if s.has_particles and _inside(*centre[id(s)], limits_um)]
+        occupied = [s for s in found if s.has_particles and _inside(*centre[id(s)], limits_um)
+                    and not _already_done(centre[id(s)], done_um, record_field_um)]
         skipped += len(found) - len(occupied)
         yield Report({"skipped_segments": skipped})
         if not occupied:

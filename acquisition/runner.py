@@ -295,7 +295,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                     focus: FocusSettings = FocusSettings(),
                     segments: SegmentSettings = SegmentSettings(),
                     target_defocus_um: float = 0.0, threaded_writer: bool = True,
-                    handle_sigint: bool = True, backend: str | None = None,
+                    handle_sigint: bool = True, throttle: Callable[[], None] | None = None,
+                    backend: str | None = None,
                     sample: str | None = None, seed: int | None = None) -> AcquisitionReport:
     """Acquire frames over a stage area until it is covered or a stop is requested.
 
@@ -322,6 +323,9 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         Defocus added to best focus for the recorded frames.
     threaded_writer : bool
         Save frames on a writer thread.
+    throttle : callable, optional
+        Called at every checkpoint (before each tile and after each saved frame); it may
+        block, e.g. to keep a fast simulated microscope from running far ahead of analysis.
     backend, sample, seed : optional
         Recorded in ``acquisition.json``.
 
@@ -374,6 +378,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                 publish()
                 return True, None
             case Checkpoint():
+                if throttle is not None:
+                    throttle()
                 reason = conditions.reason(len(saved))
                 if reason:
                     state["stop_reason"] = reason
@@ -406,7 +412,9 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                 return True, None
         return False, None
 
+    done_um = [(p.x_um, p.y_um) for p in positions]
     plan = acquire_area(tiles, record_field_um=record_field, focus=focus, segments=segments,
+                        done_um=done_um,
                         target_defocus_um=target_defocus_um, start_defocus_um=scope.defocus(),
                         limits_um=scope.stage_limits_um)
     state["state"] = "running"

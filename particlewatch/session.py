@@ -204,12 +204,26 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
     follower.start()
 
     outcome: dict[str, Any] = {}
+    max_ahead = daemon.n_workers + 1
+
+    def throttle() -> None:
+        # The simulated microscope acquires faster than real time; holding it while more
+        # than `max_ahead` frames wait for analysis keeps the stop decision timely (a real
+        # microscope is slower than analysis, so this never waits there).
+        while not stop_acquisition.is_set():
+            status = daemon.status()
+            done = status.get("frames_ok", 0) + status.get("frames_failed", 0)
+            saved = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
+            if saved - done < max_ahead or daemon.wait_converged(0):
+                return
+            time.sleep(0.1)
 
     def acquire() -> None:
         try:
             outcome["report"] = run_acquisition(
                 scope, frames_dir, area_um=area, max_frames=max_frames, stop=stop_acquisition,
                 stop_on=stats_at, on_state=progress.on_state, handle_sigint=False,
+                throttle=throttle,
                 backend=backend, sample=sample, seed=seed)
         except BaseException as exc:  # reported in the main thread
             outcome["error"] = exc
