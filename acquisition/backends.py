@@ -74,7 +74,10 @@ class SimulatedMicroscope:
                      mode=str(snap.mode), stage_x_um=float(snap.stage_x_um),
                      stage_y_um=float(snap.stage_y_um), defocus_um=float(snap.defocus_um),
                      magnification=float(snap.magnification),
-                     exposure_s=float(snap.exposure_s), truth=snap.truth)
+                     exposure_s=float(snap.exposure_s),
+                     # only record frames are saved; a survey's truth would be computed
+                     # for nothing (it is lazy and costs most on the wide survey field)
+                     truth=snap.truth if snap.mode == "record" else None)
 
     def pixel_nm(self, mode: str | None = None) -> float:
         return float(self.scope.pixel_nm(mode))
