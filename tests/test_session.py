@@ -12,11 +12,11 @@ from particlewatch.session import run_session
 
 def _truth_populations(frames_dir: Path):
     """True mean ECD and number fraction per population over the frames acquired, counting
-    only particles an analysis can measure (inside the frame, not overlapping)."""
+    every particle an analysis can measure (all but those cut by the frame edge)."""
     sizes: dict[int, list[float]] = {}
     for path in sorted((frames_dir / "truth").glob("frame_*.json")):
         for p in json.loads(path.read_text())["particles"]:
-            if not p["touches_edge"] and not p["overlaps"]:
+            if not p["touches_edge"]:
                 sizes.setdefault(p["population"], []).append(p["ecd_nm"])
     total = sum(len(v) for v in sizes.values())
     return {k: (float(np.mean(v)), len(v) / total) for k, v in sizes.items()}
