@@ -229,7 +229,7 @@ def find_populations(table, *, method="auto", max_populations=6, seed=0, min_fra
 
 
 def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_fraction=0.03,
-                    outlier_p=1e-3, fit_sample=_FIT_SAMPLE, components=None):
+                    outlier_p=1e-3, fit_sample=_FIT_SAMPLE, components=None, previous=None):
     """Fit a :class:`PopulationModel` (see :func:`find_populations` for the parameters).
 
     Parameters
@@ -241,6 +241,10 @@ def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_frac
         Range of mixture components (``"auto"``) or clusters (``"kmeans"``) to try; default
         1 (K-means 2) to ``max_populations + 2``. A refit of a running model tries only
         around the previous number, which is several times faster.
+    previous : PopulationModel, optional
+        An earlier fit on part of the same data (``"auto"``): EM starts from its components,
+        so a refit converges in a few iterations and keeps the same solution when the data
+        still support it.
 
     Returns
     -------
@@ -251,11 +255,11 @@ def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_frac
     with threadpool_limits(1):
         return _fit(table, method=method, max_populations=max_populations, seed=seed,
                     min_fraction=min_fraction, outlier_p=outlier_p, fit_sample=fit_sample,
-                    components=components)
+                    components=components, previous=previous)
 
 
 def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_sample,
-         components):
+         components, previous):
     X, names, valid = population_features(table)
     Xv = X[valid]
     rng = np.random.default_rng(seed)
@@ -277,7 +281,8 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
     if method in ("auto", "kmeans"):
         k_lo, k_hi = components if components is not None else (1, max_populations + 2)
         if method == "auto":
-            weights, means, covs = _best_gmm(Z, k_lo, k_hi, seed)
+            warm = _rescaled(previous, names, center, scale)
+            weights, means, covs = _best_gmm(Z, k_lo, k_hi, seed, warm=warm)
         else:
             weights, means, covs = _best_kmeans(Z, max(k_lo, 2), k_hi, seed)
         # a population needs a few tens of particles too: a small early sample otherwise
@@ -329,15 +334,25 @@ def _set_components(model, Z, members, *, cutoff):
 
 # --- mixture and K-means fits -------------------------------------------------------------
 
-def _best_gmm(Z, k_min, k_max, seed):
-    """The Gaussian mixture (k_min..k_max components) with the lowest BIC."""
-    from sklearn.mixture import GaussianMixture
+def _rescaled(previous, names, center, scale):
+    """Components of a previous model in the new feature scaling, or None."""
+    if (previous is None or previous.features != names or previous.reference is not None
+            or len(previous.weights) == 0):
+        return None
+    ratio = previous.scale / scale
+    means = (previous.means * previous.scale + previous.center - center) / scale
+    covs = np.einsum("kij,klj->kil", previous.chols, previous.chols)
+    covs = covs * ratio[None, :, None] * ratio[None, None, :]
+    return previous.weights, means, covs
 
+
+def _best_gmm(Z, k_min, k_max, seed, *, warm=None):
+    """The Gaussian mixture (k_min..k_max components) with the lowest BIC."""
     best, best_bic = None, np.inf
     k_max = max(1, min(k_max, len(Z) // (4 * Z.shape[1] + 4)))
     worse = 0
     for k in range(min(k_min, k_max), k_max + 1):
-        gmm = _fit_gmm(Z, k, seed)
+        gmm = _fit_gmm(Z, k, seed, warm=warm)
         bic = gmm.bic(Z)
         if bic < best_bic:
             best, best_bic, worse = gmm, bic, 0
@@ -348,8 +363,8 @@ def _best_gmm(Z, k_min, k_max, seed):
     return best.weights_, best.means_, best.covariances_
 
 
-def _fit_gmm(Z, k, seed):
-    """EM from two starts, the more likely fit wins.
+def _fit_gmm(Z, k, seed, *, warm=None):
+    """EM from two starts, the more likely fit wins (or from a previous fit's components).
 
     k-means++ alone can settle on a split along shape noise and miss a clear size
     bimodality (EM's local optima); the second start puts the k means at quantiles of log
@@ -360,6 +375,17 @@ def _fit_gmm(Z, k, seed):
     def em(**init):
         return GaussianMixture(k, covariance_type="full", reg_covar=_REG_COVAR, n_init=1,
                                random_state=seed, max_iter=200, **init).fit(Z)
+
+    if warm is not None and k in (len(warm[0]), len(warm[0]) - 1):
+        weights, means, covs = warm
+        keep = np.argsort(weights)[::-1][:k]  # one fewer: drop the lightest component
+        w = weights[keep] / weights[keep].sum()
+        try:
+            precisions = np.array([np.linalg.inv(c + _REG_COVAR * np.eye(len(c)))
+                                   for c in covs[keep]])
+            return em(weights_init=w, means_init=means[keep], precisions_init=precisions)
+        except (np.linalg.LinAlgError, ValueError):
+            pass  # an ill-conditioned start: fall back to fresh starts
 
     best = em(init_params="k-means++")
     if k > 1:

@@ -501,7 +501,7 @@ class RunningStatistics:
 
     def __init__(self, *, precision=0.01, seed=0, min_per_population=50, min_frames=3,
                  fraction_tolerance=None, method="auto", max_populations=6,
-                 refit_growth=1.25):
+                 refit_growth=1.5):
         if not 0 < precision < 1:
             raise ValueError(f"precision ({precision}) must be in (0, 1), e.g. 0.01 for ±1%")
         if refit_growth <= 1:
@@ -646,7 +646,7 @@ class RunningStatistics:
             components = (max(1, k - 1), min(k + 1, self.max_populations + 2))
         model = fit_populations(features, method=self.method,
                                 max_populations=self.max_populations, seed=self.seed,
-                                components=components)
+                                components=components, previous=self._model)
         raw = model.predict(features)
         self._id_map = self._match_ids(features, raw, model.n_populations)
         self._model = model

@@ -57,7 +57,7 @@ def main(argv=None):
         frame += 1
     rows = np.array(rows, dtype=float)
     print(f"RunningStatistics update time, {args.per_frame} particles per frame "
-          f"(add = label new particles, refit when the count grew 25%; summary = all stats)")
+          f"(add = label new particles, refit when the count grew 50%; summary = all stats)")
     print(f"{'particles up to':>16} {'updates':>8} {'add ms (median)':>16} "
           f"{'summary ms':>11} {'total ms':>9} {'refits':>7} {'refit add ms':>13}")
     edges = [0, 1_000, 5_000, 10_000, 25_000, 50_000, 75_000, args.particles + 1]

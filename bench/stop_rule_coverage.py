@@ -35,7 +35,7 @@ from particlewatch.simulators.samples import SAMPLES
 from particlewatch.simulators.specimen import Specimen
 
 DEFAULT_SAMPLES = ("au10", "ps100", "ps-bimodal", "silica-capsules", "spheres-rods")
-PARTICLES_PER_FRAME = 150  # mean; a record frame of these samples holds 50 to 500
+PARTICLES_PER_FRAME = 400  # mean; a 2048² record frame of these samples holds ~100 to 1,500
 MAX_FRAMES = 400
 
 
