@@ -253,9 +253,14 @@ class Ledger:
                     "updated=? WHERE name=? AND status='running'", (time.time(), name))
 
     def requeue_all_running(self) -> int:
-        """At start: whatever was running when the last daemon stopped is pending again."""
+        """At start: whatever was running when the last daemon stopped is pending again.
+
+        The interrupted attempt does not count against the frame: the daemon stopped, not
+        the frame's analysis.
+        """
         return self._write("UPDATE frames SET status='pending', task_id=NULL, "
-                           "dispatched_at=NULL WHERE status='running'", ())
+                           "dispatched_at=NULL, attempts=MAX(attempts - 1, 0) "
+                           "WHERE status='running'", ())
 
     def reanalyze(self, name: str) -> bool:
         """Analyse a known frame again (``analyze`` request); False if unknown or busy."""

@@ -411,11 +411,11 @@ class Daemon:
             # SNDHWM 1: when a worker's pipe is full, PUSH moves on to the next worker
             self._tasks = make(zmq.PUSH, "tasks", SNDHWM=1)
             self._results = make(zmq.PULL, "results", MAXMSGSIZE=messages.MAX_RESULT_BYTES)
-            self._write_daemon_json()
             self._recover()
             self._events = FolderEvents(self.folder, polling=cfg.polling)
             self._events.start()
             self._start_workers()
+            self._write_daemon_json()  # tells other processes the daemon is up
             self._ready.set()
             self._loop(zmq)
             self._finish()

@@ -303,8 +303,12 @@ def test_kill_9_at_random_moments_then_restart_equals_an_uninterrupted_run(tmp_p
         for i in range(written, written + 15):  # frames keep arriving between crashes
             encode_frame(folder / f"frame_{i:05d}.mrc", truth[i], index=i)
         written += 15
+        (out / "daemon.json").unlink(missing_ok=True)
         proc = _start_subprocess(folder, out, port)
-        time.sleep(float(rng.uniform(0.5, 2.5)))
+        deadline = time.monotonic() + 60
+        while not (out / "daemon.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # bound and recovered: from now on it ingests and analyses
+        time.sleep(float(rng.uniform(0.05, 1.5)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     proc = _start_subprocess(folder, out, port)
@@ -330,3 +334,40 @@ def test_kill_9_at_random_moments_then_restart_equals_an_uninterrupted_run(tmp_p
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref_out))
     assert summary == ref_summary
     assert summary["frames_ok"] == 60 and summary["particles"] == sum(map(len, truth))
+
+
+def test_real_analysis_of_simulated_frames_end_to_end(dirs):
+    from particlewatch.analysis.pipeline import analyze_frame
+    from particlewatch.frames import write_frame
+    from particlewatch.simulators.scope import SimScope
+
+    folder, out = dirs
+    scope = SimScope("au10", seed=3, size_px=512)
+    x0, y0, x1, y1 = scope.stage_limits_um
+    for i in range(2):
+        scope.move_stage(x0 + (x1 - x0) * (0.3 + 0.2 * i), y0 + (y1 - y0) * 0.5)
+        snap = scope.snap()
+        write_frame(folder / f"frame_{i:05d}.mrc", snap.image, pixel_nm=snap.pixel_nm,
+                    section={"StagePosition": (snap.stage_x_um, snap.stage_y_um),
+                             "Defocus": snap.defocus_um})
+    daemon = Daemon(folder, out, workers=1, worker_mode="thread",
+                    stats_endpoint="tcp://127.0.0.1:0", settle_s=0.05).start()
+    try:
+        assert daemon.wait_idle(300, frames=2)
+    finally:
+        daemon.stop()
+    frames = {r["frame"]: r for r in rows(out / "frames.csv")}
+    assert set(frames) == {"frame_00000", "frame_00001"}
+    assert all(r["status"] == "ok" and int(r["particles"]) > 0 for r in frames.values())
+    # what the daemon reports for a frame is what the analysis says about it
+    direct = analyze_frame(folder / "frame_00000.mrc")
+    particles = rows(out / "particles.csv")
+    mine = sorted(float(r["ecd_nm"]) for r in particles if r["frame"] == "frame_00000")
+    np.testing.assert_allclose(mine, sorted(direct.particles["ecd_nm"]), rtol=1e-6)
+    assert frames["frame_00000"]["stage_x_um"] != ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["particles"] == len(particles) == sum(int(r["particles"])
+                                                         for r in frames.values())
+    assert all(r["population"] != "" for r in particles)  # final labels written at stop
+    assert 5 < max(summary["populations"], key=lambda p: p["n"])["mean_ecd_nm"] < 15  # au10
+    assert (out / "histogram.png").stat().st_size > 1000

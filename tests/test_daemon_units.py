@@ -150,7 +150,7 @@ def test_ledger_exactly_once_and_modification(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite", folder=folder)
     assert ledger.requeue_all_running() == 1
     assert [e.name for e in ledger.pending(5)] == ["b.mrc"]
-    assert ledger.pending(5)[0].attempts == 1
+    assert ledger.pending(5)[0].attempts == 0  # the daemon stopped, not the frame
     ledger.close()
     with pytest.raises(LedgerError, match="belongs to folder"):
         Ledger(tmp_path / "l.sqlite", folder=tmp_path)
