@@ -288,8 +288,12 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         # a population needs a few tens of particles too: a small early sample otherwise
         # yields spurious little components in the tails
         floor = max(min_fraction, _MIN_GROUP / len(Z))
+        # populations must differ in size or elongation; circularity helps model the data
+        # and spot fragments, but measured outlines of one population differ in it (an
+        # isolated particle vs a piece cut from a touching group) and must not split it
+        dims = [names.index(f) for f in ("log_ecd", "log_aspect_ratio") if f in names]
         group = _merge_components(weights, means, covs, max_populations=max_populations,
-                                  min_fraction=floor)
+                                  min_fraction=floor, dims=dims)
         model.weights, model.means = weights, means
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)
@@ -472,9 +476,15 @@ def _dip_ratio(weights, means, covs, idx_a, idx_b, mean_a, mean_b, steps=41):
     return float(density[low] / peak) if peak > 0 else 1.0
 
 
-def _merge_components(weights, means, covs, *, max_populations, min_fraction):
-    """Group id per component (-1: outlier component) after merging unseparated pairs."""
+def _merge_components(weights, means, covs, *, max_populations, min_fraction, dims=None):
+    """Group id per component (-1: outlier component) after merging unseparated pairs.
+
+    Separation is judged on the feature columns ``dims`` only (all by default).
+    """
     groups = [np.array([k]) for k in range(len(weights))]
+    if dims is not None:
+        dims = np.asarray(dims)
+        means, covs = means[:, dims], covs[:, dims][:, :, dims]
 
     def pair_separation(a, b):
         _, ma, ca = _moments(weights, means, covs, a)
