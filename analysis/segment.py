@@ -118,12 +118,17 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         return empty
     labels, spread, low = found  # oriented and smooth are now flattened in place
     if refine_edges:
-        labels = _refine_edges(labels, smooth, oriented, valid, sigma=sigma, fallback=low)
-        labels = _relabel_clean(labels, min_area)
+        noise = _noise_sigma(oriented) / (2.0 * np.sqrt(np.pi) * max(sigma, 0.5))
+        labels = _refine_edges(labels, smooth, oriented, valid, sigma=sigma, noise=noise)
+    if clear_border:
+        # per particle (seed) before touching ones join: a faint bridge to a cropped
+        # neighbour must not take a whole particle away
+        labels = segmentation.clear_border(labels)
+        labels = _clear_invalid_border(labels, valid)
+    labels = _relabel_clean(labels, min_area)
     labels = _drop_insignificant(labels, smooth, spread)
     if clear_border:
         labels = segmentation.clear_border(labels)
-        labels = _clear_invalid_border(labels, valid)
     labels, _, _ = segmentation.relabel_sequential(labels)
     return labels.astype(np.int32, copy=False)
 
@@ -340,6 +345,42 @@ def _hysteresis(flat, valid, *, low, high, min_area):
     return remap[labels], int(keep.sum())
 
 
+def _split_at_seeds(labels, flat, high, min_area):
+    """Split regions holding several seeds (connected parts above ``high``) by a watershed of
+    ``flat`` from those seeds, so that nearby particles bridged by the low level of the
+    hysteresis get their own outlines and edge fits (touching ones join again afterwards).
+    Only those regions are processed, each in its bounding box."""
+    seeds, n_seeds = ndi.label((flat > high) & (labels > 0))
+    if n_seeds == 0:
+        return labels
+    # seeds too small to be a particle's core would cut slivers with no edge of their own
+    small = np.bincount(seeds.ravel(), minlength=n_seeds + 1) < min_area
+    small[0] = False
+    if small.any():
+        seeds, n_seeds = ndi.label((seeds > 0) & ~small[seeds])
+        if n_seeds == 0:
+            return labels
+    owner = ndi.maximum(labels, seeds, np.arange(1, n_seeds + 1)).astype(np.int64)
+    per_region = np.bincount(owner, minlength=int(labels.max()) + 1)
+    multi = np.flatnonzero(per_region >= 2)
+    if multi.size == 0:
+        return labels
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    boxes = ndi.find_objects(labels)
+    for lab in multi:
+        sl = boxes[lab - 1]
+        region = labels[sl] == lab
+        markers = np.where(region, seeds[sl], 0)
+        parts = segmentation.watershed(-flat[sl], markers, mask=region)
+        ids = np.unique(parts[parts > 0])
+        remap = np.zeros(int(parts.max()) + 1, np.int64)
+        remap[ids] = np.arange(next_label, next_label + ids.size)
+        next_label += ids.size
+        out[sl][region] = remap[parts[region]]
+    return out
+
+
 def _typical_radius(labels):
     """Median equivalent radius (px) of the labelled regions."""
     area = np.bincount(labels.ravel())[1:]
@@ -383,6 +424,8 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
         if not flatten:
             break
         radius = _typical_radius(labels)
+    labels = _split_at_seeds(labels, flat, high, min_area)
+    labels, _, _ = segmentation.relabel_sequential(labels)
     oriented -= bg + centre
     smooth -= bg + centre
     oriented[~valid] = 0.0
@@ -506,6 +549,8 @@ _SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths
 _FINE_PX = 0.1   # px, sampling of the model profiles
 _MODEL_HALF_PX = 48.0
 _RHO_STEP = 1.04  # relative step of the radius classes that share one set of models
+_LEVEL_NOISE = 1.0  # edge levels closer than this many noise levels to background: shift
+_REACH_PX = 1.5  # px beyond the fitted edge a threshold may take an outline
 _FLAT_EVIDENCE = 9.0  # χ² a flat edge must gain over a curved one to be chosen
 
 
@@ -553,7 +598,7 @@ def _rho_classes(rho):
 
 
 def _fit_profiles(xs, counts, sums, rho, sigma):
-    """Fit every particle's edge profile at once; return the edge level and edge shift.
+    """Fit every particle's edge profile at once; return edge level, edge shift, background.
 
     ``counts`` and ``sums`` (particles × bins) hold each particle's profile of the flattened,
     unsmoothed frame over signed distances ``xs`` from its current outline. For every model
@@ -564,7 +609,8 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
     best edge position, and the flat edge only where it fits clearly better than the curved
     one (weak, noisy profiles cannot tell them apart, and most particles are round). The
     model's value at the true edge, once blurred like the smoothed frame (extra width
-    ``sigma``), is the level to threshold at. NaN where no model fits.
+    ``sigma``), is the level to threshold at (NaN where no model fits); the shift (px) is where
+    the edge is from the current outline, the background the model's level far outside.
     """
     n = counts.shape[0]
     shape = (2, _SIGMAS.size)
@@ -580,6 +626,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
         resid = np.full((n,) + shape, np.inf)
         best_shift = np.zeros((n,) + shape)
         level_at = np.full((n,) + shape, np.nan)
+        base_at = np.full((n,) + shape, np.nan)
         classes = _rho_classes(rho + shift)
         for rq in np.unique(classes[usable]):
             g = np.flatnonzero(usable & (classes == rq))
@@ -606,11 +653,12 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
             resid[g] = pick(r)
             best_shift[g] = _SHIFTS[je]
             level_at[g] = a_k * edge[:, :, 0, 0][None] + b_k
+            base_at[g] = b_k
         # noise per particle from its best fit; χ² of every (kind, sigma) in those units
         rmin = resid.reshape(n, -1).min(1)
         ok = usable & np.isfinite(rmin)
         if not ok.any():
-            return np.full(n, np.nan), np.zeros(n)
+            return np.full(n, np.nan), np.zeros(n), np.zeros(n)
         noise2 = np.maximum(rmin / np.maximum(nbins - 4, 1), 1e-30)
         chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
         chi[~ok] = 0.0
@@ -620,9 +668,10 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
         kind = np.where(curved - flat > _FLAT_EVIDENCE, 1, 0)
         rows = np.arange(n)
         shift = np.where(ok, best_shift[rows, kind, js], 0.0)
-        level = np.where(ok & np.isfinite(resid[rows, kind, js]), level_at[rows, kind, js],
-                         np.nan)
-    return level, shift
+        ok &= np.isfinite(resid[rows, kind, js])
+        level = np.where(ok, level_at[rows, kind, js], np.nan)
+        base = np.where(ok, base_at[rows, kind, js], 0.0)
+    return level, shift, base
 
 
 def _signed_distance(labels):
@@ -641,15 +690,20 @@ def _signed_distance(labels):
     return signed, owner
 
 
-def _refine_edges(labels, smooth, raw, valid, *, sigma, fallback):
+def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     """Re-threshold each particle at the level its fitted edge model has at the true edge.
 
     A plain threshold, or the half-contrast level, sits inside the edge of a sphere or rod,
     whose projected thickness falls to zero like sqrt(depth); by how much depends on contrast,
     blur and size. Fitting the edge profile averaged along the particle's whole outline (so
     shot noise averages out) with blurred edge models locates the edge to a fraction of a
-    pixel whatever the dose or contrast. ``smooth`` and ``raw`` are flattened (background 0);
-    particles whose fit fails keep the outline level ``fallback``.
+    pixel whatever the dose or contrast. ``smooth`` and ``raw`` are flattened (background 0).
+
+    Where that level is within ``_LEVEL_NOISE`` noise levels (``noise``: the pixel noise of
+    ``smooth``) of the background, a threshold there would follow the noise; such particles
+    (faint, low dose) keep the shape of their outline, moved out by the fitted edge shift
+    (iso-contours of a blurred sphere, rod or cube are offsets of its outline). Particles
+    whose fit fails keep their outline.
     """
     n = int(labels.max())
     signed, owner = _signed_distance(labels)
@@ -669,11 +723,16 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, fallback):
     counts = np.bincount(key, minlength=(n + 1) * nb).reshape(n + 1, nb)[1:].astype(float)
     sums = np.bincount(key, weights=raw[sel], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
     xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
-    level, _ = _fit_profiles(xs, counts, sums, rho, sigma)
-    level = np.concatenate([[np.inf], np.where(np.isfinite(level), level, fallback)])
+    level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma)
+    by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
+    level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
+    # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
+    # cannot pull it further out
+    reach = np.concatenate([[0.0], shift + _REACH_PX]).astype(np.float32)
+    offset = np.concatenate([[0.0], np.where(by_level, -np.inf, shift)]).astype(np.float32)
     inside = labels > 0
-    new = sel & (smooth > level[owner]) | (inside & (owner > 0) & (smooth > level[owner])
-                                           & valid)
+    terr = (owner > 0) & valid & (signed <= np.minimum(w_out, reach)[owner])
+    new = terr & ((smooth > level[owner]) | (signed < offset[owner]))
     # Keep, per particle, only the pieces overlapping the original particle.
     pieces, _ = ndi.label(new)
     hit = np.unique(pieces[inside & new])
