@@ -26,7 +26,7 @@ _INT_COLUMNS = ("particle_id",)
 _OUTLINE_SIGMA = 0.7  # px; removes the staircase, rounds a corner by far less than a pixel
 
 
-def measure(labels, image, pixel_nm):
+def measure(labels, image, pixel_nm, *, masks=None):
     """Measure every labelled particle.
 
     Parameters
@@ -62,7 +62,15 @@ def measure(labels, image, pixel_nm):
     for index, sl in enumerate(objects):
         if sl is None:
             continue
-        rows.append(_measure_one(labels, image, index + 1, sl, pixel_nm))
+        lab = index + 1
+        if masks and lab in masks:
+            r0, c0, m = masks[lab]
+            sl = (slice(r0, r0 + m.shape[0]), slice(c0, c0 + m.shape[1]))
+            own = np.zeros_like(labels)
+            own[sl] = np.where(m, lab, 0)
+            rows.append(_measure_one(own, image, lab, sl, pixel_nm))
+            continue
+        rows.append(_measure_one(labels, image, lab, sl, pixel_nm))
     table = {}
     for j, name in enumerate(COLUMNS):
         dtype = np.int64 if name in _INT_COLUMNS else np.float64

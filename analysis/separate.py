@@ -1,13 +1,21 @@
 """Split touching and overlapping particles.
 
 Default: UECS, the ultimate erosion of convex shapes of ANTEMA (Gumbiowski et al. 2023;
-SCIENCE.md §2). A region whose convexity (convex-hull perimeter / perimeter) is below 0.95 is
-eroded step by step; every piece that has become convex is a marker, kept with the number of
-steps it took. Each marker is dilated back by that many steps, masked by the original outline,
-so a particle regains its full size; where two regrown particles overlap, the shared pixels go
-to the one they lie deeper inside. Markers under 30 px or 0.5 nm ECD are dropped; a regrown piece
-that is still not convex cannot be explained as one particle and is reported as an agglomerate,
-not measured. Watershed (distance transform, h-maxima markers) and ``"none"`` are options.
+SCIENCE.md §2). A region is convex when no point of its outline lies deeper inside its convex
+hull than the pixelation allows (the *notch depth*, a test that, unlike the hull/perimeter
+ratio of ANTEMA, still sees the notch of two strongly overlapping spheres and ignores the
+pixel staircase). A non-convex region is eroded step by step; every piece that has split off
+and become convex is a marker, kept with the number of steps it took, and a piece that erodes
+away without becoming convex leaves its last remnant (the ultimate eroded set). Each marker is
+dilated back by that many steps, masked by the original outline, so a particle regains its full
+size: overlapping area is *shared*, not split. The label image gives a shared pixel to the
+particle it lies deeper inside, and :attr:`Separation.masks` keeps every split particle's full,
+possibly overlapping, extent for :func:`~particlewatch.analysis.measure.measure`. Regrown pieces
+under 30 px or 0.5 nm ECD are dropped (ANTEMA drops such markers; the size is tested after
+regrowth here, since the marker of a small sphere overlapping a large one is only a few pixels);
+a regrown piece that is still clearly not convex cannot be explained as one particle and is
+reported as an agglomerate, not measured. Watershed (distance transform, h-maxima markers) and
+``"none"`` are options.
 """
 
 from __future__ import annotations
@@ -16,13 +24,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
 from skimage import morphology, segmentation
 
-from .measure import _hull, _polygon_length, outline
-
-__all__ = ["separate", "Separation", "convexity", "METHODS"]
+__all__ = ["separate", "Separation", "notch_depth", "METHODS"]
 
 METHODS = ("uecs", "watershed", "none")
+
+# A digital convex region's boundary pixels lie less than ~1 px inside the hull of its pixels;
+# a notch deeper than this (and than a fraction of the region's radius) starts a split attempt.
+_SPLIT_NOTCH_PX = 1.5
+_SPLIT_NOTCH_FRAC = 0.1
+# A final piece with a notch deeper than this is not one particle (agglomerate).
+_REJECT_NOTCH_PX = 2.0
+_REJECT_NOTCH_FRAC = 0.2
 
 
 @dataclass
@@ -32,7 +47,8 @@ class Separation:
     Attributes
     ----------
     labels : (M, N) ndarray of int32
-        Particles labelled 1..n; agglomerates are removed (0).
+        Particles labelled 1..n; agglomerates are removed (0). A pixel shared by overlapping
+        particles belongs to the one it lies deeper inside.
     separated : (n + 1,) ndarray of bool
         ``separated[k]`` is True when particle ``k`` came out of splitting a touching group
         (index 0, the background, is False).
@@ -40,35 +56,73 @@ class Separation:
         Number of pieces that could not be split into convex particles (not measured).
     agglomerate_boxes : list of tuple of int
         ``(row0, col0, row1, col1)`` of each agglomerate, for overlays and reports.
+    masks : dict of int to (int, int, ndarray of bool)
+        For each particle whose full extent differs from its pixels in ``labels`` (split
+        particles that overlap a neighbour): ``label -> (row0, col0, mask)``, the mask's top-left
+        corner in the frame and its full, possibly overlapping, extent. Pass it to
+        ``measure(..., masks=...)`` so each overlapping particle is measured whole.
     """
 
     labels: np.ndarray
     separated: np.ndarray
     agglomerates: int = 0
     agglomerate_boxes: list = field(default_factory=list)
+    masks: dict = field(default_factory=dict)
 
 
-def convexity(mask):
-    """Convex-hull perimeter / perimeter of one binary region (1 for a convex shape).
+def notch_depth(mask):
+    """How deep (px) the outline of a binary region cuts into its convex hull.
+
+    The largest distance from a boundary pixel centre to the boundary of the convex hull of all
+    pixel centres: 0 for a digital rectangle, under ~1 px for any digitised convex shape, about
+    ``r - sqrt(r² - (d/2)²)`` at the neck of two spheres of radius ``r`` whose centres are ``d``
+    apart.
 
     Parameters
     ----------
     mask : (M, N) ndarray of bool
+        One region.
 
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:60, :100]
+    >>> two = ((yy - 30) ** 2 + (xx - 30) ** 2 < 20 ** 2) | ((yy - 30) ** 2 + (xx - 66) ** 2 < 20 ** 2)
+    >>> round(notch_depth(two))  # 20 - sqrt(20² - 18²) = 11.3
+    11
     """
-    pts = outline(mask)
+    return _notch_depth(np.asarray(mask, bool))
+
+
+def _boundary_points(mask):
+    p = np.pad(mask, 1)
+    inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return np.argwhere(mask & ~inner).astype(float)
+
+
+def _notch_depth(mask):
+    pts = _boundary_points(mask)
     if len(pts) < 4:
-        return 1.0
-    perim = _polygon_length(pts)
-    _, hull_perim, _ = _hull(pts)
-    return min(hull_perim / perim, 1.0) if perim > 0 else 1.0
+        return 0.0
+    try:
+        eq = ConvexHull(pts).equations
+    except (QhullError, ValueError):  # collinear: a line of pixels is convex
+        return 0.0
+    # eq: n·p + off <= 0 inside; the depth of a point is its distance to the nearest facet.
+    inside = -(pts @ eq[:, :2].T + eq[:, 2])
+    return float(inside.min(axis=1).max())
 
 
-def separate(labels, pixel_nm, *, method="uecs", image=None, min_convexity=0.95,
-             min_marker_px=30, min_marker_nm=0.5):
+def _is_convex(mask, area, *, px, frac):
+    limit = max(px, frac * np.sqrt(area / np.pi))
+    return _notch_depth(mask) <= limit
+
+
+def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
+             min_marker_nm=0.5):
     """Split touching particles into individual ones.
 
     Parameters
@@ -81,10 +135,9 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_convexity=0.95,
         UECS (default), distance-transform watershed, or no splitting.
     image : (M, N) ndarray, optional
         Not needed by the shape-based methods; accepted so callers can pass the frame.
-    min_convexity : float, optional
-        Regions (and pieces) at or above this convexity count as one convex particle.
     min_marker_px, min_marker_nm : float, optional
-        UECS markers smaller than this many pixels, or this ECD in nm, are dropped.
+        UECS particles smaller than this many pixels, or this ECD in nm, after regrowth are
+        dropped.
 
     Returns
     -------
@@ -100,8 +153,8 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_convexity=0.95,
     >>> yy, xx = np.mgrid[:80, :120]
     >>> two = ((yy - 40) ** 2 + (xx - 40) ** 2 < 22 ** 2) | ((yy - 40) ** 2 + (xx - 78) ** 2 < 22 ** 2)
     >>> s = separate(two.astype(int), 1.0)
-    >>> int(s.labels.max()), s.separated[1:].tolist(), s.agglomerates
-    (2, [True, True], 0)
+    >>> int(s.labels.max()), s.separated[1:].tolist(), s.agglomerates, sorted(s.masks)
+    (2, [True, True], 0, [1, 2])
     """
     labels, pixel_nm = _validate_inputs(labels, pixel_nm, method)
     if method == "none" or labels.max() == 0:
@@ -110,7 +163,7 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_convexity=0.95,
     if method == "watershed":
         return _watershed(labels)
     min_marker_px = max(float(min_marker_px), np.pi / 4 * (min_marker_nm / pixel_nm) ** 2)
-    return _uecs(labels, min_convexity=min_convexity, min_marker_px=min_marker_px)
+    return _uecs(labels, min_marker_px=min_marker_px)
 
 
 def _validate_inputs(labels, pixel_nm, method):
@@ -121,6 +174,8 @@ def _validate_inputs(labels, pixel_nm, method):
         raise ValueError(f"labels (shape {labels.shape}) must be 2-D")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels (dtype {labels.dtype}) must be an integer label image")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must not be negative")
     try:
         pixel_nm = float(pixel_nm)
     except (TypeError, ValueError):
@@ -132,10 +187,12 @@ def _validate_inputs(labels, pixel_nm, method):
 
 # -- UECS -----------------------------------------------------------------------------------
 
-def _uecs(labels, *, min_convexity, min_marker_px):
+def _uecs(labels, *, min_marker_px):
     out = np.zeros(labels.shape, np.int32)
     separated = [False]
     boxes = []
+    masks = {}
+    areas = np.bincount(labels.ravel())
     next_label = 1
     for index, sl in enumerate(ndi.find_objects(labels)):
         if sl is None:
@@ -145,89 +202,99 @@ def _uecs(labels, *, min_convexity, min_marker_px):
         c1 = min(sl[1].stop + 1, labels.shape[1])
         mask = labels[r0:r1, c0:c1] == index + 1
         view = out[r0:r1, c0:c1]
-        if convexity(mask) >= min_convexity:
+        area = int(areas[index + 1])
+        # Too small to hold two particles of the minimum size, or convex: one particle.
+        if area < 2 * min_marker_px or _is_convex(mask, area, px=_SPLIT_NOTCH_PX,
+                                                  frac=_SPLIT_NOTCH_FRAC):
             view[mask] = next_label
             separated.append(False)
             next_label += 1
             continue
-        pieces, bad = _split_region(mask, min_convexity=min_convexity,
-                                    min_marker_px=min_marker_px)
-        for piece in pieces:
-            view[piece] = next_label
+        pieces, owner, rejected = _split_region(mask, min_marker_px=min_marker_px)
+        for i, piece in enumerate(pieces):
+            view[owner == i] = next_label
             separated.append(len(pieces) > 1)
+            if not np.array_equal(piece, owner == i):
+                masks[next_label] = (r0, c0, piece)
             next_label += 1
-        if bad:
+        if rejected or not pieces:
             boxes.append((r0, c0, r1, c1))
-    return Separation(out, np.array(separated, bool), len(boxes), boxes)
+    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks)
 
 
-def _markers(mask, *, min_convexity, min_marker_px):
+def _markers(mask, depth):
     """Ultimate erosion of convex shapes: [(marker mask, erosion steps)] for one region."""
-    depth = ndi.distance_transform_edt(mask)
-    active = mask.copy()
     markers = []
-    max_steps = int(depth.max())
-    previous = 0
-    for step in range(1, max_steps + 1):
-        eroded = active & (depth > step)
-        pieces, n = ndi.label(eroded)
-        if n == 0:
-            break
-        # Convexity changes appreciably only when a piece splits off; between splits, check on
-        # a geometric schedule so deep erosions of big regions stay cheap.
-        if n == previous and step % max(1, step // 4):
-            continue
-        previous = n
-        for index, psl in enumerate(ndi.find_objects(pieces)):
-            piece = pieces[psl] == index + 1
-            size = int(piece.sum())
-            if size < 4 or convexity(piece) >= min_convexity:
-                full = np.zeros_like(mask)
-                full[psl] = piece
-                active &= ~full  # this particle is found; the others erode on
-                if size >= min_marker_px:
-                    markers.append((full, step))
-        if not (active & (depth > step)).any():
-            break
+    todo = [(mask, 0)]  # non-convex pieces still to erode, with the steps taken so far
+    while todo:
+        piece, s = todo.pop()
+        tested, gap = s, 1
+        while True:
+            s += 1
+            core = piece & (depth > s)
+            lab, n = ndi.label(core)
+            if n == 0:  # eroded away without becoming convex: its last remnant is the marker
+                markers.append((piece, s - 1))
+                break
+            if n > 1:
+                # Pixels left on a ragged digital saddle (one or two, or barely deeper than the
+                # cut) are crumbs, not particles.
+                index = np.arange(1, n + 1)
+                peaks = ndi.maximum(depth, lab, index)
+                sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+                real = [k + 1 for k in range(n) if peaks[k] >= s + 0.5 and sizes[k] > 2]
+                if len(real) <= 1:
+                    piece = lab == real[0] if real else core
+                    continue
+                for child in (lab == k for k in real):
+                    if _is_convex(child, child.sum(), px=_SPLIT_NOTCH_PX,
+                                  frac=_SPLIT_NOTCH_FRAC):
+                        markers.append((child, s))
+                    else:
+                        todo.append((child, s))
+                break
+            piece = core
+            # Between splits a notch keeps its depth while the piece shrinks, so it only turns
+            # convex when a small dent erodes away: test on a doubling schedule.
+            if s >= tested + gap:
+                if _is_convex(core, core.sum(), px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
+                    markers.append((core, s))
+                    break
+                tested, gap = s, 2 * gap
     return markers
 
 
-def _split_region(mask, *, min_convexity, min_marker_px):
-    """Regrow UECS markers inside ``mask``; return (convex pieces, whether any were rejected)."""
-    markers = _markers(mask, min_convexity=min_convexity, min_marker_px=min_marker_px)
-    if not markers:
-        return [], True
-    # Depth of each pixel inside each regrown marker: steps − distance; the deepest one wins
-    # the shared (overlapping) pixels.
-    best = np.full(mask.shape, -np.inf)
-    owner = np.full(mask.shape, -1, int)
-    for i, (marker, steps) in enumerate(markers):
-        dist = ndi.distance_transform_edt(~marker)
-        inside = (dist <= steps) & mask
-        score = np.where(inside, steps - dist, -np.inf)
-        better = score > best
-        best[better] = score[better]
-        owner[better] = i
-    pieces, rejected = [], False
-    for i in range(len(markers)):
-        piece = owner == i
-        if not piece.any():
-            continue
-        piece = _largest_component(piece)
-        if convexity(piece) < min_convexity:
+def _split_region(mask, *, min_marker_px):
+    """Regrow UECS markers inside ``mask``.
+
+    Returns the accepted pieces (full extents, may overlap), the owner map (index of the piece
+    each pixel is deepest in, -1 for none) and whether any piece was rejected as non-convex.
+    """
+    depth = ndi.distance_transform_edt(mask)
+    grown = []
+    for marker, steps in _markers(mask, depth):
+        # Regrow each marker pixel by its own depth (its distance to the background), not by
+        # the erosion steps: a pixel is in the particle when it is nearer to its nearest marker
+        # pixel than that pixel is to the background. This rebuilds a disc exactly and reaches
+        # into the overlap as far as the particle's own outline does.
+        dist, (iy, ix) = ndi.distance_transform_edt(~marker, return_indices=True)
+        score = steps + 0.01 - dist
+        piece = (score > 0) & mask
+        if piece.sum() >= min_marker_px:
+            grown.append((piece, score))
+    pieces, scores, rejected = [], [], False
+    for piece, score in grown:
+        area = int(piece.sum())
+        if not _is_convex(piece, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
             rejected = True
             continue
         pieces.append(piece)
-    return pieces, rejected
-
-
-def _largest_component(mask):
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
+        scores.append(np.where(piece, score, -np.inf))
+    if not pieces:
+        return [], np.full(mask.shape, -1), True
+    scores = np.stack(scores)
+    owner = np.where(np.isfinite(scores).any(axis=0), np.argmax(scores, axis=0), -1)
+    return pieces, owner, rejected
 
 
 # -- watershed ------------------------------------------------------------------------------

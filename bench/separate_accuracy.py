@@ -1,0 +1,151 @@
+"""Touching pairs split correctly, and the speed of separate() + measure(), on simulated frames.
+
+A *touching pair* is two truth particles whose only overlap partner is each other. It counts as
+split when two distinct measured particles have their centroids within 0.35 ECD of the two
+truth centres and each measured ECD is within ``--tol`` (5%) of its truth. Isolated particles
+give the median |ECD|, Feret min/max errors (and ``shell_nm`` for capsules).
+
+Frames are simulated in focus at stage positions chosen for many touching pairs, segmented once
+with ``segment()`` and cached in ``bench/_work/separate/`` (segmentation is not what is timed).
+Run ``python bench/separate_accuracy.py [--samples au10,ps100,ps-bimodal] [--pairs 40]
+[--method uecs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from particlewatch.analysis.measure import measure
+from particlewatch.analysis.segment import segment
+from particlewatch.analysis.separate import separate
+from particlewatch.simulators.scope import SimScope
+
+WORK = Path(__file__).resolve().parent / "_work" / "separate"
+
+
+def touching_pairs(truth):
+    """Index pairs (i, j) of whole truth particles that overlap only each other."""
+    parts = truth["particles"]
+    out = []
+    for i, p in enumerate(parts):
+        if len(p["overlaps"]) == 1 and not p["touches_edge"]:
+            j = p["overlaps"][0]
+            if i < j and parts[j]["overlaps"] == [i] and not parts[j]["touches_edge"]:
+                out.append((i, j))
+    return out
+
+
+def frames_for(sample, *, pairs, size, seed):
+    """Cached (image, pixel_nm, labels, truth) frames holding at least ``pairs`` pairs."""
+    import json
+    WORK.mkdir(parents=True, exist_ok=True)
+    frames, found, k = [], 0, 0
+    while found < pairs:
+        path = WORK / f"{sample}_{size}_{seed}_{k}.npz"
+        if not path.exists():
+            rng = np.random.default_rng([seed, k])
+            scope = SimScope(sample, seed=seed + k, size_px=size)
+            x0, y0, x1, y1 = scope.stage_limits_um
+            best = None
+            for _ in range(30):  # the densest of 30 random positions
+                scope.move_stage(*rng.uniform([x0 + 5, y0 + 5], [x1 - 5, y1 - 5]))
+                scope.set_defocus(scope.true_focus_um())
+                frame = scope.snap()
+                n = len(touching_pairs(frame.truth))
+                if best is None or n > best[0]:
+                    best = (n, frame)
+            frame = best[1]
+            labels = segment(frame.image, frame.pixel_nm)
+            np.savez_compressed(path, image=frame.image, labels=labels,
+                                pixel_nm=frame.pixel_nm, truth=json.dumps(frame.truth))
+        data = np.load(path)
+        truth = json.loads(str(data["truth"]))
+        frames.append((data["image"], float(data["pixel_nm"]), data["labels"], truth))
+        found += len(touching_pairs(truth))
+        k += 1
+    return frames
+
+
+def _match(table, p, px):
+    xy = np.column_stack([table["x_px"], table["y_px"]])
+    if not len(xy):
+        return -1
+    d = np.hypot(xy[:, 0] - p["x_px"], xy[:, 1] - p["y_px"])
+    k = int(np.argmin(d))
+    return k if d[k] <= 0.35 * p["ecd_nm"] / px else -1
+
+
+def score(table, truth, tol):
+    px = truth["pixel_nm"]
+    parts = truth["particles"]
+    split, pair_err, n_pairs = 0, [], 0
+    for i, j in touching_pairs(truth):
+        n_pairs += 1
+        a, b = _match(table, parts[i], px), _match(table, parts[j], px)
+        if a < 0 or b < 0 or a == b:
+            continue
+        ea = table["ecd_nm"][a] / parts[i]["ecd_nm"] - 1
+        eb = table["ecd_nm"][b] / parts[j]["ecd_nm"] - 1
+        pair_err += [ea, eb]
+        split += abs(ea) <= tol and abs(eb) <= tol
+    iso = {"ecd": [], "fmax": [], "fmin": [], "shell": []}
+    for p in parts:
+        if p["overlaps"] or p["touches_edge"]:
+            continue
+        k = _match(table, p, px)
+        if k < 0:
+            continue
+        iso["ecd"].append(table["ecd_nm"][k] / p["ecd_nm"] - 1)
+        iso["fmax"].append(table["feret_max_nm"][k] / p["feret_max_nm"] - 1)
+        iso["fmin"].append(table["feret_min_nm"][k] / p["feret_min_nm"] - 1)
+        if "shell_nm" in p and "shell_nm" in table:
+            iso["shell"].append(table["shell_nm"][k] / p["shell_nm"] - 1)
+    return split, n_pairs, pair_err, iso
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", default="au10,ps100,ps-bimodal")
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=0.05)
+    parser.add_argument("--method", default="uecs")
+    args = parser.parse_args(argv)
+    print(f"method {args.method}; pairs split into two particles with ECD within "
+          f"{args.tol:.0%}; isolated particles: median |error|")
+    print(f"{'sample':16} {'pairs':>5} {'split':>6} {'pairECD':>7} {'ECD':>6} {'Fmax':>6} "
+          f"{'Fmin':>6} {'shell':>6} {'particles':>9} {'sep ms':>7} {'meas ms':>7}")
+    for sample in args.samples.split(","):
+        frames = frames_for(sample, pairs=args.pairs, size=args.size, seed=args.seed)
+        tot = {"split": 0, "pairs": 0, "perr": [], "ecd": [], "fmax": [], "fmin": [],
+               "shell": [], "n": 0, "sep": 0.0, "meas": 0.0}
+        for image, px, labels, truth in frames:
+            t0 = time.perf_counter()
+            sep = separate(labels, px, method=args.method)
+            t1 = time.perf_counter()
+            kw = {"masks": sep.masks} if getattr(sep, "masks", None) is not None else {}
+            table = measure(sep.labels, image, px, **kw)
+            t2 = time.perf_counter()
+            tot["sep"] += t1 - t0
+            tot["meas"] += t2 - t1
+            tot["n"] += len(table["particle_id"])
+            s, n, perr, iso = score(table, truth, args.tol)
+            tot["split"] += s
+            tot["pairs"] += n
+            tot["perr"] += perr
+            for key in ("ecd", "fmax", "fmin", "shell"):
+                tot[key] += iso[key]
+        med = lambda a: 100 * float(np.median(np.abs(a))) if len(a) else float("nan")  # noqa
+        print(f"{sample:16} {tot['pairs']:>5d} {tot['split'] / max(tot['pairs'], 1):>6.2f} "
+              f"{med(tot['perr']):>6.1f}% {med(tot['ecd']):>5.1f}% {med(tot['fmax']):>5.1f}% "
+              f"{med(tot['fmin']):>5.1f}% {med(tot['shell']):>5.1f}% {tot['n']:>9d} "
+              f"{1e3 * tot['sep'] / len(frames):>7.0f} {1e3 * tot['meas'] / len(frames):>7.0f}")
+
+
+if __name__ == "__main__":
+    main()
