@@ -45,6 +45,23 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
     return format(value, spec)
 
 
+def _size(value) -> str:
+    """A size in nm with three significant figures or so (54.2, 110, 1450)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def _count(value) -> str:
+    """A particle count short enough for a narrow column (900, 12k, 3.4M)."""
+    value = int(value)
+    if value < 10_000:
+        return str(value)
+    if value < 1_000_000:
+        return f"{value / 1000:.0f}k"
+    return f"{value / 1e6:.1f}M"
+
+
 def _half_width_rel(pop: Mapping) -> float | None:
     rel = pop.get("ci95_rel")
     if isinstance(rel, (int, float)):
@@ -135,18 +152,21 @@ def render_populations(stats: Mapping, *, narrow: bool = False) -> Table:
         if pop.get("converged"):
             progress = Text(f"±{_fmt(rel and rel * 100, '.1f')}% ✓", style="bold green")
         else:
-            joiner = "/" if narrow else " of "
-            progress = Text(f"±{_fmt(rel and rel * 100, '.1f')}%{joiner}±{target}%")
+            if narrow:
+                progress = Text(f"±{_fmt(rel and rel * 100, '.1f')}%/{precision * 100:g}%"
+                                if precision else f"±{_fmt(rel and rel * 100, '.1f')}%")
+            else:
+                progress = Text(f"±{_fmt(rel and rel * 100, '.1f')}% of ±{target}%")
             more = pop.get("needed_more")
             if isinstance(more, (int, float)) and more > 0:
-                progress.append(f" ~{int(more)}" if narrow else f", ~{int(more)} more",
+                progress.append(f" ~{_count(more)}" if narrow else f", ~{_count(more)} more",
                                 style="yellow")
         table.add_row(
             Text(population_name(pop, short=narrow), style=colour),
             str(pop.get("n", 0)),
             _fmt(pop.get("fraction"), ".0%"),
-            f"{_fmt(mean, '.1f')} ± {_fmt(half, '.1f')}",
-            _fmt(pop.get("z_average_nm"), ".1f"),
+            f"{_size(mean)} ± {_fmt(half, '.1f' if half is not None and half < 10 else '.0f')}",
+            _size(pop.get("z_average_nm")),
             _fmt(pop.get("cv"), ".3f"),
             progress,
         )
@@ -175,14 +195,10 @@ def render_progress(stats: Mapping, acquisition: Mapping | None) -> Text:
         if tile is not None:
             text.append(f"  tile {tile} of {tiles if tiles is not None else '?'}")
         text.append(f"  skipped {acquisition.get('skipped_segments', 0)}")
-    convergence = stats.get("convergence") or {}
-    reason = convergence.get("reason")
     if stats.get("converged"):
-        text.append("\nconverged", style="bold green")
-        if reason:
-            text.append(f": {reason}")
-    elif reason:
-        text.append(f"\n{reason}", style="dim")
+        # why it has not converged yet is in the table, population by population
+        text.append("\nconverged: every population's mean is known to the precision asked for",
+                    style="bold green")
     return text
 
 
@@ -261,7 +277,7 @@ def main(args) -> int:
                 elif kind == "acquisition":
                     acquisition = message
                 elif kind == "error":
-                    errors.append(str(message.get("message", message))[:200])
+                    errors.append(str(message.get("error") or message.get("message"))[:200])
                 elif kind == "frame" and message.get("status") == "failed":
                     errors.append(f"{message.get('path')}: {message.get('reason')}")
                 live.update(render(stats, acquisition, errors=errors,

@@ -98,7 +98,7 @@ class _Progress:
             if kind in ("stats", "converged"):
                 self.stats = message
             elif kind == "error":
-                self.errors.append(str(message.get("message"))[:200])
+                self.errors.append(str(message.get("error") or message.get("message"))[:200])
             elif kind == "frame" and message.get("status") == "failed":
                 self.errors.append(f"{message.get('path')}: {message.get('reason')}")
             self.errors = self.errors[-3:]
@@ -124,7 +124,7 @@ def _follow_stream(endpoint: str, progress: _Progress, stop: threading.Event) ->
                 try:
                     progress.on_message(decode_message(sock.recv()))
                 except ValueError as exc:
-                    progress.on_message({"type": "error", "message": f"stream: {exc}"})
+                    progress.on_message({"type": "error", "error": f"stream: {exc}"})
     finally:
         sock.close()
 
@@ -205,6 +205,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
 
     outcome: dict[str, Any] = {}
     max_ahead = daemon.n_workers + 1
+    saved_before = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
 
     def throttle() -> None:
         # The simulated microscope acquires faster than real time; holding it while more
@@ -213,7 +214,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         while not stop_acquisition.is_set():
             status = daemon.status()
             done = status.get("frames_ok", 0) + status.get("frames_failed", 0)
-            saved = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
+            saved = saved_before + progress.snapshot()[1].get("frames_saved", 0)
             if saved - done < max_ahead or daemon.wait_converged(0):
                 return
             time.sleep(0.1)

@@ -34,7 +34,7 @@ def _match(reported, truth):
 @pytest.mark.parametrize("sample, n_populations", [("au10", 1), ("ps-bimodal", 2)])
 def test_session_stops_on_convergence_and_matches_truth(tmp_path, sample, n_populations):
     out = tmp_path / "session"
-    result = run_session(out, sample=sample, precision=0.05, max_frames=12, seed=3,
+    result = run_session(out, sample=sample, precision=0.05, max_frames=12, seed=0,
                          workers=1, dashboard=False, size_px=768)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["converged"], summary.get("convergence")
