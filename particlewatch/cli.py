@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder the frames are saved into")
     p.add_argument("--sample", default="au10")
     p.add_argument("--area", type=_area, default=None,
-                   help="stage area X0,Y0,X1,Y1 in µm (default: a 20 µm square at the centre)")
+                   help="stage area X0,Y0,X1,Y1 in µm (default: a 20 µm square at the centre); "
+                        "write --area=-10,-10,10,10 when it starts with a minus sign")
     p.add_argument("--max-frames", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-on", type=_endpoint, default=None,
