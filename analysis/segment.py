@@ -45,6 +45,7 @@ THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
 _MIN_SIDE_PX = 16  # below this a frame cannot hold a measurable, non-border particle
 _LOW_SIGMAS = 3.0  # hysteresis outline level, in units of the background spread
 _SEED_SIGMAS = (5.0, 8.0)  # the seed level (threshold method) is clipped to this range
+_TARGET_SNR = 16.0  # contrast over smoothed noise that the denoising width aims for
 _STATS_PX = 512 * 512  # background statistics from at most about this many pixels
 
 
@@ -487,7 +488,7 @@ def _auto_sigma(oriented):
     contrast = max(float(p995 - p50), 1e-12)
     snr = contrast / noise
     # After a Gaussian of width s the noise falls by 2*sqrt(pi)*s; aim for SNR ≈ 8 there.
-    sigma = 8.0 / (2.0 * np.sqrt(np.pi) * snr)
+    sigma = _TARGET_SNR / (2.0 * np.sqrt(np.pi) * snr)
     return float(np.clip(sigma, 1.0, 4.0))
 
 
