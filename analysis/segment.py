@@ -200,17 +200,25 @@ def _block_mean(image, factor):
 
 
 def _upsample(small, shape):
-    zoom = (shape[0] / small.shape[0], shape[1] / small.shape[1])
-    # Block centres sit half a block in; ndi.zoom with grid_mode maps them correctly.
-    big = ndi.zoom(small, zoom, order=1, mode="nearest", grid_mode=True)
-    if big.shape != tuple(shape):  # rounding: pad with edge values
-        out = np.empty(shape, np.float32)
-        h, w = min(shape[0], big.shape[0]), min(shape[1], big.shape[1])
-        out[:h, :w] = big[:h, :w]
-        out[h:, :] = out[h - 1:h, :]
-        out[:, w:] = out[:, w - 1:w]
-        big = out
-    return big
+    """Bilinear upsampling of a block-averaged image (block centres at half a block in),
+    separable: rows of the small image first, then the full-size pass once."""
+    small = np.asarray(small, dtype=np.float32)
+    rows = _linear_weights(shape[0], small.shape[0])
+    cols = _linear_weights(shape[1], small.shape[1])
+    i0, t = rows
+    tall = small[i0] * (1 - t)[:, None] + small[np.minimum(i0 + 1, small.shape[0] - 1)] * t[:, None]
+    j0, u = cols
+    j1 = np.minimum(j0 + 1, small.shape[1] - 1)
+    return (tall[:, j0] * (1 - u) + tall[:, j1] * u).astype(np.float32, copy=False)
+
+
+def _linear_weights(n_out, n_in):
+    """Source index and weight of each output pixel for grid-mode linear interpolation,
+    clamped at the edges (nearest)."""
+    pos = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1.0)
+    i0 = np.minimum(pos.astype(np.int64), max(n_in - 2, 0))
+    return i0, (pos - i0).astype(np.float32)
 
 
 def flatten_background(image, *, exclude=None, scale_px=None):
@@ -336,8 +344,7 @@ def _hysteresis(flat, valid, *, low, high, min_area):
     labels, n = ndi.label(mask)
     if n == 0:
         return labels, 0
-    idx = np.arange(1, n + 1)
-    peak = ndi.maximum(flat, labels, idx)
+    peak = _label_max(flat, labels, n)
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     keep = np.zeros(n + 1, bool)
     keep[1:] = (peak > high) & (area >= min_area)
@@ -361,7 +368,7 @@ def _split_at_seeds(labels, flat, high, min_area):
         seeds, n_seeds = ndi.label((seeds > 0) & ~small[seeds])
         if n_seeds == 0:
             return labels
-    owner = ndi.maximum(labels, seeds, np.arange(1, n_seeds + 1)).astype(np.int64)
+    owner = _label_max(labels, seeds, n_seeds).astype(np.int64)
     per_region = np.bincount(owner, minlength=int(labels.max()) + 1)
     multi = np.flatnonzero(per_region >= 2)
     if multi.size == 0:
@@ -380,6 +387,15 @@ def _split_at_seeds(labels, flat, high, min_area):
         next_label += ids.size
         out[sl][region] = remap[parts[region]]
     return out
+
+
+def _label_max(values, labels, n):
+    """Maximum of ``values`` over each label 1..n (−inf for an empty label); one unbuffered
+    ufunc pass instead of ``ndimage.maximum``'s sort of the whole frame."""
+    fg = labels > 0
+    out = np.full(n + 1, -np.inf)
+    np.maximum.at(out, labels[fg], values[fg].astype(np.float64))
+    return out[1:]
 
 
 def _typical_radius(labels):
@@ -524,9 +540,9 @@ def _drop_insignificant(labels, flat, spread):
     n = int(labels.max())
     if n == 0 or not spread > 0:
         return labels
-    idx = np.arange(1, n + 1)
-    means = ndi.mean(flat, labels, idx)
-    peaks = ndi.maximum(flat, labels, idx)
+    area = np.maximum(np.bincount(labels.ravel(), minlength=n + 1)[1:], 1)
+    means = np.bincount(labels.ravel(), weights=flat.ravel(), minlength=n + 1)[1:] / area
+    peaks = _label_max(flat, labels, n)
     keep = np.zeros(n + 1, bool)
     keep[1:] = (means > _LOW_SIGMAS * spread) & (peaks > _SEED_SIGMAS[0] * spread)
     return np.where(keep[labels], labels, 0)
@@ -549,7 +565,7 @@ _BIN_PX = 0.25   # px, bin width of the edge profile
 _SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths (px)
 _FINE_PX = 0.1   # px, sampling of the model profiles
 _MODEL_HALF_PX = 48.0
-_RHO_STEP = 1.04  # relative step of the radius classes that share one set of models
+_RHO_STEP = 1.08  # relative step of the radius classes that share one set of models
 _LEVEL_NOISE = 1.0  # edge levels closer than this many noise levels to background: shift
 _REACH_PX = 1.5  # px beyond the fitted edge a threshold may take an outline
 _FLAT_EVIDENCE = 9.0  # χ² a flat edge must gain over a curved one to be chosen
@@ -710,7 +726,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     signed, owner = _signed_distance(labels)
     if signed is None:
         return labels
-    rho = np.maximum(ndi.maximum(-signed, labels, np.arange(1, n + 1)) + 0.5, 1.0)
+    rho = np.maximum(_label_max(-signed, labels, n) + 0.5, 1.0)
     band = 3.0 + 3.0 * max(sigma, 1.0)
     w_in = np.concatenate([[0.0], np.minimum(rho, band)]).astype(np.float32)
     # the outside band reaches past the true edge into the background, wider for big particles
