@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=_positive_float, default=0.01)
     p.add_argument("--pixel-nm", type=_positive_float, default=None)
     p.add_argument("--separate", choices=("uecs", "watershed", "none"), default="uecs")
+    p.add_argument("--min-size-nm", type=_positive_float, default=None,
+                   help="ignore particles smaller than this ECD")
+    p.add_argument("--polarity", choices=("auto", "dark", "bright"), default="auto")
     p.add_argument("--polling", action="store_true",
                    help="poll the folder (for SMB/NFS shares where file events are lost)")
     p.add_argument("--allow-remote", action="store_true",
