@@ -60,3 +60,31 @@ def test_empty_and_bad_input():
     assert all(len(v) == 0 for v in t.values())
     with pytest.raises(ValueError, match="same shape"):
         measure(np.zeros((10, 10), int), np.zeros((5, 5)), 1.0)
+
+
+def test_masks_override_labels_and_are_checked():
+    yy, xx = np.mgrid[:100, :100]
+    disc = (yy - 50) ** 2 + (xx - 50) ** 2 < 20 ** 2
+    lab = np.where(disc, np.where(xx < 60, 1, 2), 0).astype(np.int32)  # 1 cut off by 2
+    r0, c0 = 25, 25
+    t = measure(lab, 100.0 - 50 * disc, 1.0, masks={1: (r0, c0, disc[r0:80, c0:80])})
+    assert t["particle_id"].tolist() == [1, 2]
+    assert t["ecd_nm"][0] == pytest.approx(40.0, rel=0.01) and t["ecd_nm"][1] < 30
+    assert t["x_px"][0] == pytest.approx(50.0, abs=0.05) and t["y_px"][0] == pytest.approx(50.0, abs=0.05)
+    assert t["contrast"][0] == pytest.approx(-50.0, abs=1.0)
+    with pytest.raises(ValueError, match="inside labels"):
+        measure(lab, np.zeros((100, 100)), 1.0, masks={1: (90, 90, disc[25:80, 25:80])})
+
+
+def test_many_discs_at_once_match_one_at_a_time():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:300, :300]
+    lab = np.zeros((300, 300), np.int32)
+    radii = rng.uniform(6, 14, 9)
+    for k, r in enumerate(radii):
+        cy, cx = 50 + 100 * (k // 3) + rng.uniform(-3, 3), 50 + 100 * (k % 3) + rng.uniform(-3, 3)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = k + 1
+    t = measure(lab, lab.astype(float), 1.0)
+    assert np.allclose(t["ecd_nm"], 2 * radii, rtol=0.03)
+    assert np.allclose(t["feret_min_nm"], 2 * radii, rtol=0.06)
+    assert np.all(t["circularity"] > 0.9) and np.all(t["convexity"] > 0.97)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from particlewatch.analysis.measure import measure
-from particlewatch.analysis.separate import separate
+from particlewatch.analysis.separate import notch_depth, separate
 
 
 def _discs(centres, radius, shape=(140, 200)):
@@ -39,3 +39,48 @@ def test_none_keeps_pair_together_watershed_splits_it():
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         separate(np.zeros((5, 5), int), 1.0, method="magic")
+
+
+def _pair(r1, r2, ratio, angle, shape=(150, 190)):
+    """Two discs whose centre distance is ``ratio`` × (r1 + r2), at ``angle`` rad."""
+    c1 = np.array([75.3, 60.6])
+    c2 = c1 + ratio * (r1 + r2) * np.array([np.sin(angle), np.cos(angle)])
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    mask = ((yy - c1[0]) ** 2 + (xx - c1[1]) ** 2 < r1 ** 2) | \
+           ((yy - c2[0]) ** 2 + (xx - c2[1]) ** 2 < r2 ** 2)
+    return mask, c1, c2
+
+
+@pytest.mark.parametrize("r1, r2, ratio, angle", [
+    (10, 10, 0.85, 0.7), (12, 12, 0.82, 2.2), (8, 16, 0.92, 1.1), (20, 17, 0.88, 0.3)])
+def test_overlapping_pair_any_angle_full_sizes_with_masks(r1, r2, ratio, angle):
+    # overlap up to 20% of the contact distance, as the simulator makes; diagonal necks leave
+    # digital crumbs that must not become particles
+    mask, c1, c2 = _pair(r1, r2, ratio, angle)
+    s = separate(mask.astype(np.int32), 1.0, min_marker_px=10)
+    assert s.labels.max() == 2 and s.agglomerates == 0
+    assert set(s.masks) == {1, 2}  # both overlap the other: measured from their full masks
+    t = measure(s.labels, mask.astype(float), 1.0, masks=s.masks)
+    first = int(np.argmin(np.hypot(t["y_px"] - c1[0], t["x_px"] - c1[1])))
+    ecd = np.array([t["ecd_nm"][first], t["ecd_nm"][1 - first]])
+    assert np.all(np.abs(ecd / (2 * np.array([r1, r2])) - 1) < 0.05)
+    # without the masks the shared lens is given to one of them: the other comes out small
+    flat = measure(s.labels, mask.astype(float), 1.0)
+    assert flat["ecd_nm"].sum() < t["ecd_nm"].sum()
+
+
+def test_notch_depth_of_pair_and_disc():
+    mask, _, _ = _pair(15, 15, 0.8, 0.4)
+    # neck of two r = 15 discs 24 px apart: 15 - sqrt(15² - 12²) = 6
+    assert notch_depth(mask) == pytest.approx(6.0, abs=1.0)
+    yy, xx = np.mgrid[:80, :80]
+    assert notch_depth((yy - 40.3) ** 2 + (xx - 39.6) ** 2 < 27 ** 2) < 1.0
+
+
+def test_concave_single_region_is_agglomerate():
+    # a ring-shaped arc (a "C") erodes to one non-convex remnant: not one particle
+    yy, xx = np.mgrid[:120, :120]
+    r = np.hypot(yy - 60, xx - 60)
+    c = (r > 25) & (r < 40) & (xx < 80)
+    s = separate(c.astype(np.int32), 1.0)
+    assert s.agglomerates >= 1 and len(s.agglomerate_boxes) == s.agglomerates
