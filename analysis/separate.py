@@ -38,6 +38,8 @@ _SPLIT_NOTCH_FRAC = 0.1
 # A final piece with a notch deeper than this is not one particle (agglomerate).
 _REJECT_NOTCH_PX = 2.0
 _REJECT_NOTCH_FRAC = 0.2
+# Regions rounder than this (edge-count circularity) are single particles without a hull test.
+_SKIP_ROUNDNESS = 0.9
 
 
 @dataclass
@@ -122,11 +124,20 @@ def _notch_depth(mask):
     return float(inside.min(axis=1).max())
 
 
+_ANGLES = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+_DIRS = np.stack([np.cos(_ANGLES), np.sin(_ANGLES)])
+
+
 def _is_convex(mask, area, *, px, frac):
     if area < 12:  # too few pixels for a notch deeper than the pixelation
         return True
     limit = max(px, frac * np.sqrt(area / np.pi))
-    return _notch_depth(mask) <= limit
+    # Cheap bound first: the gap to the support line in 64 directions is never less than the
+    # distance to the hull, so a small bound proves convexity without building the hull.
+    pts = _boundary_points(mask)
+    proj = pts @ _DIRS
+    bound = float((proj.max(axis=0) - proj).min(axis=1).max()) if len(pts) else 0.0
+    return bound <= limit or _notch_depth(mask) <= limit
 
 
 def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
@@ -201,6 +212,7 @@ def _uecs(labels, *, min_marker_px):
     boxes = []
     masks = {}
     areas = np.bincount(labels.ravel())
+    round_ = _roundness(labels, areas) > _SKIP_ROUNDNESS
     next_label = 1
     for index, sl in enumerate(ndi.find_objects(labels)):
         if sl is None:
@@ -212,8 +224,8 @@ def _uecs(labels, *, min_marker_px):
         view = out[r0:r1, c0:c1]
         area = int(areas[index + 1])
         # Too small to hold two particles of the minimum size, or convex: one particle.
-        if area < 2 * min_marker_px or _is_convex(mask, area, px=_SPLIT_NOTCH_PX,
-                                                  frac=_SPLIT_NOTCH_FRAC):
+        if area < 2 * min_marker_px or round_[index + 1] or _is_convex(
+                mask, area, px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
             view[mask] = next_label
             separated.append(False)
             next_label += 1
@@ -228,6 +240,23 @@ def _uecs(labels, *, min_marker_px):
         if rejected or not pieces:
             boxes.append((r0, c0, r1, c1))
     return Separation(out, np.array(separated, bool), len(boxes), boxes, masks)
+
+
+def _roundness(labels, areas):
+    """4πA/P² of every label, P from its count of pixel edges (× π/4, exact on average).
+
+    One pass over the frame; two spheres overlapping by up to 20% of their contact distance
+    score under 0.82 (0.75 for equal sizes), a digitised disc about 1.
+    """
+    p = np.pad(labels, 1)
+    edges = np.zeros(len(areas), float)
+    for a, b in ((p[:, :-1], p[:, 1:]), (p[:-1, :], p[1:, :])):
+        diff = a != b
+        edges += np.bincount(a[diff], minlength=len(areas))[:len(areas)]
+        edges += np.bincount(b[diff], minlength=len(areas))[:len(areas)]
+    perimeter = edges * np.pi / 4
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(perimeter > 0, 4 * np.pi * areas / perimeter ** 2, 0.0)
 
 
 def _markers(mask, depth):
