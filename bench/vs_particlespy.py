@@ -130,7 +130,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         labels = segment(f.image, f.pixel_nm)
         sep = separate(labels, f.pixel_nm)
-        table = measure(sep.labels, f.image, f.pixel_nm)
+        table = measure(sep.labels, f.image, f.pixel_nm, masks=sep.masks)
         pw["seconds"] += time.perf_counter() - t0
         h, t, e = score(table["x_px"], table["y_px"], table["ecd_nm"], f.truth)
         pw["hits"] += h; pw["total"] += t; pw["errors"] += e
