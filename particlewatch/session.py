@@ -331,11 +331,19 @@ def _drain(daemon, frames_dir: Path, *, timeout_s: float = 600.0) -> None:
 
 def _explain_stop(report, summary: dict | None) -> str:
     reason = getattr(report, "stop_reason", None) or "unknown"
-    if "converged" in reason:
-        return "the statistics converged: " + ((summary or {}).get("convergence") or {}).get(
-            "reason", "every population reached the precision asked for")
+    summary = summary or {}
+    final = (summary.get("convergence") or {}).get("reason", "")
+    if reason == "converged":
+        text = (f"the statistics converged after {report.frames_saved} frames "
+                "(the daemon's converged message stopped acquisition)")
+        if not summary.get("converged") and final:
+            # frames already saved when the message came were analysed too
+            text += f"; with every saved frame analysed the final check says: {final}"
+        return text
     if reason == "finished":
         return "the stage area was covered before the statistics converged"
+    if reason == "max_frames":
+        return "the frame limit (--max-frames) was reached" + (f"; {final}" if final else "")
     return reason
 
 

@@ -38,7 +38,7 @@ def test_session_stops_on_convergence_and_matches_truth(tmp_path, sample, n_popu
                          workers=1, dashboard=False, size_px=768)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["converged"], summary.get("convergence")
-    assert "converged" in result.stop_reason
+    assert result.acquisition.stop_reason == "converged"
     assert result.frames_saved < 12  # it stopped by itself, before the frame limit
 
     populations = summary["populations"]
