@@ -267,7 +267,9 @@ def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarit
     raw = segment(image, pixel_nm, polarity=polarity)
     sep = separate_particles(raw, pixel_nm, method=separate, image=image)
     labels = sep.labels
-    table = measure(labels, image, pixel_nm)
+    # each split particle is measured from its own whole mask: overlapping particles share
+    # the overlap instead of one of them losing it
+    table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None))
     ids = np.asarray(table["particle_id"], dtype=np.int64)
     flags = np.asarray(sep.separated, dtype=bool)
     separated = np.array([bool(flags[i]) if i < flags.size else False for i in ids], bool)
