@@ -47,6 +47,13 @@ _SEPARATION_D = 2.0       # Ashman's D needed to keep two groups apart
 _DIP_RATIO = 0.9          # density between two groups must fall below this × the lower peak
 _MIN_SOLIDITY = 0.9      # below: agglomerate or fragment, an outlier
 _REG_COVAR = 1e-3         # on unit-variance features: floors a component's sd at ~0.03
+# Two groups must also differ by an amount that matters physically, not only statistically:
+# measured outlines of one population grow a broad tail of slightly elongated, slightly
+# off-size particles (pixelation of small particles, unsplit doublets) that a mixture can
+# call "well separated" from the tight core. Spheres vs cubes (aspect 1.03 vs 1.2–1.4), vs
+# rods (~3), PS50 vs PS100 (2×) all clear these margins by far.
+_MIN_SIZE_RATIO = 1.15    # mean ECDs of two populations differ at least by this factor...
+_MIN_ASPECT_RATIO = 1.15  # ...or their mean aspect ratios do
 
 
 def population_features(table):
@@ -292,8 +299,12 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         # and spot fragments, but measured outlines of one population differ in it (an
         # isolated particle vs a piece cut from a touching group) and must not split it
         dims = [names.index(f) for f in ("log_ecd", "log_aspect_ratio") if f in names]
+        margins = {"log_ecd": np.log(_MIN_SIZE_RATIO),
+                   "log_aspect_ratio": np.log(_MIN_ASPECT_RATIO)}
+        # in units of each judged feature's scale, since the mixture lives in scaled space
+        min_delta = np.array([margins[names[d]] / scale[d] for d in dims])
         group = _merge_components(weights, means, covs, max_populations=max_populations,
-                                  min_fraction=floor, dims=dims)
+                                  min_fraction=floor, dims=dims, min_delta=min_delta)
         model.weights, model.means = weights, means
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)
@@ -476,10 +487,13 @@ def _dip_ratio(weights, means, covs, idx_a, idx_b, mean_a, mean_b, steps=41):
     return float(density[low] / peak) if peak > 0 else 1.0
 
 
-def _merge_components(weights, means, covs, *, max_populations, min_fraction, dims=None):
+def _merge_components(weights, means, covs, *, max_populations, min_fraction, dims=None,
+                      min_delta=None):
     """Group id per component (-1: outlier component) after merging unseparated pairs.
 
-    Separation is judged on the feature columns ``dims`` only (all by default).
+    Separation is judged on the feature columns ``dims`` only (all by default). With
+    ``min_delta`` (one value per judged column), two groups also need their means to differ
+    by at least that much in one of the columns to stay apart.
     """
     groups = [np.array([k]) for k in range(len(weights))]
     if dims is not None:
@@ -490,8 +504,9 @@ def _merge_components(weights, means, covs, *, max_populations, min_fraction, di
         _, ma, ca = _moments(weights, means, covs, a)
         _, mb, cb = _moments(weights, means, covs, b)
         d = ashman_d(ma, ca, mb, cb)
-        separated = d > _SEPARATION_D and _dip_ratio(weights, means, covs, a, b, ma,
-                                                     mb) < _DIP_RATIO
+        distinct = min_delta is None or bool(np.any(np.abs(ma - mb) >= min_delta))
+        separated = distinct and d > _SEPARATION_D and _dip_ratio(
+            weights, means, covs, a, b, ma, mb) < _DIP_RATIO
         return d, separated
 
     def big(g):
