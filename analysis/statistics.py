@@ -335,12 +335,20 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     codes_in = codes[inlier]
     n_in = int(inlier.sum())
     total_frames = int(np.unique(codes).size)
+    # Number fractions come from particles that stood alone. Touching groups lose their
+    # small members more often (a small sphere on a big one is hidden or left in an
+    # unsplittable agglomerate), so counting split-out particles biases a mixture's
+    # fractions towards the big population; sizes are still taken from every particle.
+    alone = inlier & ~np.asarray(table.get("separated", np.zeros(n, bool)), dtype=bool)
+    fraction_basis = "isolated" if ("separated" in table and alone.sum() >= max(
+        min_per_population, 0.2 * n_in)) else "all"
+    basis = alone if fraction_basis == "isolated" else inlier
     pops = []
     for pid in ids:
         member = labels == pid
         st = population_stats(table, member, codes, precision=precision,
                               confidence=confidence)
-        frac, frac_half = _fraction_ci(member[inlier], codes_in, confidence=confidence)
+        frac, frac_half = _fraction_ci(member[basis], codes[basis], confidence=confidence)
         st = {"id": int(pid), "n": st.pop("n"), "fraction": frac,
               "fraction_ci95": [max(0.0, frac - frac_half), min(1.0, frac + frac_half)],
               **st}
@@ -368,6 +376,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
         "converged": converged,
         "precision": float(precision),
         "fraction_tolerance": float(fraction_tolerance),
+        "fraction_basis": fraction_basis,
         "min_per_population": int(min_per_population),
         "min_frames": int(min_frames),
         "convergence": {

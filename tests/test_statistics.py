@@ -231,3 +231,25 @@ def test_running_statistics_accepts_empty_frames():
     rs.add("frame_00003", {"ecd_nm": np.zeros(0)})
     assert len(rs.labels) == 2 and rs.n_frames == 3
     json.dumps(rs.summary(), allow_nan=False)
+
+
+def test_fractions_come_from_particles_that_stood_alone():
+    """Splitting touching groups loses small particles more often; fractions must not
+    follow that loss when enough isolated particles are there to count."""
+    rng = np.random.default_rng(5)
+    n_alone = 400
+    small = rng.normal(55, 5, n_alone // 2)
+    big = rng.normal(110, 9, n_alone // 2)
+    split_big = rng.normal(110, 9, 300)  # from touching groups: the small ones were lost
+    ecd = np.concatenate([small, big, split_big])
+    labels = np.concatenate([np.zeros(n_alone // 2, int), np.ones(n_alone // 2 + 300, int)])
+    separated = np.concatenate([np.zeros(n_alone, bool), np.ones(300, bool)])
+    frames = rng.integers(0, 10, ecd.size)
+    table = {"ecd_nm": ecd, "separated": separated}
+    s = summarize(table, labels, frames_ok=10, frames_failed=0, frames=frames)
+    assert s["fraction_basis"] == "isolated"
+    assert abs(s["populations"][0]["fraction"] - 0.5) < 1e-9
+    assert s["populations"][1]["n"] == n_alone // 2 + 300  # sizes from every particle
+    without = summarize({"ecd_nm": ecd}, labels, frames_ok=10, frames_failed=0, frames=frames)
+    assert without["fraction_basis"] == "all"
+    assert without["populations"][0]["fraction"] < 0.3
