@@ -263,3 +263,24 @@ def test_ashman_d_of_known_gaussians():
     # equal unit variances, means 3 apart: D = sqrt(2)·3/sqrt(2) = 3
     d = ashman_d(np.zeros(2), np.eye(2), np.array([3.0, 0.0]), np.eye(2))
     assert d == pytest.approx(3.0)
+
+
+def test_merged_doublets_of_a_round_population_are_outliers():
+    """Two spheres overlapping into one ellipse-like outline cannot be split; as elongated
+    members of a round population they are left out of its statistics."""
+    rng = np.random.default_rng(11)
+    n, n_doublets = 1500, 30  # too few to form a population of their own
+    ecd = np.concatenate([rng.normal(10, 1.5, n), rng.normal(12.5, 1.0, n_doublets)])
+    aspect = np.concatenate([1.0 + np.abs(rng.normal(0, 0.03, n)),
+                             rng.uniform(1.28, 1.45, n_doublets)])
+    labels = find_populations({"ecd_nm": ecd, "aspect_ratio": aspect})
+    assert set(labels[:n].tolist()) == {0} or np.mean(labels[:n] == 0) > 0.99
+    assert np.mean(labels[n:] == -1) > 0.9
+
+
+def test_rods_natural_length_spread_is_kept():
+    rng = np.random.default_rng(12)
+    aspect = rng.normal(3.25, 0.5, 1500).clip(1.8)
+    ecd = rng.normal(22, 2, 1500)
+    labels = find_populations({"ecd_nm": ecd, "aspect_ratio": aspect})
+    assert np.mean(labels == 0) > 0.98
