@@ -88,3 +88,28 @@ def test_many_discs_at_once_match_one_at_a_time():
     assert np.allclose(t["ecd_nm"], 2 * radii, rtol=0.03)
     assert np.allclose(t["feret_min_nm"], 2 * radii, rtol=0.06)
     assert np.all(t["circularity"] > 0.9) and np.all(t["convexity"] > 0.97)
+
+
+def test_subpixel_outline_from_image_gives_unbiased_ferets():
+    # a blurred disc and a blurred rod whose masks are the half-contrast level: the calipers
+    # follow the image's edge, not the pixel staircase
+    from scipy import ndimage as ndi
+    ang = np.deg2rad(23)
+    fine = np.zeros((800, 800))
+    yf, xf = (np.mgrid[:800, :800] + 0.5) / 4 - 0.5
+    fine[np.hypot(yf - 50.3, xf - 60.7) < 10.4] = 1
+    uf = (xf - 130.2) * np.cos(ang) + (yf - 120.6) * np.sin(ang)
+    vf = -(xf - 130.2) * np.sin(ang) + (yf - 120.6) * np.cos(ang)
+    fine[(np.abs(vf) < 6.3) & (np.abs(uf) < 24) | (np.hypot(np.abs(uf) - 24, vf) < 6.3)] = 1
+    img = 100 - 50 * ndi.gaussian_filter(fine.reshape(200, 4, 200, 4).mean((1, 3)), 1.0)
+    lab = (img < 75).astype(np.int32)
+    lab, _ = ndi.label(lab)
+    t = measure(lab, img, 1.0)
+    k_disc = int(np.argmin(np.hypot(t["x_px"] - 60.7, t["y_px"] - 50.3)))
+    k_rod = 1 - k_disc
+    # the disc's calipers agree with its area (the blurred level sits a little inside 20.8)
+    assert t["feret_min_nm"][k_disc] == pytest.approx(t["ecd_nm"][k_disc], rel=0.005)
+    assert t["feret_max_nm"][k_disc] == pytest.approx(t["ecd_nm"][k_disc], rel=0.005)
+    assert t["feret_min_nm"][k_disc] == pytest.approx(20.8, rel=0.02)
+    assert t["feret_min_nm"][k_rod] == pytest.approx(12.6, rel=0.02)
+    assert t["feret_max_nm"][k_rod] == pytest.approx(60.6, rel=0.01)
