@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, segmentation
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 __all__ = ["segment", "flatten_background", "detect_polarity", "THRESHOLDS"]
 
@@ -569,6 +570,7 @@ _RHO_STEP = 1.08  # relative step of the radius classes that share one set of mo
 _LEVEL_NOISE = 1.0  # edge levels closer than this many noise levels to background: shift
 _REACH_PX = 1.5  # px beyond the fitted edge a threshold may take an outline
 _FLAT_EVIDENCE = 9.0  # χ² a flat edge must gain over a curved one to be chosen
+_COARSE = 5  # the first fit pass tries every 5th edge position
 
 
 @functools.lru_cache(maxsize=256)
@@ -614,6 +616,36 @@ def _rho_classes(rho):
     return np.where(rho < 6.0, fine, coarse)
 
 
+def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals):
+    """Least-squares fit of one radius class's profiles against every (kind, sigma, shift)
+    model; return, per particle and (kind, sigma), the residual, best shift, level at the
+    true edge and background."""
+    sw, sy, syy = stats
+    models = _edge_models(float(rq), xs, shifts, sigmas)
+    shape = models.shape[:2]
+    flat_models = models.reshape(-1, xs.size)  # (kind · sigma · shift, bins)
+    swm = counts @ flat_models.T
+    swmm = counts @ (flat_models ** 2).T
+    sym = sums @ flat_models.T
+    swg, syg = sw[:, None], sy[:, None]
+    cov = sym - syg * swm / swg
+    var = swmm - swm ** 2 / swg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = cov / var
+        r = syy[:, None] - syg ** 2 / swg - a * cov
+    r[~(a > 0) | ~(var > 1e-12)] = np.inf
+    r = r.reshape(len(sw), *shape, shifts.size)
+    je = np.argmin(r, axis=-1)  # best edge position per (kind, sigma)
+
+    def pick(v):
+        return np.take_along_axis(v.reshape(r.shape), je[..., None], axis=-1)[..., 0]
+
+    a_k = pick(a)
+    b_k = (sy[:, None, None] - a_k * pick(swm)) / sw[:, None, None]
+    edge = _edge_models(float(rq), np.array([0.0]), np.array([0.0]), totals)
+    return pick(r), shifts[je], a_k * edge[:, :, 0, 0][None] + b_k, b_k
+
+
 def _fit_profiles(xs, counts, sums, rho, sigma):
     """Fit every particle's edge profile at once; return edge level, edge shift, background.
 
@@ -622,24 +654,28 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
     (curved or flat edge, blur width, edge position) the amplitude and background follow by
     weighted least squares, for all particles of one radius class in a few matrix products.
     The blur is one for the whole frame (the optics blur every particle alike): the width that
-    fits all particles best, weighing each by its own noise; with it each particle takes its
-    best edge position, and the flat edge only where it fits clearly better than the curved
-    one (weak, noisy profiles cannot tell them apart, and most particles are round). The
-    model's value at the true edge, once blurred like the smoothed frame (extra width
-    ``sigma``), is the level to threshold at (NaN where no model fits); the shift (px) is where
-    the edge is from the current outline, the background the model's level far outside.
+    fits all particles best, weighing each by its own noise, found on a coarse grid of edge
+    positions; with it each particle takes its best edge position on the fine grid, and the
+    flat edge only where it fits clearly better than the curved one (weak, noisy profiles
+    cannot tell them apart, and most particles are round). The model's value at the true
+    edge, once blurred like the smoothed frame (extra width ``sigma``), is the level to
+    threshold at (NaN where no model fits); the shift (px) is where the edge is from the
+    current outline, the background the model's level far outside.
     """
     n = counts.shape[0]
-    shape = (2, _SIGMAS.size)
     sw = counts.sum(1)
     sy = sums.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         syy = np.where(counts > 0, sums ** 2 / np.maximum(counts, 1), 0.0).sum(1)
     nbins = (counts > 0).sum(1)
     usable = nbins >= 8
-    totals = np.round(np.hypot(_SIGMAS, sigma), 2)
     shift = np.zeros(n)
-    for _ in range(2):  # the radius of curvature follows the edge found
+    sigmas = _SIGMAS
+    # pass 1: all blur widths, coarse edge positions (picks the frame's blur and a first
+    # edge for the radius of curvature); pass 2: that blur only, fine edge positions
+    for shifts in (_SHIFTS[::_COARSE], _SHIFTS):
+        shape = (2, sigmas.size)
+        totals = np.round(np.hypot(sigmas, sigma), 2)
         resid = np.full((n,) + shape, np.inf)
         best_shift = np.zeros((n,) + shape)
         level_at = np.full((n,) + shape, np.nan)
@@ -647,47 +683,29 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
         classes = _rho_classes(rho + shift)
         for rq in np.unique(classes[usable]):
             g = np.flatnonzero(usable & (classes == rq))
-            models = _edge_models(float(rq), xs, _SHIFTS, _SIGMAS)
-            flat_models = models.reshape(-1, xs.size)  # (kind · sigma · shift, bins)
-            w, y = counts[g], sums[g]
-            swm = w @ flat_models.T
-            swmm = w @ (flat_models ** 2).T
-            sym = y @ flat_models.T
-            swg, syg = sw[g, None], sy[g, None]
-            cov = sym - syg * swm / swg
-            var = swmm - swm ** 2 / swg
-            with np.errstate(invalid="ignore", divide="ignore"):
-                a = cov / var
-                r = syy[g, None] - syg ** 2 / swg - a * cov
-            r[~(a > 0) | ~(var > 1e-12)] = np.inf
-            r = r.reshape(g.size, *shape, _SHIFTS.size)
-            je = np.argmin(r, axis=-1)  # best edge position per (kind, sigma)
-            pick = lambda v: np.take_along_axis(  # noqa: E731
-                v.reshape(r.shape), je[..., None], axis=-1)[..., 0]
-            a_k = pick(a)
-            b_k = (sy[g, None, None] - a_k * pick(swm)) / sw[g, None, None]
-            edge = _edge_models(float(rq), np.array([0.0]), np.array([0.0]), totals)
-            resid[g] = pick(r)
-            best_shift[g] = _SHIFTS[je]
-            level_at[g] = a_k * edge[:, :, 0, 0][None] + b_k
-            base_at[g] = b_k
+            out = _fit_class(xs, counts[g], sums[g], (sw[g], sy[g], syy[g]), rq, shifts,
+                             sigmas, totals)
+            resid[g], best_shift[g], level_at[g], base_at[g] = out
         # noise per particle from its best fit; χ² of every (kind, sigma) in those units
         rmin = resid.reshape(n, -1).min(1)
         ok = usable & np.isfinite(rmin)
         if not ok.any():
             return np.full(n, np.nan), np.zeros(n), np.zeros(n)
         noise2 = np.maximum(rmin / np.maximum(nbins - 4, 1), 1e-30)
-        chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
+        with np.errstate(invalid="ignore"):
+            chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
         chi[~ok] = 0.0
         frame_chi = np.where(np.isfinite(chi), chi, 1e6).min(1).sum(0)  # per sigma
         js = int(np.argmin(frame_chi))
         curved, flat = chi[:, 0, js], chi[:, 1, js]
-        kind = np.where(curved - flat > _FLAT_EVIDENCE, 1, 0)
+        with np.errstate(invalid="ignore"):
+            kind = np.where(curved - flat > _FLAT_EVIDENCE, 1, 0)
         rows = np.arange(n)
         shift = np.where(ok, best_shift[rows, kind, js], 0.0)
         ok &= np.isfinite(resid[rows, kind, js])
         level = np.where(ok, level_at[rows, kind, js], np.nan)
         base = np.where(ok, base_at[rows, kind, js], 0.0)
+        sigmas = sigmas[js:js + 1]
     return level, shift, base
 
 
@@ -740,7 +758,8 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     counts = np.bincount(key, minlength=(n + 1) * nb).reshape(n + 1, nb)[1:].astype(float)
     sums = np.bincount(key, weights=raw[sel], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
     xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
-    level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma)
+    with threadpool_limits(1):  # many small products: BLAS threads only add contention
+        level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma)
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
     # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
