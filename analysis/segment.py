@@ -125,14 +125,13 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     if clear_border:
         # per particle (seed) before touching ones join: a faint bridge to a cropped
         # neighbour must not take a whole particle away
-        labels = segmentation.clear_border(labels)
+        labels = _clear_border(labels)
         labels = _clear_invalid_border(labels, valid)
     labels = _relabel_clean(labels, min_area)
     labels = _drop_insignificant(labels, smooth, spread)
     if clear_border:
-        labels = segmentation.clear_border(labels)
-    labels, _, _ = segmentation.relabel_sequential(labels)
-    return labels.astype(np.int32, copy=False)
+        labels = _clear_border(labels)
+    return _relabel(labels)
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def _subsample(values2d, valid):
 
 def _hysteresis(flat, valid, *, low, high, min_area):
     """Regions above ``low`` that reach ``high`` and hold ``min_area`` pixels, holes filled."""
-    mask = ndi.binary_fill_holes((flat > low) & valid)
+    mask = _fill_holes((flat > low) & valid)
     labels, n = ndi.label(mask)
     if n == 0:
         return labels, 0
@@ -411,44 +410,63 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
 
     Round 1 flattens with a frame-wide background (1/8 of the shorter side); the particles it
     finds set the scale of the background of rounds 2 and 3 (twice their typical radius),
-    which leaves them (dilated by half a radius) out. ``oriented`` and ``smooth`` are
-    flattened in place. Returns ``(labels, spread, low)`` or None when nothing is found:
-    ``spread`` is the background's standard deviation in ``smooth``, ``low`` the outline level.
+    which leaves them (dilated by half a radius) out. Rounds 1 and 2 only place the particles
+    to leave out, so they run on a 2× block-averaged frame (a quarter of the pixels).
+    ``oriented`` and ``smooth`` are flattened in place. Returns ``(labels, spread, low)`` or
+    None when nothing is found: ``spread`` is the background's standard deviation in
+    ``smooth``, ``low`` the outline level.
     """
     side = float(min(smooth.shape))
-    labels, radius = None, None
-    for _ in range(3):
+    f = 2 if flatten and side >= 128 else 1
+    coarse = (_block_mean(smooth, f), _block_mean(valid.astype(np.float32), f) > 0.999)
+    mask, radius = None, None
+    for rnd in range(3 if flatten else 1):
+        final = rnd == 2 or not flatten
+        img, ok, k = (smooth, valid, 1) if final else (coarse[0], coarse[1], f)
+        if mask is not None and mask.shape != img.shape:
+            mask = _expand_mask(mask, k_from=f, shape=img.shape)
         if not flatten:
-            bg = np.float32(np.median(smooth[valid]))
-        elif labels is None:
-            bg = _masked_background(smooth, None, side / 8.0)
+            bg = np.float32(np.median(_subsample(smooth, valid)))
+        elif mask is None:
+            bg = _masked_background(img, None, side / 8.0 / k)
         else:
-            scale = np.clip(2.0 * radius, 4.0 * sigma + 4.0, side / 8.0)
-            margin = int(np.ceil(0.5 * radius + 2.0 * sigma + 1.0))
-            exclude = _dilate(labels > 0, margin) | ~valid
-            bg = _masked_background(smooth, exclude, scale)
-        flat = smooth - bg
-        values = _subsample(flat, valid)
+            scale = np.clip(2.0 * radius, 4.0 * sigma + 4.0, side / 8.0) / k
+            margin = int(np.ceil((0.5 * radius + 2.0 * sigma + 1.0) / k))
+            exclude = _dilate(mask, margin) | ~ok
+            bg = _masked_background(img, exclude, scale)
+        flat = img - bg
+        values = _subsample(flat, ok)
         centre, spread = _background_stats(values)
         if not spread > 0:
-            spread = max(_noise_sigma(smooth), 1e-12)
+            spread = max(_noise_sigma(img), 1e-12)
         level = _safe_threshold(thresh_fn, values)
         lo_seed, hi_seed = centre + _SEED_SIGMAS[0] * spread, centre + _SEED_SIGMAS[1] * spread
         high = lo_seed if level is None else float(np.clip(level, lo_seed, hi_seed))
         low = centre + _LOW_SIGMAS * spread
-        labels, n = _hysteresis(flat, valid, low=low, high=high, min_area=min_area)
+        labels, n = _hysteresis(flat, ok, low=low, high=high,
+                                min_area=max(1, min_area // (k * k)))
         if n == 0:
-            return None
-        if not flatten:
-            break
-        radius = _typical_radius(labels)
+            if final:
+                return None
+            mask, radius = None, None  # the full-resolution round decides alone
+            continue
+        mask = labels > 0
+        radius = _typical_radius(labels) * k
     labels = _split_at_seeds(labels, flat, high, min_area)
-    labels, _, _ = segmentation.relabel_sequential(labels)
+    labels = _relabel(labels)
     oriented -= bg + centre
     smooth -= bg + centre
     oriented[~valid] = 0.0
     smooth[~valid] = 0.0
     return labels, spread, low - centre
+
+
+def _expand_mask(small, *, k_from, shape):
+    """Blow a block-averaged mask back up to ``shape`` (uncovered remainder: False)."""
+    big = np.repeat(np.repeat(small, k_from, axis=0), k_from, axis=1)
+    out = np.zeros(shape, bool)
+    out[:big.shape[0], :big.shape[1]] = big
+    return out
 
 
 def _dilate(mask, margin_px):
@@ -515,7 +533,7 @@ def _clean(mask, min_area, *, fill_holes):
     if fill_holes:
         # Projected particles are simply connected; hollow capsules are measured by their
         # outer outline (the hole is measured separately as the shell).
-        mask = ndi.binary_fill_holes(mask)
+        mask = _fill_holes(mask)
     labels, n = ndi.label(mask)
     if n == 0:
         return mask
@@ -526,10 +544,46 @@ def _clean(mask, min_area, *, fill_holes):
 
 
 def _relabel_clean(labels, min_area):
-    mask = _clean(labels > 0, min_area, fill_holes=True)
-    # Keep the refined labels where they exist; filled holes take their surrounding label.
-    out, _ = ndi.label(mask)
-    return out
+    """Fill holes, then label connected regions of at least ``min_area`` pixels 1..n."""
+    out, n = ndi.label(_fill_holes(labels > 0))
+    if n == 0:
+        return out
+    keep = np.bincount(out.ravel(), minlength=n + 1) >= min_area
+    keep[0] = False
+    return _relabel(np.where(keep[out], out, 0))
+
+
+def _fill_holes(mask):
+    """``binary_fill_holes`` by one labelling of the background: holes are the background
+    parts (4-connected) that do not reach the frame border."""
+    bg, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outer = np.zeros(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        outer[edge] = True
+    outer[0] = True
+    return mask | ~outer[bg]
+
+
+def _clear_border(labels):
+    """Remove the labels that touch the frame border."""
+    touch = np.zeros(int(labels.max()) + 1, bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        touch[edge] = True
+    touch[0] = False
+    return np.where(touch[labels], 0, labels) if touch.any() else labels
+
+
+def _relabel(labels):
+    """Renumber the labels present as 1..n (int32), keeping their order."""
+    n = int(labels.max()) if labels.size else 0
+    present = np.zeros(n + 1, bool)
+    present[labels.ravel()] = True
+    present[0] = False
+    lut = np.zeros(n + 1, np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return lut[labels]
 
 
 def _drop_insignificant(labels, flat, spread):
@@ -709,15 +763,25 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
     return level, shift, base
 
 
+def _max4(values):
+    """Maximum over each pixel and its four neighbours (slices, no filter machinery)."""
+    out = values.copy()
+    np.maximum(out[1:], values[:-1], out=out[1:])
+    np.maximum(out[:-1], values[1:], out=out[:-1])
+    np.maximum(out[:, 1:], values[:, :-1], out=out[:, 1:])
+    np.maximum(out[:, :-1], values[:, 1:], out=out[:, :-1])
+    return out
+
+
 def _signed_distance(labels):
     """Signed distance (px) of every pixel from the nearest outline (negative inside) and the
     label of the particle it belongs to (its own, or the nearest one outside). One Euclidean
     distance transform, to the ring of pixels just outside the particles."""
     inside = labels > 0
-    ring = ndi.binary_dilation(inside) & ~inside
+    ring_owner = _max4(labels)
+    ring = (ring_owner > 0) & ~inside
     if not ring.any():
         return None, None
-    ring_owner = ndi.maximum_filter(labels, size=3)
     d, (iy, ix) = ndi.distance_transform_edt(~ring, return_indices=True)
     d = d.astype(np.float32)
     owner = np.where(inside, labels, ring_owner[iy, ix])
@@ -771,8 +835,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     new = terr & ((smooth > level[owner]) | (signed < offset[owner]))
     # Keep, per particle, only the pieces overlapping the original particle.
     pieces, _ = ndi.label(new)
-    hit = np.unique(pieces[inside & new])
     keep = np.zeros(int(pieces.max()) + 1, bool)
-    keep[hit] = True
+    keep[pieces[inside & new]] = True
     keep[0] = False
     return np.where(keep[pieces], owner, 0).astype(np.int32)
