@@ -195,8 +195,10 @@ def _block_mean(image, factor):
     if factor == 1:
         return image.astype(np.float32, copy=True)
     m, n = (s // factor * factor for s in image.shape)
-    blocks = image[:m, :n].reshape(m // factor, factor, n // factor, factor)
-    return blocks.mean(axis=(1, 3), dtype=np.float32)
+    # one axis at a time: far faster than a mean over a 4-D view
+    rows = image[:m, :n].reshape(m // factor, factor, n).sum(axis=1, dtype=np.float32)
+    cols = rows.reshape(m // factor, n // factor, factor).sum(axis=2)
+    return cols * np.float32(1.0 / factor ** 2)
 
 
 def _upsample(small, shape):
@@ -224,8 +226,8 @@ def _linear_weights(n_out, n_in):
 def flatten_background(image, *, exclude=None, scale_px=None):
     """Estimate the large-scale background (uneven illumination) of a frame.
 
-    The frame is block-averaged to about 256 pixels a side and smoothed with a wide Gaussian by
-    normalised convolution, so pixels in ``exclude`` (particles) do not pull the background.
+    The frame is block-averaged (about four blocks per Gaussian width, at least 16 blocks a
+    side) and smoothed with a wide Gaussian by normalised convolution, so pixels in ``exclude`` (particles) do not pull the background.
 
     Parameters
     ----------
@@ -242,9 +244,9 @@ def flatten_background(image, *, exclude=None, scale_px=None):
     background : (M, N) ndarray of float32
     """
     image = np.asarray(image, dtype=np.float32)
-    factor = _downsample_factor(image.shape)
     if scale_px is None:
         scale_px = min(image.shape) / 8.0
+    factor = max(1, min(int(scale_px / 4.0), min(image.shape) // 16))
     sigma = max(1.0, scale_px / factor)
     small = _block_mean(image, factor)
     if exclude is None:
@@ -288,10 +290,10 @@ def _oriented(img, valid, *, polarity, flatten):
     if flatten:
         bg = flatten_background(img)
     else:
-        bg = np.full_like(img, np.median(img[valid]))
+        bg = np.full_like(img, np.median(_subsample(img, valid)))
     flat = img - bg
     pol = detect_polarity(flat) if polarity == "auto" else polarity
-    if pol == "dark" and float(np.min(bg)) > 0 and float(np.median(img[valid])) > 0:
+    if pol == "dark" and float(np.min(bg)) > 0 and float(np.median(_subsample(img, valid))) > 0:
         # Bright-field amplitude contrast is exp(−thickness/λ).
         pos = img > 0
         floor = 0.5 * float(np.min(img[valid & pos])) if pos.any() else 0.5
@@ -322,12 +324,16 @@ def _masked_background(image, exclude, sigma_px):
     weight = np.where(weight > 0.999, 1.0, 0.0).astype(np.float32)  # partly covered blocks out
     num = ndi.gaussian_filter(small * weight, s, mode="nearest")
     den = ndi.gaussian_filter(weight, s, mode="nearest")
-    num4 = ndi.gaussian_filter(small * weight, 4 * s, mode="nearest")
-    den4 = ndi.gaussian_filter(weight, 4 * s, mode="nearest")
+    # the four times wider estimate on four times coarser blocks (same cost as the first)
+    k = 4 if min(small.shape) >= 64 else 1
+    num4 = ndi.gaussian_filter(_block_mean(small * weight, k), 4 * s / k, mode="nearest")
+    den4 = ndi.gaussian_filter(_block_mean(weight, k), 4 * s / k, mode="nearest")
     fallback = float(np.median(small[weight > 0])) if (weight > 0).any() else float(
         np.median(small))
     with np.errstate(invalid="ignore", divide="ignore"):
-        wide = np.where(den4 > 1e-3, num4 / den4, fallback)
+        wide = np.where(den4 > 1e-3, num4 / den4, fallback).astype(np.float32)
+        if k > 1:
+            wide = _upsample(wide, small.shape)
         bg_small = np.where(den > 0.05, num / den, wide)
     return _upsample(bg_small.astype(np.float32), image.shape)
 
@@ -504,7 +510,8 @@ def _background_stats(values):
 
 def _noise_sigma(image):
     """Robust per-pixel noise level from differences of horizontal neighbours."""
-    d = np.diff(image[:, ::1], axis=1)
+    step = max(1, image.shape[0] // 512)  # a few hundred rows hold enough pairs
+    d = np.diff(image[::step], axis=1)
     d = d[:, ::2] if d.shape[1] > 2 else d  # independent pairs
     mad = np.median(np.abs(d - np.median(d)))
     return float(1.4826 * mad / np.sqrt(2.0))
