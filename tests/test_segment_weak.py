@@ -35,9 +35,9 @@ def _pooled(sample, *, dose_factor=1.0, size=512):
 # Floors pin what the method reaches on these small frames; where they sit below the issue's
 # targets (recall 0.98, |error| 2%, capsule bias 3%) the issue-4 report says so.
 @pytest.mark.parametrize("sample, recall, abs_err, bias", [
-    ("ps50", 0.9, 0.04, 0.03),
-    ("ps-bimodal", 0.9, 0.04, 0.03),
-    ("silica-capsules", 0.9, 0.05, 0.05),
+    ("ps50", 0.93, 0.03, 0.02),
+    ("ps-bimodal", 0.93, 0.025, 0.02),
+    ("silica-capsules", 0.93, 0.045, 0.045),
 ])
 def test_weak_particles_found_and_sized(sample, recall, abs_err, bias):
     errors, missed = _pooled(sample)
@@ -49,8 +49,8 @@ def test_weak_particles_found_and_sized(sample, recall, abs_err, bias):
 
 def test_polystyrene_at_low_dose_is_found():
     errors, missed = _pooled("ps-bimodal", dose_factor=0.25)
-    assert errors.size / (errors.size + missed) >= 0.85
-    assert abs(np.median(errors)) <= 0.08
+    assert errors.size / (errors.size + missed) >= 0.88
+    assert abs(np.median(errors)) <= 0.04
 
 
 def test_real_haadf_dm4_is_sensible():
