@@ -28,14 +28,17 @@ def _frame(sample, size, seed):
 def _time_one(frame, repeat):
     best = None
     for _ in range(repeat):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         labels = segment(frame.image, frame.pixel_nm)
         t1 = time.perf_counter()
+        seg_cpu = time.process_time() - c0
         sep = separate(labels, frame.pixel_nm, method="uecs")
         t2 = time.perf_counter()
         table = measure(sep.labels, frame.image, frame.pixel_nm)
         t3 = time.perf_counter()
-        times = (t1 - t0, t2 - t1, t3 - t2, t3 - t0)
+        # CPU seconds too: on a shared machine wall time also counts other people's work
+        times = (t1 - t0, t2 - t1, t3 - t2, seg_cpu, t3 - t0)
         if best is None or times[-1] < best[-1]:
             best = times
     return best, len(table["particle_id"])
@@ -50,13 +53,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"sample {args.sample}, best of {args.repeat}, one process (one core)")
     print(f"{'frame':>10} {'particles':>9} {'segment ms':>10} {'separate ms':>11} "
-          f"{'measure ms':>10} {'total ms':>9} {'particles/min':>13}")
+          f"{'measure ms':>10} {'seg CPU ms':>10} {'total ms':>9} {'particles/min':>13}")
     for size in (int(s) for s in args.sizes.split(",")):
         frame = _frame(args.sample, size, args.seed)
-        (seg, sep, mea, tot), n = _time_one(frame, args.repeat)
+        (seg, sep, mea, seg_cpu, tot), n = _time_one(frame, args.repeat)
         rate = n / tot * 60 if tot > 0 else float("nan")
         print(f"{size:>5}x{size:<4} {n:>9d} {seg * 1e3:>10.0f} {sep * 1e3:>11.0f} "
-              f"{mea * 1e3:>10.0f} {tot * 1e3:>9.0f} {rate:>13.0f}")
+              f"{mea * 1e3:>10.0f} {seg_cpu * 1e3:>10.0f} {tot * 1e3:>9.0f} {rate:>13.0f}")
     print("goal: >= 30,000 particles/min on 2 cores (two worker processes: about 2x the "
           "one-core rate above)")
 
