@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage import measure as skmeasure
+from ._checks import check_pixel_nm
 
 __all__ = ["measure", "COLUMNS", "feret_diameters", "outline"]
 
@@ -111,12 +112,7 @@ def _validate_inputs(labels, image, pixel_nm, masks):
     if image.shape != labels.shape:
         raise ValueError(f"image (shape {image.shape}) must have the same shape as labels "
                          f"(shape {labels.shape})")
-    try:
-        pixel_nm = float(pixel_nm)
-    except (TypeError, ValueError):
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number") from None
-    if not np.isfinite(pixel_nm) or pixel_nm <= 0:
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number")
+    pixel_nm = check_pixel_nm(pixel_nm)
     if labels.size and labels.min() < 0:
         raise ValueError("labels must not be negative")
     masks = dict(masks or {})

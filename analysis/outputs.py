@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from ..frames import atomic_write_bytes
 
 __all__ = ["PARTICLE_COLUMNS", "FRAME_COLUMNS", "append_frame_rows", "write_particles",
            "write_frames", "write_summary", "write_histogram", "write_overlay",
@@ -44,22 +45,6 @@ _INF = float("inf")
 
 # -- small helpers --------------------------------------------------------------------------
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temporary ``.NAME.part`` file and a rename.
-
-    Parameters
-    ----------
-    path : str or path-like
-    data : bytes
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _cell(name, value):

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, segmentation
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
+from ._checks import check_pixel_nm
 
 __all__ = ["segment", "flatten_background", "detect_polarity", "THRESHOLDS"]
 
@@ -141,12 +142,7 @@ def _validate_image(image, pixel_nm, polarity):
     for a frame without usable content."""
     if polarity not in ("auto", "dark", "bright"):
         raise ValueError(f"polarity {polarity!r} must be 'auto', 'dark' or 'bright'")
-    try:
-        pixel_nm = float(pixel_nm)
-    except (TypeError, ValueError):
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number") from None
-    if not np.isfinite(pixel_nm) or pixel_nm <= 0:
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number")
+    pixel_nm = check_pixel_nm(pixel_nm)
     arr = np.asarray(image)
     if arr.ndim != 2:
         raise ValueError(f"image (shape {arr.shape}) must be 2-D")

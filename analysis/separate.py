@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage import morphology, segmentation
+from ._checks import check_pixel_nm
 
 __all__ = ["separate", "Separation", "notch_depth", "METHODS"]
 
@@ -195,12 +196,7 @@ def _validate_inputs(labels, pixel_nm, method):
         raise ValueError(f"labels (dtype {labels.dtype}) must be an integer label image")
     if labels.size and labels.min() < 0:
         raise ValueError("labels must not be negative")
-    try:
-        pixel_nm = float(pixel_nm)
-    except (TypeError, ValueError):
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number") from None
-    if not np.isfinite(pixel_nm) or pixel_nm <= 0:
-        raise ValueError(f"pixel_nm {pixel_nm!r} must be a positive number")
+    pixel_nm = check_pixel_nm(pixel_nm)
     return labels.astype(np.int32, copy=False), pixel_nm
 
 

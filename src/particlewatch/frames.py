@@ -155,7 +155,10 @@ def mdoc_frame_meta(mdoc: dict, z: int = 0) -> dict:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary ``.NAME.part`` file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -204,7 +207,7 @@ def write_frame(path: str | os.PathLike, image: np.ndarray, *, pixel_nm: float,
     mdoc_text = format_mdoc(path.name, data.shape, pixel_nm=pixel_nm, section=section,
                             data_mode=mode)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path.with_name(path.name + ".mdoc"), mdoc_text.encode())
+    atomic_write_bytes(path.with_name(path.name + ".mdoc"), mdoc_text.encode())
 
     tmp = path.with_name(f".{path.name}.part")
     with mrcfile.new(tmp, overwrite=True) as mrc:
