@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from ..frames import atomic_write_bytes
+from ._json import json_safe
 
 __all__ = ["PARTICLE_COLUMNS", "FRAME_COLUMNS", "append_frame_rows", "write_particles",
            "write_frames", "write_summary", "write_histogram", "write_overlay",
@@ -205,26 +206,8 @@ def write_summary(out, summary):
     summary : dict
         As from :func:`particlewatch.analysis.statistics.summarize`.
     """
-    text = json.dumps(_json_safe(summary), indent=1, allow_nan=False)
+    text = json.dumps(json_safe(summary), indent=1, allow_nan=False)
     atomic_write_bytes(Path(out) / SUMMARY_JSON, (text + "\n").encode("utf-8"))
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # -- pictures -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import stats as sps
 
 from .populations import PopulationModel, fit_populations
+from ._json import json_safe
 
 __all__ = ["summarize", "RunningStatistics", "population_stats", "z_average",
            "cluster_mean_ci", "SCHEMA_VERSION"]
@@ -403,7 +404,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
         },
         "histogram": _histogram(np.asarray(table["ecd_nm"], dtype=float), labels, bins),
     }
-    return _json_safe(summary)
+    return json_safe(summary)
 
 
 def _judge(pops, *, n_in, total_frames, precision, min_per_population, min_frames,
@@ -472,23 +473,6 @@ def _histogram(ecd, labels, bins):
     for pid in np.unique(labels[good]):
         counts[str(int(pid))] = np.histogram(ecd[good & (labels == pid)], edges)[0].tolist()
     return {"edges_nm": edges.tolist(), "counts": counts}
-
-
-def _json_safe(obj):
-    """Plain Python types, NaN and ±inf as ``None``."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 class RunningStatistics:
