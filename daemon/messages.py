@@ -6,6 +6,8 @@ Every message on every socket is one JSON object with ``"schema_version": 1`` an
 :class:`MessageError` (whose text is the one-line reason sent back in the error reply).
 
 Stream (PUB): ``frame``, ``stats``, ``converged``, ``error``.
+Acquisition stream (the session's own PUB socket): ``acquisition``, the acquisition's whole
+state (:func:`acquisition_message`, :func:`validate_acquisition`).
 Control (REQ/REP): requests ``status``, ``stop``, ``rescan``, ``analyze`` (with ``path``);
 replies carry ``"ok": true`` or are ``{"type": "error", "ok": false, "error": reason}``.
 Pipeline (PUSH/PULL): ``task`` (daemon to worker, a JSON header plus the frame's bytes),
@@ -247,6 +249,102 @@ def validate_worker_message(message: Mapping) -> dict:
     if len(lengths) > 1:
         raise MessageError(f"particle columns have different lengths: {sorted(lengths)}")
     out["result"] = result
+    return out
+
+
+#: Largest ``acquisition`` message accepted (a full state is a few hundred bytes).
+MAX_ACQUISITION_BYTES = 8 * 1024
+#: Longest text field of an ``acquisition`` message.
+MAX_ACQUISITION_TEXT = 200
+#: Fields of an ``acquisition`` message and their JSON types (None: null allowed). The
+#: runner's state (``stage_x_um`` … ``stop_reason``) plus what the session knows. No field
+#: holds a path, so nothing a subscriber does depends on a path it was sent.
+ACQUISITION_FIELDS: dict[str, tuple] = {
+    "state": (str,), "stage_x_um": (float, None), "stage_y_um": (float, None),
+    "defocus_um": (float, None), "tile": (int,), "tiles": (int,),
+    "skipped_segments": (int,), "frames_saved": (int,), "frames_earlier": (int,),
+    "focus_images": (int,), "survey_images": (int,), "clock_s": (float,),
+    "elapsed_s": (float,), "stop_reason": (str, None), "sample": (str, None),
+    "backend": (str, None), "error": (str, None),
+}
+#: Counters in an ``acquisition`` message are at most this (far beyond any real session).
+_MAX_COUNT = 10**9
+
+
+def acquisition_message(state: Mapping[str, Any], **extra: Any) -> dict:
+    """Build an ``acquisition`` stream message from the runner's state and session extras.
+
+    Keys of ``state`` that are not in :data:`ACQUISITION_FIELDS` (the runner may report
+    more) are left out rather than sent, so :func:`validate_acquisition` accepts the result.
+    """
+    body: dict[str, Any] = {}
+    for key, value in {**dict(state), **extra}.items():
+        spec = ACQUISITION_FIELDS.get(key)
+        if spec is None or (value is None and None not in spec):
+            continue
+        value = to_jsonable(value)
+        if value is None:
+            pass
+        elif str in spec:
+            # one line of printable text: control characters would be refused
+            value = "".join(c if c.isprintable() else " " for c in str(value))
+            value = value[:MAX_ACQUISITION_TEXT]
+        elif int in spec:
+            value = int(value)
+        elif float in spec:
+            value = float(value)
+            if not math.isfinite(value):
+                if None not in spec:
+                    continue
+                value = None
+        body[key] = value
+    body.setdefault("state", "starting")
+    return {"type": "acquisition", **body}
+
+
+def validate_acquisition(message: Mapping) -> dict:
+    """Check a decoded ``acquisition`` message: known fields only, types, ranges and sizes.
+
+    Parameters
+    ----------
+    message : mapping
+        Output of :func:`decode` (``schema_version`` and ``type`` already checked).
+
+    Returns
+    -------
+    dict
+        The fields present, numbers as ``float``/``int`` as declared.
+
+    Raises
+    ------
+    MessageError
+        Wrong type, unknown field, a missing ``state``, a text over
+        ``MAX_ACQUISITION_TEXT`` characters or holding control characters, a non-finite
+        number, a negative or absurd count, or ``tile`` beyond ``tiles``.
+    """
+    if message.get("type") != "acquisition":
+        raise MessageError(f"expected an acquisition message, got {message.get('type')!r}")
+    _reject_unknown(message, set(ACQUISITION_FIELDS))
+    out: dict[str, Any] = {"type": "acquisition"}
+    for key, spec in ACQUISITION_FIELDS.items():
+        types = tuple(type(None) if t is None else t for t in spec)
+        value = _field(message, key, types, required=key == "state")
+        if key not in message:
+            continue
+        if isinstance(value, str):
+            if len(value) > MAX_ACQUISITION_TEXT:
+                raise MessageError(f"'{key}' is longer than {MAX_ACQUISITION_TEXT} characters")
+            if not value.isprintable():  # terminal escapes, new lines
+                raise MessageError(f"'{key}' contains control characters")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise MessageError(f"'{key}' must be a finite number, got {value!r}")
+        elif isinstance(value, int) and not 0 <= value <= _MAX_COUNT:
+            raise MessageError(f"'{key}' must be a count from 0 to {_MAX_COUNT}, got {value}")
+        out[key] = value
+    if not out["state"]:
+        raise MessageError("'state' is empty")
+    if out.get("tile", 0) > out.get("tiles", _MAX_COUNT):
+        raise MessageError(f"tile {out['tile']} is beyond tiles {out['tiles']}")
     return out
 
 

@@ -77,9 +77,9 @@ def test_histogram_rows_scale_to_the_shared_peak():
 
 @pytest.mark.parametrize("payload, reason", [
     (b"not json", "not JSON"),
-    (b"[1, 2]", "not a JSON object"),
+    (b"[1, 2]", "must be a JSON object"),
     (json.dumps({"schema_version": 2, "type": "stats"}).encode(), "schema_version"),
-    (json.dumps({"schema_version": 1}).encode(), "no type"),
+    (json.dumps({"schema_version": 1}).encode(), "no string 'type'"),
 ])
 def test_bad_messages_are_rejected_with_a_reason(payload, reason):
     with pytest.raises(ValueError, match=reason):

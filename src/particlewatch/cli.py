@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, default=None,
                    help="frame width in pixels of the simulated camera (default 2048)")
     p.add_argument("--no-dashboard", action="store_true", help="print progress lines instead")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow the statistics and acquisition streams to bind to addresses "
+                        "other than 127.0.0.1 (give one with --stats)")
     p.set_defaults(handler="particlewatch.session")
 
     p = sub.add_parser("simulate", help="write simulated frames (MRC + .mdoc) and ground truth")
@@ -151,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serialem-port", type=int, default=48888)
     p.set_defaults(handler="particlewatch.acquisition.cli")
 
-    p = sub.add_parser("dashboard", help="terminal dashboard of a running daemon")
-    p.add_argument("--connect", type=_endpoint, default="tcp://127.0.0.1:5556")
+    p = sub.add_parser("dashboard", help="terminal dashboard of a running session or daemon")
+    p.add_argument("--connect", type=_endpoint, default=None, metavar="ENDPOINT",
+                   help="the daemon's statistics endpoint (default tcp://127.0.0.1:5556, or "
+                        "the one in DIR/daemon.json with --out)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="a session's or daemon's --out folder: find both streams from its "
+                        "daemon.json and session.json (also when they appear later)")
+    p.add_argument("--acquisition", type=_endpoint, default=None, metavar="ENDPOINT",
+                   help="the session's acquisition-state endpoint (default: the statistics "
+                        "port + 4, or the one in DIR/session.json with --out)")
     p.set_defaults(handler="particlewatch.dashboard")
     return parser
 

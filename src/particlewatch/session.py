@@ -6,12 +6,18 @@ daemon publishes ``converged`` on its statistics stream; the acquisition control
 that stream and stops after the frame in hand. Every frame saved is then analysed before the
 report (``DIR/report.md``) is written. Running the same command with the same ``DIR`` resumes:
 the daemon's ledger knows which frames are done and acquisition continues numbering.
+
+The acquisition's state (stage position, focus, tile i of n, skipped segments, frames saved,
+focus images, what it is doing) is published as ``acquisition`` messages on a PUB socket of
+its own (statistics port + 4, written to ``DIR/session.json``), so ``particlewatch dashboard``
+in another terminal shows the same as the session's own dashboard.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import socket
 import sys
@@ -23,13 +29,16 @@ from typing import Any
 
 from particlewatch import SCHEMA_VERSION, __version__
 
+log = logging.getLogger(__name__)
+
 #: Side of the square stage area (µm) a session tiles, centred on the grid: far more than
 #: any sample needs before it converges, so in practice convergence or --max-frames stops it.
 SESSION_AREA_UM = 40.0
 
 
-def _free_tcp_port_block(host: str = "127.0.0.1", *, first: int = 5556, count: int = 4) -> int:
-    """The first port P >= ``first`` with P..P+count-1 all free (the daemon binds P..P+3)."""
+def _free_tcp_port_block(host: str = "127.0.0.1", *, first: int = 5556, count: int = 5) -> int:
+    """The first port P >= ``first`` with P..P+count-1 all free (the daemon binds P..P+3,
+    the session's acquisition stream P+4)."""
     for base in range(first, first + 400, count):
         sockets = []
         try:
@@ -79,54 +88,155 @@ class SessionResult:
     settings: dict = field(default_factory=dict)
 
 
-class _Progress:
-    """Latest acquisition state and stream messages, shared between threads."""
+class AcquisitionPublisher:
+    """Publish the acquisition's whole state as ``acquisition`` messages (JSON, never deltas).
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.acquisition: dict = {}
-        self.stats: dict | None = None
-        self.errors: list[str] = []
+    An XPUB socket, so that a dashboard that subscribes late gets the latest state at once
+    (the zguide's last-value cache), not only at the next change; the state is also sent
+    on every change and at least every ``heartbeat_s``, which tells a dashboard the session
+    is alive. Every send happens on the publisher's own thread (ZeroMQ sockets are not
+    thread-safe); :meth:`update` may be called from any thread.
 
-    def on_state(self, state: dict) -> None:
-        with self.lock:
-            self.acquisition = dict(state)
+    Parameters
+    ----------
+    endpoint : str
+        Where to bind, e.g. ``tcp://127.0.0.1:5560`` (port 0: a free port).
+    allow_remote : bool
+        Allow binding to an address other than 127.0.0.1.
+    extra : mapping, optional
+        Fields added to every message (``sample``, ``backend``, ``frames_earlier``).
+    heartbeat_s : float
+    context : zmq.Context, optional
+    """
 
-    def on_message(self, message: dict) -> None:
-        with self.lock:
-            kind = message.get("type")
-            if kind in ("stats", "converged"):
-                self.stats = message
-            elif kind == "error":
-                self.errors.append(str(message.get("error") or message.get("message"))[:200])
-            elif kind == "frame" and message.get("status") == "failed":
-                self.errors.append(f"{message.get('path')}: {message.get('reason')}")
-            self.errors = self.errors[-3:]
+    def __init__(self, endpoint: str, *, allow_remote: bool = False, extra=None,
+                 heartbeat_s: float | None = None, context=None) -> None:
+        import zmq
 
-    def snapshot(self) -> tuple[dict | None, dict, list[str]]:
-        with self.lock:
-            return self.stats, dict(self.acquisition), list(self.errors)
+        from particlewatch.daemon.pipeline import check_bind_allowed
+        from particlewatch.dashboard import ACQUISITION_HEARTBEAT_S
+
+        check_bind_allowed(endpoint, allow_remote=allow_remote)
+        self._zmq = zmq
+        self.heartbeat_s = ACQUISITION_HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self._extra = dict(extra or {})
+        self._socket = (context or zmq.Context.instance()).socket(zmq.XPUB)
+        # every subscription comes through, not only the first for a topic
+        self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._socket.setsockopt(zmq.LINGER, 500)  # the last state still goes out on close
+        scheme, _, rest = endpoint.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme == "tcp" and port == "0":
+            endpoint = f"tcp://{host}:*"
+        self._socket.bind(endpoint)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+        self._state: dict | None = None
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name="acquisition-publisher",
+                                        daemon=True)
+        self._thread.start()
+
+    def update(self, state: dict, **fields) -> None:
+        """Take the runner's state (its ``on_state`` callback), plus ``fields`` over it."""
+        with self._lock:
+            self._state = {**(self._state or {}), **dict(state), **fields}
+        self._changed.set()
+
+    def latest(self) -> dict | None:
+        """The message that would be sent now (None before the first state)."""
+        from particlewatch.daemon.messages import acquisition_message
+
+        with self._lock:
+            if self._state is None:
+                return None
+            state = dict(self._state)
+        return acquisition_message(state, **self._extra,
+                                   elapsed_s=time.monotonic() - self._t0)
+
+    def _send(self) -> None:
+        from particlewatch.daemon.messages import encode
+
+        message = self.latest()
+        if message is not None:
+            self._socket.send(encode(message))
+            self.sent += 1
+
+    def _run(self) -> None:
+        zmq = self._zmq
+        last = 0.0
+        while not self._stop.is_set():
+            # short polls: a change made on another thread is sent within 50 ms
+            if self._socket.poll(50):
+                joined = False
+                while True:
+                    try:
+                        event = self._socket.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    joined |= event[:1] == b"\x01"  # a subscription (b"\x00": gone)
+                if joined:
+                    self._changed.set()
+            now = time.monotonic()
+            if self._changed.is_set() or now - last >= self.heartbeat_s:
+                self._changed.clear()
+                self._send()
+                last = now
+        self._send()  # the final state
+        self._socket.close()
+
+    def close(self) -> None:
+        """Send the final state and close."""
+        self._stop.set()
+        self._thread.join(5)
 
 
-def _follow_stream(endpoint: str, progress: _Progress, stop: threading.Event) -> None:
-    """Subscribe to the daemon's stream and keep ``progress`` current until ``stop``."""
-    import zmq
+def _follow_stream(endpoint: str, state, stop: threading.Event) -> None:
+    """Keep ``state`` (a :class:`DashboardState`) current from the daemon's stream."""
+    from particlewatch.dashboard import StreamFollower
 
-    from particlewatch.dashboard import decode_message
-
-    sock = zmq.Context.instance().socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(endpoint)
+    follower = StreamFollower(state)
+    follower.connect(stats=endpoint)
     try:
         while not stop.is_set():
-            if sock.poll(200):
-                try:
-                    progress.on_message(decode_message(sock.recv()))
-                except ValueError as exc:
-                    progress.on_message({"type": "error", "error": f"stream: {exc}"})
+            follower.poll(200)
     finally:
-        sock.close()
+        follower.close()
+
+
+def _open_publisher(stats_endpoint: str, *, allow_remote: bool, extra: dict):
+    """The acquisition publisher on the statistics port + 4, or on a free port (then only
+    ``session.json`` tells where) when that one is taken or there is no such port."""
+    import zmq
+
+    from particlewatch.dashboard import acquisition_endpoint_for
+
+    wanted = acquisition_endpoint_for(stats_endpoint)
+    if wanted is not None:
+        try:
+            return AcquisitionPublisher(wanted, allow_remote=allow_remote, extra=extra)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+    scheme, _, rest = stats_endpoint.partition("://")
+    host = rest.rpartition(":")[0] if scheme == "tcp" else "127.0.0.1"
+    publisher = AcquisitionPublisher(f"tcp://{host}:0", allow_remote=allow_remote, extra=extra)
+    if wanted is not None:
+        log.warning("%s is taken: the acquisition state is published on %s (see "
+                    "session.json)", wanted, publisher.endpoint)
+    return publisher
+
+
+def _write_session_json(out: Path, info: dict) -> Path:
+    """``OUT/session.json``: where the session publishes (read by ``dashboard --out``)."""
+    path = out / "session.json"
+    tmp = out / ".session.json.part"
+    tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 def _progress_line(stats: dict | None, acquisition: dict) -> str:
@@ -144,7 +254,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                 max_frames: int | None = None, seed: int = 0, backend: str = "simulated",
                 workers: int | None = None, stats_endpoint: str | None = None,
                 dashboard: bool = True, area_um=None, size_px: int | None = None,
-                console=None) -> SessionResult:
+                allow_remote: bool = False, console=None) -> SessionResult:
     """Run acquisition and the live daemon until the statistics converge.
 
     Parameters
@@ -168,13 +278,19 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         Stage area to tile (default: a ``SESSION_AREA_UM`` square at the grid centre).
     size_px : int, optional
         Frame width of the simulated camera (default: the simulator's, 2048).
+    allow_remote : bool
+        Allow the daemon's and the acquisition stream's sockets to bind to addresses other
+        than 127.0.0.1 (given by ``stats_endpoint``).
+
+    The acquisition's state is published on the statistics port + 4 (or a free port if
+    that one is taken) and written with the statistics endpoint to ``DIR/session.json``.
     """
     from rich.console import Console
     from rich.live import Live
 
     from particlewatch.acquisition.runner import run_acquisition
     from particlewatch.daemon.pipeline import Daemon
-    from particlewatch.dashboard import render
+    from particlewatch.dashboard import DashboardState
 
     console = console or Console(stderr=False)
     out = Path(out_dir)
@@ -193,19 +309,41 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                                                           SESSION_AREA_UM)
     settings["area_um"] = area
     daemon = Daemon(frames_dir, out, workers=workers, stats_endpoint=stats_endpoint,
-                    precision=precision, seed=seed).start()
+                    precision=precision, seed=seed, allow_remote=allow_remote).start()
     stats_at = daemon.endpoints["stats"] if hasattr(daemon, "endpoints") else stats_endpoint
+    saved_before = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
+    try:
+        publisher = _open_publisher(stats_at, allow_remote=allow_remote,
+                                    extra={"sample": sample if backend == "simulated" else None,
+                                           "backend": backend,
+                                           "frames_earlier": saved_before})
+    except BaseException:
+        daemon.stop()
+        raise
+    settings["acquisition_endpoint"] = publisher.endpoint
+    _write_session_json(out, {
+        "pid": os.getpid(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "sample": sample, "backend": backend,
+        "endpoints": {"acquisition": publisher.endpoint, "stats": stats_at}})
 
-    progress = _Progress()
+    view = DashboardState()
     stop_stream = threading.Event()
     stop_acquisition = threading.Event()
-    follower = threading.Thread(target=_follow_stream, args=(stats_at, progress, stop_stream),
+    follower = threading.Thread(target=_follow_stream, args=(stats_at, view, stop_stream),
                                 name="session-stream", daemon=True)
     follower.start()
 
+    def on_state(state: dict) -> None:
+        view.on_acquisition_state({**state, "frames_earlier": saved_before})
+        publisher.update(state)
+
+    def set_state(text: str) -> None:
+        # what the session does after acquisition, shown here and on remote dashboards
+        view.on_acquisition_state({**(view.snapshot()[1] or {}), "state": text})
+        publisher.update({}, state=text)
+
     outcome: dict[str, Any] = {}
     max_ahead = daemon.n_workers + 1
-    saved_before = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
 
     def throttle() -> None:
         # The simulated microscope acquires faster than real time; holding it while more
@@ -214,7 +352,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         while not stop_acquisition.is_set():
             status = daemon.status()
             done = status.get("frames_ok", 0) + status.get("frames_failed", 0)
-            saved = saved_before + progress.snapshot()[1].get("frames_saved", 0)
+            saved = saved_before + ((view.snapshot()[1] or {}).get("frames_saved") or 0)
             if saved - done < max_ahead or daemon.wait_converged(0):
                 return
             time.sleep(0.1)
@@ -223,40 +361,54 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         try:
             outcome["report"] = run_acquisition(
                 scope, frames_dir, area_um=area, max_frames=max_frames, stop=stop_acquisition,
-                stop_on=stats_at, on_state=progress.on_state, handle_sigint=False,
+                stop_on=stats_at, on_state=on_state, handle_sigint=False,
                 throttle=throttle,
                 backend=backend, sample=sample, seed=seed)
         except BaseException as exc:  # reported in the main thread
             outcome["error"] = exc
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            view.add_error(f"acquisition: {text}")
+            publisher.update({}, state="failed", error=text)
+
+    def draw(live) -> None:
+        live.update(view.render(width=console.width, height=console.height))
 
     acquisition = threading.Thread(target=acquire, name="session-acquisition", daemon=True)
     stop_reason = None
     try:
         acquisition.start()
         if dashboard:
-            with Live(render(None), console=console, refresh_per_second=4) as live:
+            with Live(view.render(width=console.width, height=console.height),
+                      console=console, refresh_per_second=4) as live:
                 while acquisition.is_alive():
                     acquisition.join(0.25)
-                    stats, acq, errors = progress.snapshot()
-                    live.update(render(stats, acq, errors=errors, width=console.width))
-                stats, acq, errors = progress.snapshot()
-                live.update(render(stats, {**acq, "state": "analysing the last frames"},
-                                   errors=errors, width=console.width))
+                    draw(live)
+                if "error" not in outcome:
+                    set_state("analysing the last frames")
+                draw(live)
                 _drain(daemon, frames_dir)
-                live.update(render(daemon.summary, {**acq, "state": "done"}, errors=errors,
-                                   width=console.width))
+                if daemon.summary:
+                    view.on_message({"type": "stats", **daemon.summary})
+                if "error" not in outcome:
+                    set_state("done")
+                draw(live)
         else:
             last_line = ""
             while acquisition.is_alive():
                 acquisition.join(0.5)
-                stats, acq, _ = progress.snapshot()
-                line = _progress_line(stats, acq)
+                stats, acq, _ = view.snapshot()
+                line = _progress_line(stats, acq or {})
                 if line != last_line:
                     console.print(line, highlight=False)
                     last_line = line
+            if "error" not in outcome:
+                set_state("analysing the last frames")
             _drain(daemon, frames_dir)
+            if "error" not in outcome:
+                set_state("done")
     except KeyboardInterrupt:
         stop_reason = "interrupted by the user (Ctrl-C)"
+        set_state("interrupted")
         stop_acquisition.set()
         acquisition.join(120)
         _drain(daemon, frames_dir, timeout_s=120)
@@ -265,6 +417,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         follower.join(5)
         summary = daemon.summary
         daemon.stop()
+        publisher.close()
     if "error" in outcome:
         raise outcome["error"]
     report = outcome.get("report")
@@ -406,7 +559,8 @@ def main(args) -> int:
     result = run_session(args.out, sample=args.sample, precision=args.precision,
                          max_frames=args.max_frames, seed=args.seed, backend=args.backend,
                          workers=args.workers, stats_endpoint=args.stats,
-                         dashboard=not args.no_dashboard, size_px=args.size)
+                         dashboard=not args.no_dashboard, size_px=args.size,
+                         allow_remote=getattr(args, "allow_remote", False))
     print(f"session in {result.out_dir}: {result.stop_reason}; "
           f"{result.frames_saved} frames in {result.wall_s / 60:.1f} min; "
           f"report {result.out_dir / 'report.md'}", file=sys.stderr)
