@@ -65,3 +65,38 @@ def test_session_stops_on_convergence_and_matches_truth(tmp_path, sample, n_popu
         assert (out / name).stat().st_size > 0
     assert list((out / "overlays").glob("frame_*.png"))
     assert (out / "frames" / "positions.nav").exists()
+    # where a dashboard in another terminal finds the acquisition state (dashboard --out)
+    endpoints = json.loads((out / "session.json").read_text())["endpoints"]
+    assert endpoints["acquisition"].startswith("tcp://127.0.0.1:")
+    assert endpoints["stats"] == json.loads((out / "daemon.json").read_text())["endpoints"]["stats"]
+
+
+def test_acquisition_stream_takes_a_free_port_when_stats_port_plus_4_is_taken():
+    import socket
+
+    from particlewatch.dashboard import DashboardState, StreamFollower
+    from particlewatch.session import _open_publisher
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        stats_port = blocker.getsockname()[1] - 4  # so that stats port + 4 is taken
+        publisher = _open_publisher(f"tcp://127.0.0.1:{stats_port}", allow_remote=False,
+                                    extra={"sample": "au10", "backend": "simulated"})
+    state = DashboardState()
+    follower = StreamFollower(state)
+    try:
+        assert publisher.endpoint.startswith("tcp://127.0.0.1:")
+        assert publisher.endpoint != f"tcp://127.0.0.1:{stats_port + 4}"
+        publisher.update({"state": "focusing", "tile": 1, "tiles": 9})
+        follower.connect(acquisition=publisher.endpoint)
+        for _ in range(200):  # a bound against hanging, not a timing check
+            if state.acquisition is not None:
+                break
+            follower.poll(50)
+    finally:
+        follower.close()
+        publisher.close()
+    assert state.acquisition["state"] == "focusing" and state.acquisition["sample"] == "au10"
+    with pytest.raises(ValueError, match="allow-remote"):
+        _open_publisher("tcp://0.0.0.0:0", allow_remote=False, extra={})

@@ -329,7 +329,9 @@ def render_progress(stats: Mapping, acquisition: Mapping | None, *,
                              if _is_number(queue.get(k)))
         if waiting_frames:
             text.append(f"  queued {waiting_frames}")
-    text.append(f"  particles {_count(stats.get('particles', 0) or 0)}")
+    particles = int(stats.get("particles", 0) or 0)
+    text.append(f"  particles {particles:,}" if particles < 1_000_000
+                else f"  particles {_count(particles)}")
     rate = rate_per_min if rate_per_min is not None else stats.get("particles_per_min")
     text.append(f" ({_count(rate)}/min)" if _is_number(rate) else " (–/min)")
     for line in _acquisition_lines(acquisition, stale_s=stale_s, waiting=waiting):

@@ -140,10 +140,10 @@ class AcquisitionPublisher:
                                         daemon=True)
         self._thread.start()
 
-    def update(self, state: dict, **fields) -> None:
+    def update(self, runner_state: dict, /, **fields) -> None:
         """Take the runner's state (its ``on_state`` callback), plus ``fields`` over it."""
         with self._lock:
-            self._state = {**(self._state or {}), **dict(state), **fields}
+            self._state = {**(self._state or {}), **dict(runner_state), **fields}
         self._changed.set()
 
     def latest(self) -> dict | None:
@@ -312,11 +312,11 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                     precision=precision, seed=seed, allow_remote=allow_remote).start()
     stats_at = daemon.endpoints["stats"] if hasattr(daemon, "endpoints") else stats_endpoint
     saved_before = sum(1 for _ in frames_dir.glob("frame_*.mrc"))
+    # what the session adds to the runner's state, here and on remote dashboards
+    session_fields = {"sample": sample if backend == "simulated" else None,
+                      "backend": backend, "frames_earlier": saved_before}
     try:
-        publisher = _open_publisher(stats_at, allow_remote=allow_remote,
-                                    extra={"sample": sample if backend == "simulated" else None,
-                                           "backend": backend,
-                                           "frames_earlier": saved_before})
+        publisher = _open_publisher(stats_at, allow_remote=allow_remote, extra=session_fields)
     except BaseException:
         daemon.stop()
         raise
@@ -334,7 +334,7 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
     follower.start()
 
     def on_state(state: dict) -> None:
-        view.on_acquisition_state({**state, "frames_earlier": saved_before})
+        view.on_acquisition_state({**state, **session_fields})
         publisher.update(state)
 
     def set_state(text: str) -> None:
