@@ -28,8 +28,9 @@ import functools
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage import filters, segmentation
+from scipy import ndimage as ndi, sparse
+from scipy.sparse import csgraph
+from skimage import filters, morphology, segmentation
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from ._checks import check_pixel_nm
 
@@ -128,7 +129,9 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         # neighbour must not take a whole particle away
         labels = _clear_border(labels)
         labels = _clear_invalid_border(labels, valid)
-    labels = _relabel_clean(labels, min_area)
+    labels = _join_overlapping(labels, smooth)
+    labels = _fill_label_holes(labels)
+    labels = _drop_small(labels, min_area)
     labels = _drop_insignificant(labels, smooth, spread)
     if clear_border:
         labels = _clear_border(labels)
@@ -355,39 +358,38 @@ def _hysteresis(flat, valid, *, low, high, min_area):
     return remap[labels], int(keep.sum())
 
 
-def _split_at_seeds(labels, flat, high, min_area):
-    """Split regions holding several seeds (connected parts above ``high``) by a watershed of
-    ``flat`` from those seeds, so that nearby particles bridged by the low level of the
-    hysteresis get their own outlines and edge fits (touching ones join again afterwards).
-    Only those regions are processed, each in its bounding box."""
-    seeds, n_seeds = ndi.label((flat > high) & (labels > 0))
-    if n_seeds == 0:
+def _split_at_seeds(labels, flat, high, min_area, h):
+    """Split regions holding several seeds by a watershed of ``flat`` from those seeds, so
+    that neighbouring particles bridged by the low level of the hysteresis (or by blur) get
+    their own outlines and edge fits; :func:`_join_overlapping` joins overlapping ones again
+    afterwards.
+
+    A seed is a regional maximum that stands ``h`` (a few background spreads: not noise)
+    above the pass to any higher one and above ``high`` (a particle's core, not a bump on
+    its edge): its dome, the pixels within ``h`` of it, is the marker. Only regions large
+    enough for two particles are processed, each in its bounding box.
+    """
+    n = int(labels.max())
+    if n == 0:
         return labels
-    # seeds too small to be a particle's core would cut slivers with no edge of their own
-    small = np.bincount(seeds.ravel(), minlength=n_seeds + 1) < min_area
-    small[0] = False
-    if small.any():
-        seeds, n_seeds = ndi.label((seeds > 0) & ~small[seeds])
-        if n_seeds == 0:
-            return labels
-    owner = _label_max(labels, seeds, n_seeds).astype(np.int64)
-    per_region = np.bincount(owner, minlength=int(labels.max()) + 1)
-    multi = np.flatnonzero(per_region >= 2)
-    if multi.size == 0:
-        return labels
+    area = np.bincount(labels.ravel(), minlength=n + 1)
     out = labels.copy()
-    next_label = int(labels.max()) + 1
-    boxes = ndi.find_objects(labels)
-    for lab in multi:
-        sl = boxes[lab - 1]
+    next_label = n + 1
+    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or area[lab] < 2 * min_area:
+            continue
         region = labels[sl] == lab
-        markers = np.where(region, seeds[sl], 0)
-        parts = segmentation.watershed(-flat[sl], markers, mask=region)
-        ids = np.unique(parts[parts > 0])
-        remap = np.zeros(int(parts.max()) + 1, np.int64)
-        remap[ids] = np.arange(next_label, next_label + ids.size)
-        next_label += ids.size
-        out[sl][region] = remap[parts[region]]
+        crop = np.where(region, flat[sl], np.float32(flat[sl].min())).astype(np.float64)
+        if crop.max() - high < h:  # at most one seed can stand out
+            continue
+        dome = crop - morphology.reconstruction(crop - h, crop, method="dilation")
+        markers, k = ndi.label((dome > 0) & region & (crop > high))
+        if k < 2:
+            continue
+        parts = segmentation.watershed(-crop, markers, mask=region)
+        view = out[sl]
+        view[region] = np.where(parts[region] > 1, parts[region] + next_label - 2, lab)
+        next_label += k - 1
     return out
 
 
@@ -454,7 +456,8 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
             continue
         mask = labels > 0
         radius = _typical_radius(labels) * k
-    labels = _split_at_seeds(labels, flat, high, min_area)
+    labels = _split_at_seeds(labels, flat, high, min_area, _LOW_SIGMAS * spread)
+    labels = _join_overlapping(labels, flat)  # only particles that merely touch stay split
     labels = _relabel(labels)
     oriented -= bg + centre
     smooth -= bg + centre
@@ -544,6 +547,84 @@ def _clean(mask, min_area, *, fill_holes):
     keep = sizes >= min_area
     keep[0] = False
     return keep[labels]
+
+
+_SADDLE_FRACTION = 0.65  # neighbours whose pass is higher than this share a label (overlap)
+
+
+def _join_overlapping(labels, smooth):
+    """Give adjacent particles one label where they overlap; keep those that only touch apart.
+
+    Detection splits regions holding several seeds; after edge refinement such neighbours
+    are adjacent. Projected thickness (and so contrast) falls to zero where two particles
+    only touch, leaving a deep intensity valley between them once blurred, while particles
+    that overlap have a pass nearly as high as their peaks (computed for blurred spheres:
+    touching ones at 0.25–0.6 of the lower peak for radii ≥ 5 px and blur ≤ 2 px, 10%
+    overlap at ≥ 0.7). The overlapping ones are joined so that
+    :func:`~particlewatch.analysis.separate.separate` can share their overlap; the touching
+    ones keep their own labels (their outlines are known from the valley).
+    """
+    n = int(labels.max())
+    if n < 2:
+        return labels
+    peak = np.concatenate([[0.0], _label_max(smooth, labels, n)])
+    rows, cols, passes = [], [], []
+    for a, b, va, vb in ((labels[:, :-1], labels[:, 1:], smooth[:, :-1], smooth[:, 1:]),
+                         (labels[:-1], labels[1:], smooth[:-1], smooth[1:])):
+        edge = (a != b) & (a > 0) & (b > 0)
+        if edge.any():
+            rows.append(a[edge])
+            cols.append(b[edge])
+            passes.append(np.minimum(va[edge], vb[edge]))
+    if not rows:
+        return labels
+    la, lb = np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+    pv = np.concatenate(passes).astype(np.float64)
+    lo, hi = np.minimum(la, lb), np.maximum(la, lb)
+    key = lo * (n + 1) + hi
+    order = np.argsort(key, kind="stable")
+    key, pv = key[order], pv[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    saddle = np.maximum.reduceat(pv, first)  # highest pass along each shared boundary
+    ka, kb = key[first] // (n + 1), key[first] % (n + 1)
+    join = saddle > _SADDLE_FRACTION * np.minimum(peak[ka], peak[kb])
+    if not join.any():
+        return labels
+    graph = sparse.coo_matrix((np.ones(int(join.sum())), (ka[join], kb[join])),
+                              shape=(n + 1, n + 1))
+    _, comp = csgraph.connected_components(graph, directed=False)
+    lut = (comp + 1).astype(np.int32)
+    lut[0] = 0
+    return lut[labels]
+
+
+def _fill_label_holes(labels):
+    """Fill the holes of the particle mask (projected particles are simply connected;
+    hollow capsules are measured by their outer outline); a hole pixel takes the label of
+    the nearest particle pixel, computed in each hole's bounding box only."""
+    fg = labels > 0
+    holes = _fill_holes(fg) & ~fg
+    if not holes.any():
+        return labels
+    out = labels.copy()
+    hl, nh = ndi.label(holes)
+    for sl in ndi.find_objects(hl):
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        box = out[sl]
+        _, (iy, ix) = ndi.distance_transform_edt(box == 0, return_indices=True)
+        fill = holes[sl]
+        box[fill] = box[iy[fill], ix[fill]]
+    return out
+
+
+def _drop_small(labels, min_area):
+    """Remove labels of fewer than ``min_area`` pixels."""
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_area
+    keep[0] = False
+    return np.where(keep[labels], labels, 0)
 
 
 def _relabel_clean(labels, min_area):
@@ -703,7 +784,7 @@ def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals):
     return pick(r), shifts[je], a_k * edge[:, :, 0, 0][None] + b_k, b_k
 
 
-def _fit_profiles(xs, counts, sums, rho, sigma):
+def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
     """Fit every particle's edge profile at once; return edge level, edge shift, background.
 
     ``counts`` and ``sums`` (particles × bins) hold each particle's profile of the flattened,
@@ -720,6 +801,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
     current outline, the background the model's level far outside.
     """
     n = counts.shape[0]
+    curved_only = curved
     sw = counts.sum(1)
     sy = sums.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -754,9 +836,11 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
         chi[~ok] = 0.0
         frame_chi = np.where(np.isfinite(chi), chi, 1e6).min(1).sum(0)  # per sigma
         js = int(np.argmin(frame_chi))
-        curved, flat = chi[:, 0, js], chi[:, 1, js]
+        curved_chi, flat = chi[:, 0, js], chi[:, 1, js]
         with np.errstate(invalid="ignore"):
-            kind = np.where(curved - flat > _FLAT_EVIDENCE, 1, 0)
+            kind = np.where(curved_chi - flat > _FLAT_EVIDENCE, 1, 0)
+        if curved_only is not None:
+            kind[curved_only] = 0
         rows = np.arange(n)
         shift = np.where(ok, best_shift[rows, kind, js], 0.0)
         ok &= np.isfinite(resid[rows, kind, js])
@@ -764,6 +848,51 @@ def _fit_profiles(xs, counts, sums, rho, sigma):
         base = np.where(ok, base_at[rows, kind, js], 0.0)
         sigmas = sigmas[js:js + 1]
     return level, shift, base
+
+
+_HOLLOW_DROP = 0.5  # a particle whose centre is fainter than this share of its peak is hollow
+
+
+def _hollow(labels, signed, smooth, rho):
+    """Which particles are hollow (capsules): their deepest pixels (the centre) are far
+    fainter than the particle's brightest ones; solid spheres, rods and cubes are thickest
+    there in projection."""
+    n = rho.size
+    inside = labels > 0
+    deep = inside & (-signed >= (rho - 1.5)[np.maximum(labels, 1) - 1])
+    area = np.maximum(np.bincount(labels[deep], minlength=n + 1)[1:], 1)
+    centre = np.bincount(labels[deep], weights=smooth[deep], minlength=n + 1)[1:] / area
+    peak = _label_max(smooth, labels, n)
+    return (peak > 0) & (centre < _HOLLOW_DROP * peak) & (rho >= 4.0)
+
+
+def _cut_hollow(xs, counts, sums, hollow):
+    """Leave out, per hollow particle, the inner part of its edge profile.
+
+    The edge models rise monotonically inward (solid spheres, rods, cubes). A hollow
+    particle (capsule) is thickest in projection just inside its hole, and its profile falls
+    into the hole; fitted whole it pulls the fitted edge inward. For the particles marked
+    ``hollow`` the bins inside the peak of the mean profile (lightly smoothed) are left out
+    of the fit, which then sees the outer edge of the shell only: there the projected
+    thickness is that of a solid sphere.
+    """
+    rows = np.flatnonzero(hollow)
+    if rows.size == 0 or not (xs < 0).any():
+        return counts, sums
+    c, sm = counts[rows], sums[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(c > 0, sm / np.maximum(c, 1e-12), 0.0)
+    w = (c > 0).astype(float)
+    num = ndi.gaussian_filter1d(mean * w, 4.0, axis=1, mode="nearest")
+    den = ndi.gaussian_filter1d(w, 4.0, axis=1, mode="nearest")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prof = np.where((den > 0.2) & (xs[None, :] < 0) & (c > 0), num / den, -np.inf)
+    k_peak = np.argmax(prof, axis=1)
+    counts, sums = counts.copy(), sums.copy()
+    for r, k in zip(rows, k_peak):
+        counts[r, :k] = 0.0
+        sums[r, :k] = 0.0
+    return counts, sums
 
 
 def _max4(values):
@@ -825,8 +954,10 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     counts = np.bincount(key, minlength=(n + 1) * nb).reshape(n + 1, nb)[1:].astype(float)
     sums = np.bincount(key, weights=raw[sel], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
     xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
+    hollow = _hollow(labels, signed, smooth, rho)
+    counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
-        level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma)
+        level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow)
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
     # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
