@@ -233,8 +233,8 @@ def test_malformed_messages_are_ignored_with_a_logged_line(caplog):
             acquisition_pub.send(messages.encode({**good, "path": "/etc/passwd"}))
             acquisition_pub.send(messages.encode(_recorded_stats()))  # wrong stream
             stats_pub.send(messages.encode({"type": "stats", "populations": "all of them"}))
-            stats_pub.send(messages.encode({**_recorded_stats(),
-                                            "histogram": {"edges_nm": [1, 2], "counts": {"x": [1]}}}))
+            stats_pub.send(messages.encode({**_recorded_stats(), "histogram": {
+                "edges_nm": [1, 2], "counts": {"x": [1]}}}))
             acquisition_pub.send(messages.encode(good))
             assert _pump(follower, lambda: state.acquisition is not None and state.ignored >= 6)
     finally:
@@ -384,3 +384,19 @@ def test_particles_per_minute_and_a_silent_acquisition():
     state.on_message(messages.acquisition_message({**RUNNER_STATE, "state": "done"}))
     now[0] = 200.0
     assert "not heard" not in _screen(state)  # a finished acquisition is silent, not lost
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"populations": [{"id": i} for i in range(65)]}, "more than 64"),
+    ({"populations": [{"id": 0, "mean_ecd_nm": "54"}]}, "'mean_ecd_nm' must be a number"),
+    ({"populations": [{"id": 0, "ci95_nm": [1]}]}, "ci95_nm"),
+    ({"populations": [{"id": "0"}]}, "'id' must be an integer"),
+    ({"histogram": {"edges_nm": [1, 2, 3], "counts": {"0": [1]}}}, "must be 2 numbers"),
+    ({"frames_ok": "3"}, "'frames_ok' must be a number"),
+])
+def test_stats_the_dashboard_cannot_draw_are_refused(change, reason):
+    from particlewatch.dashboard import check_stats
+
+    check_stats(_recorded_stats())  # the daemon's own pass
+    with pytest.raises(ValueError, match=reason):
+        check_stats({**_recorded_stats(), **change})

@@ -426,6 +426,10 @@ def decode_message(payload: bytes, *, max_bytes: int = MAX_STATS_BYTES) -> dict:
         raise ValueError(str(exc)) from None
 
 
+#: Limits on what a stats message may ask the dashboard to draw (the daemon finds at most
+#: a handful of populations and uses ~60 bins).
+_MAX_POPULATIONS = 64
+_MAX_BINS = 10_000
 _POPULATION_NUMBERS = ("n", "fraction", "mean_ecd_nm", "sd_ecd_nm", "cv", "z_average_nm",
                        "ci95_rel", "needed_more")
 
@@ -444,6 +448,8 @@ def check_stats(message: Mapping) -> dict:
     pops = message.get("populations", [])
     if not isinstance(pops, list) or not all(isinstance(p, dict) for p in pops):
         raise ValueError("stats 'populations' must be a list of objects")
+    if len(pops) > _MAX_POPULATIONS:
+        raise ValueError(f"{len(pops)} populations, more than {_MAX_POPULATIONS} to draw")
     for pop in pops:
         if not isinstance(pop.get("id"), int) or isinstance(pop.get("id"), bool):
             raise ValueError("a population's 'id' must be an integer")
@@ -464,8 +470,9 @@ def check_stats(message: Mapping) -> dict:
         if not isinstance(hist, dict):
             raise ValueError("stats 'histogram' must be an object")
         edges, counts = hist.get("edges_nm", []), hist.get("counts", {})
-        if not isinstance(edges, list) or not all(_is_number(e) for e in edges):
-            raise ValueError("histogram 'edges_nm' must be a list of numbers")
+        if (not isinstance(edges, list) or len(edges) > _MAX_BINS + 1
+                or not all(_is_number(e) for e in edges)):
+            raise ValueError(f"histogram 'edges_nm' must be at most {_MAX_BINS + 1} numbers")
         if not isinstance(counts, dict):
             raise ValueError("histogram 'counts' must be an object")
         for key, values in counts.items():
