@@ -123,13 +123,16 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     labels, spread, low = found  # oriented and smooth are now flattened in place
     if refine_edges:
         noise = _noise_sigma(oriented) / (2.0 * np.sqrt(np.pi) * max(sigma, 0.5))
-        labels = _refine_edges(labels, smooth, oriented, valid, sigma=sigma, noise=noise)
+        labels, blur = _refine_edges(labels, smooth, oriented, valid, sigma=sigma,
+                                     noise=noise)
+    else:
+        blur = 1.0
     if clear_border:
         # per particle (seed) before touching ones join: a faint bridge to a cropped
         # neighbour must not take a whole particle away
         labels = _clear_border(labels)
         labels = _clear_invalid_border(labels, valid)
-    labels = _join_overlapping(labels, smooth)
+    labels = _join_overlapping(labels, smooth, float(np.hypot(blur, sigma)))
     labels = _fill_label_holes(labels)
     labels = _drop_small(labels, min_area)
     labels = _drop_insignificant(labels, smooth, spread)
@@ -457,7 +460,8 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
         mask = labels > 0
         radius = _typical_radius(labels) * k
     labels = _split_at_seeds(labels, flat, high, min_area, _LOW_SIGMAS * spread)
-    labels = _join_overlapping(labels, flat)  # only particles that merely touch stay split
+    # only particles that merely touch stay split (blur: the smoothing and ~1 px of optics)
+    labels = _join_overlapping(labels, flat, float(np.hypot(1.0, sigma)))
     labels = _relabel(labels)
     oriented -= bg + centre
     smooth -= bg + centre
@@ -549,18 +553,26 @@ def _clean(mask, min_area, *, fill_holes):
     return keep[labels]
 
 
-_SADDLE_FRACTION = 0.65  # neighbours whose pass is higher than this share a label (overlap)
+def _pass_fraction(radius_px, blur_px):
+    """Pass height (as a share of the lower peak) above which two neighbours overlap.
+
+    Two blurred spheres that just touch have a pass of about 0.81, 0.59, 0.45 and 0.25 of
+    their peak at radius / blur = 1.5, 2.5, 5 and 20, two that overlap by a tenth of their
+    diameter 0.95, 0.76, 0.72 and 0.75 (computed for solid spheres under a Gaussian blur);
+    the boundary runs midway between them.
+    """
+    x = np.maximum(radius_px / max(blur_px, 0.3), 1.0)
+    return 0.55 + 0.33 * (1.5 / x) ** 2.2
 
 
-def _join_overlapping(labels, smooth):
+def _join_overlapping(labels, smooth, blur_px):
     """Give adjacent particles one label where they overlap; keep those that only touch apart.
 
     Detection splits regions holding several seeds; after edge refinement such neighbours
     are adjacent. Projected thickness (and so contrast) falls to zero where two particles
-    only touch, leaving a deep intensity valley between them once blurred, while particles
-    that overlap have a pass nearly as high as their peaks (computed for blurred spheres:
-    touching ones at 0.25–0.6 of the lower peak for radii ≥ 5 px and blur ≤ 2 px, 10%
-    overlap at ≥ 0.7). The overlapping ones are joined so that
+    only touch, leaving a valley between them once blurred, while particles that overlap
+    have a pass nearly as high as their peaks (:func:`_pass_fraction`, from the smaller
+    one's radius and the blur ``blur_px``). The overlapping ones are joined so that
     :func:`~particlewatch.analysis.separate.separate` can share their overlap; the touching
     ones keep their own labels (their outlines are known from the valley).
     """
@@ -568,6 +580,7 @@ def _join_overlapping(labels, smooth):
     if n < 2:
         return labels
     peak = np.concatenate([[0.0], _label_max(smooth, labels, n)])
+    radius = np.sqrt(np.bincount(labels.ravel(), minlength=n + 1) / np.pi)
     rows, cols, passes = [], [], []
     for a, b, va, vb in ((labels[:, :-1], labels[:, 1:], smooth[:, :-1], smooth[:, 1:]),
                          (labels[:-1], labels[1:], smooth[:-1], smooth[1:])):
@@ -587,7 +600,8 @@ def _join_overlapping(labels, smooth):
     first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     saddle = np.maximum.reduceat(pv, first)  # highest pass along each shared boundary
     ka, kb = key[first] // (n + 1), key[first] % (n + 1)
-    join = saddle > _SADDLE_FRACTION * np.minimum(peak[ka], peak[kb])
+    frac = _pass_fraction(np.minimum(radius[ka], radius[kb]), blur_px)
+    join = saddle > frac * np.minimum(peak[ka], peak[kb])
     if not join.any():
         return labels
     graph = sparse.coo_matrix((np.ones(int(join.sum())), (ka[join], kb[join])),
@@ -829,7 +843,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
         rmin = resid.reshape(n, -1).min(1)
         ok = usable & np.isfinite(rmin)
         if not ok.any():
-            return np.full(n, np.nan), np.zeros(n), np.zeros(n)
+            return np.full(n, np.nan), np.zeros(n), np.zeros(n), 1.0
         noise2 = np.maximum(rmin / np.maximum(nbins - 4, 1), 1e-30)
         with np.errstate(invalid="ignore"):
             chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
@@ -847,7 +861,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
         level = np.where(ok, level_at[rows, kind, js], np.nan)
         base = np.where(ok, base_at[rows, kind, js], 0.0)
         sigmas = sigmas[js:js + 1]
-    return level, shift, base
+    return level, shift, base, float(sigmas[0])
 
 
 _HOLLOW_DROP = 0.5  # a particle whose centre is fainter than this share of its peak is hollow
@@ -939,7 +953,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     n = int(labels.max())
     signed, owner = _signed_distance(labels)
     if signed is None:
-        return labels
+        return labels, 1.0
     rho = np.maximum(_label_max(-signed, labels, n) + 0.5, 1.0)
     band = 3.0 + 3.0 * max(sigma, 1.0)
     w_in = np.concatenate([[0.0], np.minimum(rho, band)]).astype(np.float32)
@@ -957,7 +971,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     hollow = _hollow(labels, signed, smooth, rho)
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
-        level, shift, base = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow)
+        level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow)
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
     # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
@@ -972,4 +986,4 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     keep = np.zeros(int(pieces.max()) + 1, bool)
     keep[pieces[inside & new]] = True
     keep[0] = False
-    return np.where(keep[pieces], owner, 0).astype(np.int32)
+    return np.where(keep[pieces], owner, 0).astype(np.int32), blur

@@ -111,3 +111,35 @@ def test_otsu_and_callable_thresholds_are_accepted():
     a = segment(frame.image, frame.pixel_nm, threshold="otsu")
     b = segment(frame.image, frame.pixel_nm, threshold=lambda v: float(np.percentile(v, 90)))
     assert a.max() > 0 and b.max() > 0
+
+
+def _two_spheres(gap_px, *, radius=10.0, blur=1.5, size=256, seed=0):
+    """Two equal spheres' projected thickness, blurred, with noise, and their centres."""
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    c = size / 2
+    dx = radius + gap_px / 2
+    img = np.zeros((size, size))
+    for cx in (c - dx, c + dx):
+        img += 2 * np.sqrt(np.clip(radius ** 2 - (xx - cx) ** 2 - (yy - c) ** 2, 0, None))
+    img = ndi.gaussian_filter(img, blur)
+    rng = np.random.default_rng(seed)
+    return 100.0 + 3.0 * img + rng.normal(0, 1.0, img.shape), (c - dx, c + dx)
+
+
+def test_particles_that_only_touch_keep_their_own_labels():
+    img, (x1, x2) = _two_spheres(0.5)
+    labels = segment(img, 1.0, polarity="bright")
+    c = img.shape[0] // 2
+    assert labels.max() == 2
+    assert labels[c, int(x1)] != labels[c, int(x2)]
+    # each is sized like the sphere it is (area of a 10 px disc: 314 px)
+    areas = np.bincount(labels.ravel())[1:]
+    assert np.all(np.abs(areas / (np.pi * 10.0 ** 2) - 1) < 0.08)
+
+
+def test_overlapping_particles_share_a_label_for_separate():
+    img, _ = _two_spheres(-6.0)  # 30% of a diameter overlap
+    labels = segment(img, 1.0, polarity="bright")
+    assert labels.max() == 1

@@ -35,11 +35,11 @@ def _pooled(sample, *, dose_factor=1.0, size=512):
 
 
 # Floors pin what the method reaches on these small frames; where they sit below the issue's
-# targets (recall 0.98, |error| 2%, capsule bias 3%) the issue-4 report says so.
+# targets (recall 0.98, |error| 2%) the issue-4 report says so.
 @pytest.mark.parametrize("sample, recall, abs_err, bias", [
     ("ps50", 0.93, 0.03, 0.02),
     ("ps-bimodal", 0.93, 0.025, 0.02),
-    ("silica-capsules", 0.93, 0.045, 0.045),
+    ("silica-capsules", 0.93, 0.03, 0.03),  # outer diameter: the issue's 3%
 ])
 def test_weak_particles_found_and_sized(sample, recall, abs_err, bias):
     errors, missed = _pooled(sample)
@@ -58,14 +58,21 @@ def test_polystyrene_at_low_dose_is_found():
 def test_real_haadf_dm4_is_sensible():
     import ncempy.io
 
+    from particlewatch.analysis.separate import separate
+
     # shared/ sits beside the repository, in every session and in CI
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "jeol-haadf-dm4" / \
         "jeol_haadf.dm4"
     data = ncempy.io.read(str(path))
     image = np.asarray(data["data"], dtype=float)
-    labels = segment(image, 1.249)
+    labels = separate(segment(image, 1.249), 1.249).labels
     table = measure(labels, image, 1.249)
-    # ~20 metal particles of 5–25 nm, some touching: several regions, all bright and sized so
-    assert 5 <= labels.max() <= 25
-    assert np.all((table["ecd_nm"] > 3) & (table["ecd_nm"] < 60))
+    # Counted by eye on the frame: 20 bright particles of ~4-15 px, one cut by the bottom
+    # border, so 19 measurable; several pairs overlap in projection (their pass is higher
+    # than two just-touching spheres would give at this blur), which neither intensity nor
+    # shape can split reliably. At least ~60% of them, never more than are there.
+    assert 11 <= labels.max() <= 21
+    assert np.all((table["ecd_nm"] > 3) & (table["ecd_nm"] < 30))
     assert image[labels > 0].mean() > np.median(image[labels == 0]) * 1.5
+    # the particle cut by the bottom border (centre near row 110, column 38) is not kept
+    assert not labels[-1].any()
