@@ -133,8 +133,8 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         labels = _clear_border(labels)
         labels = _clear_invalid_border(labels, valid)
     labels = _join_overlapping(labels, smooth, float(np.hypot(blur, sigma)))
+    labels = _drop_small(labels, min_area)  # first: a dropped sliver must not leave a hole
     labels = _fill_label_holes(labels)
-    labels = _drop_small(labels, min_area)
     labels = _drop_insignificant(labels, smooth, spread)
     if clear_border:
         labels = _clear_border(labels)
@@ -367,8 +367,8 @@ def _split_at_seeds(labels, flat, high, min_area, h):
     their own outlines and edge fits; :func:`_join_overlapping` joins overlapping ones again
     afterwards.
 
-    A seed is a regional maximum that stands ``h`` (a few background spreads: not noise)
-    above the pass to any higher one and above ``high`` (a particle's core, not a bump on
+    A seed is a regional maximum that stands ``h`` (a few background spreads: not noise),
+    and a tenth of the region's peak, above the pass to any higher one and above ``high`` (a particle's core, not a bump on
     its edge): its dome, the pixels within ``h`` of it, is the marker. Only regions large
     enough for two particles are processed, each in its bounding box.
     """
@@ -383,9 +383,12 @@ def _split_at_seeds(labels, flat, high, min_area, h):
             continue
         region = labels[sl] == lab
         crop = np.where(region, flat[sl], np.float32(flat[sl].min())).astype(np.float64)
-        if crop.max() - high < h:  # at most one seed can stand out
+        # shot noise on a bright particle exceeds the background's: a seed must also stand
+        # a tenth of the region's peak out (a touching neighbour's valley is far deeper)
+        hr = max(h, 0.1 * float(crop.max()))
+        if crop.max() - high < hr:  # at most one seed can stand out
             continue
-        dome = crop - morphology.reconstruction(crop - h, crop, method="dilation")
+        dome = crop - morphology.reconstruction(crop - hr, crop, method="dilation")
         markers, k = ndi.label((dome > 0) & region & (crop > high))
         if k < 2:
             continue
