@@ -189,7 +189,29 @@ class _Worker:
     """A worker heard from (``hello``) and what it is doing."""
 
     last_seen: float
-    task: str | None = None  # name of the frame it started
+    task: str | None = None  # id of the task it started
+
+
+@dataclass
+class _Task:
+    """A task sent to the workers and not yet answered."""
+
+    name: str
+    sent: float
+    strip: int | None = None  # the strip's index, None for a whole frame
+
+
+@dataclass
+class _Split:
+    """A frame analysed as strips: what is planned, sent and back (in memory only: after a
+    restart the ledger still says ``running`` and the frame is analysed again)."""
+
+    entry: Entry
+    token: str  # task ids of this plan start with it
+    strips: list
+    results: dict = field(default_factory=dict)  # index -> StripResult
+    unsent: list = field(default_factory=list)  # indices to (re)send
+    sends: dict = field(default_factory=dict)  # index -> times sent
 
 
 @dataclass
@@ -218,6 +240,9 @@ class DaemonConfig:
     task_timeout_s: float = 600.0
     max_attempts: int = 3
     rescan_s: float = 2.0
+    strip_min_px: int | None = 2048 * 2048
+    strip_when: str = "idle"
+    strip_margin_px: int | None = None
     histogram_interval_s: float = 5.0
     stats_interval_s: float = 2.0
     ledger_path: str | None = None
@@ -263,6 +288,17 @@ class Daemon:
         ``max_attempts`` times, then recorded failed.
     rescan_s : float
         Period of the folder rescan that backs up watchdog.
+    strip_min_px : int or None
+        Frames of at least this many pixels (MRC or TIFF, whose size the header gives) are
+        analysed as horizontal strips by several workers at once and merged
+        (:mod:`particlewatch.analysis.strips`); None never splits. Only with the default
+        analysis.
+    strip_when : {"idle", "always"}
+        Split only when workers would otherwise idle (fewer frames waiting or running than
+        workers), or every large frame (the same split for the same frame on every run).
+    strip_margin_px : int, optional
+        Rows analysed beyond each cut (default: from the frame size, see
+        :func:`particlewatch.analysis.strips.default_margin_px`).
     histogram_interval_s, stats_interval_s : float
         Least time between two histogram.png writes; period of repeated ``stats`` messages
         while idle (for late subscribers).
@@ -284,6 +320,10 @@ class Daemon:
         self.out_dir = Path(out_dir).resolve()
         if not self.folder.is_dir():
             raise ValueError(f"{folder}: not a folder")
+        if cfg.strip_when not in ("idle", "always"):
+            raise ValueError(f"strip_when must be 'idle' or 'always', not {cfg.strip_when!r}")
+        if cfg.strip_min_px is not None and int(cfg.strip_min_px) < 1:
+            raise ValueError(f"strip_min_px must be >= 1 or None, not {cfg.strip_min_px!r}")
         if cfg.worker_mode not in ("process", "thread"):
             raise ValueError(f"worker_mode must be 'process' or 'thread', not {cfg.worker_mode!r}")
         if cfg.worker_mode == "process" and cfg.analyze is not None and not isinstance(
@@ -447,7 +487,9 @@ class Daemon:
                                   stall_timeout_s=self.config.stall_timeout_s,
                                   no_mdoc_grace_s=self.config.no_mdoc_grace_s)
         self._known = self.ledger.identities()
-        self._in_flight: dict[str, tuple[str, float]] = {}  # name -> (task_id, sent at)
+        self._in_flight: dict[str, _Task] = {}  # task id -> task
+        self._splits: dict[str, _Split] = {}  # name -> its strips, while analysed in strips
+        self._whole: dict[str, str] = {}  # name -> why its strips fell back to a whole frame
         self._workers_seen: dict[str, _Worker] = {}
         self._announced_converged = False
         self._histogram_due = False
@@ -572,7 +614,7 @@ class Daemon:
             result["stage"] = "discovery"
             if self.ledger.fail_discovery(name, size=st.st_size, mtime_ns=st.st_mtime_ns,
                                           sha256=digest, reason=reason, result=result):
-                self._in_flight.pop(name, None)
+                self._forget(name)
                 log.warning("%s", reason)
                 self._on_done(name, result)
             return
@@ -580,7 +622,7 @@ class Daemon:
                                    sha256=digest)
         if action == "modified":
             log.info("%s: content changed; analysing it again", arrival.path)
-            self._in_flight.pop(name, None)
+            self._forget(name)
 
     # --- workers -------------------------------------------------------------------------
     def _max_in_flight(self) -> int:
@@ -588,57 +630,168 @@ class Daemon:
         # more would pile up behind a slow worker while another idles)
         return 2 * max(len(self._workers_seen), 1)
 
+    def _worker_count(self) -> int:
+        return max(self.n_workers, len(self._workers_seen))
+
     def _dispatch(self, zmq) -> None:
+        for split in list(self._splits.values()):  # strips to (re)send come first: older work
+            if not self._send_unsent(zmq, split, limit=True):
+                return
         room = self._max_in_flight() - len(self._in_flight)
         if room <= 0:
             return
         for entry in self.ledger.pending(room):
+            if len(self._in_flight) >= self._max_in_flight():
+                return
             if entry.attempts >= self.config.max_attempts:
                 self._give_up(entry)
                 continue
             task_id = f"{entry.id}.{entry.attempts + 1}.{uuid.uuid4().hex[:8]}"
-            path = self.folder / entry.name
-            header = {"type": "task", "task_id": task_id, "name": entry.name, "path": str(path),
-                      "size": entry.size, "mtime_ns": entry.mtime_ns, "sha256": entry.sha256,
-                      "options": self.options, "mdoc": False}
-            parts: list[bytes] = []
-            if self.ship_frames:
-                try:
-                    parts.append(path.read_bytes())
-                    mdoc = Path(str(path) + ".mdoc")
-                    if mdoc.exists():
-                        parts.append(mdoc.read_bytes())
-                        header["mdoc"] = True
-                except OSError as exc:
-                    log.warning("%s: cannot read to ship (%s)", path, exc)
-                    continue
-            try:
-                self._tasks.send_multipart([messages.encode(header), *parts], zmq.NOBLOCK,
-                                           copy=False)
-            except zmq.Again:  # no worker connected yet
+            plan = self._plan_split(entry)
+            if plan:
+                self.ledger.mark_running(entry.name, task_id=task_id)
+                split = _Split(entry=entry, token=task_id, strips=plan,
+                               unsent=[s.index for s in plan])
+                self._splits[entry.name] = split
+                log.info("%s: analysed as %d strips", entry.name, len(plan))
+                if not self._send_unsent(zmq, split, limit=False):
+                    return
+                continue
+            sent = self._send(zmq, entry, task_id)
+            if sent is None:
+                continue
+            if not sent:  # no worker connected yet
                 return
             self.ledger.mark_running(entry.name, task_id=task_id)
-            self._in_flight[entry.name] = (task_id, time.monotonic())
+            self._in_flight[task_id] = _Task(entry.name, time.monotonic())
+
+    def _send(self, zmq, entry: Entry, task_id: str, strip: dict | None = None) -> bool | None:
+        """Send one task; False when no worker takes it now, None when the frame cannot be
+        read to ship it."""
+        path = self.folder / entry.name
+        header = {"type": "task", "task_id": task_id, "name": entry.name, "path": str(path),
+                  "size": entry.size, "mtime_ns": entry.mtime_ns, "sha256": entry.sha256,
+                  "options": self.options, "mdoc": False}
+        if strip is not None:
+            header["strip"] = strip
+        parts: list[bytes] = []
+        if self.ship_frames:
+            try:
+                parts.append(path.read_bytes())
+                mdoc = Path(str(path) + ".mdoc")
+                if mdoc.exists():
+                    parts.append(mdoc.read_bytes())
+                    header["mdoc"] = True
+            except OSError as exc:
+                log.warning("%s: cannot read to ship (%s)", path, exc)
+                return None
+        try:
+            self._tasks.send_multipart([messages.encode(header), *parts], zmq.NOBLOCK,
+                                       copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _plan_split(self, entry: Entry) -> list:
+        """The strips to analyse ``entry`` as, or [] to analyse it whole."""
+        cfg = self.config
+        if cfg.strip_min_px is None or cfg.analyze is not None or entry.name in self._whole:
+            return []
+        from ..analysis.strips import frame_shape, plan_strips
+
+        shape = frame_shape(self.folder / entry.name)
+        if shape is None or shape[0] * shape[1] < cfg.strip_min_px:
+            return []
+        workers = self._worker_count()
+        if cfg.strip_when == "idle":
+            frames = self.ledger.counts()["pending"] + len(
+                {t.name for t in self._in_flight.values()})
+            if frames >= workers:  # every worker has a frame of its own: no idle worker
+                return []
+        plan = plan_strips(shape, workers, margin_px=cfg.strip_margin_px)
+        return plan if len(plan) > 1 else []
+
+    def _send_unsent(self, zmq, split: _Split, *, limit: bool) -> bool:
+        """Send the strips of ``split`` not sent yet (all of a new plan: they are meant for
+        idle workers; resent ones within the in-flight limit). False when no worker takes
+        one now."""
+        while split.unsent and self._splits.get(split.entry.name) is split:
+            if limit and len(self._in_flight) >= self._max_in_flight():
+                return True
+            if not self._send_strip(zmq, split, split.unsent[0]):
+                return False
+            if split.unsent:
+                split.unsent.pop(0)
+        return True
+
+    def _send_strip(self, zmq, split: _Split, index: int) -> bool:
+        """Send strip ``index`` of ``split``; False when no worker takes it now."""
+        if split.sends.get(index, 0) >= self.config.max_attempts:
+            self._fail(split.entry, f"{self.folder / split.entry.name}: strip {index}: no "
+                                    f"result after {split.sends[index]} attempt(s) (worker "
+                                    f"died or took over {self.config.task_timeout_s:g} s)")
+            return True
+        split.sends[index] = split.sends.get(index, 0) + 1
+        task_id = f"{split.token}.s{index}.{split.sends[index]}"
+        sent = self._send(zmq, split.entry, task_id, split.strips[index].to_dict())
+        if sent is None:  # unreadable now: the frame is analysed whole, and fails there
+            split.sends[index] -= 1
+            self._fall_back(split.entry.name, "frame not readable to ship its strips")
+            return True
+        if not sent:
+            split.sends[index] -= 1
+            return False
+        self._in_flight[task_id] = _Task(split.entry.name, time.monotonic(), strip=index)
+        return True
+
+    def _forget(self, name: str) -> None:
+        """Drop every task, strip and fallback note of ``name`` (done or changed)."""
+        for task_id in [t for t, task in self._in_flight.items() if task.name == name]:
+            del self._in_flight[task_id]
+        self._splits.pop(name, None)
+        self._whole.pop(name, None)
 
     def _give_up(self, entry: Entry) -> None:
-        reason = (f"{self.folder / entry.name}: no result after {entry.attempts} attempt(s) "
-                  f"(worker died or took over {self.config.task_timeout_s:g} s)")
+        self._fail(entry, f"{self.folder / entry.name}: no result after {entry.attempts} "
+                          f"attempt(s) (worker died or took over "
+                          f"{self.config.task_timeout_s:g} s)")
+
+    def _fail(self, entry: Entry, reason: str) -> None:
         result = failed_result(entry.name, str(self.folder / entry.name), reason)
+        self._forget(entry.name)
         if self.ledger.finish(entry.name, sha256=entry.sha256, status="failed", reason=reason,
                               result=result) is not None:
             log.error("%s", reason)
-            self._in_flight.pop(entry.name, None)
             self._on_done(entry.name, result)
 
-    def _expire(self, now: float) -> None:
-        for name, (task_id, sent) in list(self._in_flight.items()):
-            if now - sent > self.config.task_timeout_s:
-                log.warning("%s: no result for %.0f s; sending it again", name, now - sent)
-                self._requeue(name)
-
-    def _requeue(self, name: str) -> None:
-        self._in_flight.pop(name, None)
+    def _fall_back(self, name: str, why: str) -> None:
+        """Analyse a split frame whole after all (a strip failed or a margin was too small)."""
+        log.info("%s: analysed whole instead of in strips: %s", name, why)
+        self._forget(name)
+        self._whole[name] = why
         self.ledger.requeue(name)
+
+    def _expire(self, now: float) -> None:
+        for task_id, task in list(self._in_flight.items()):
+            if now - task.sent > self.config.task_timeout_s:
+                log.warning("%s: no result for %.0f s; sending it again", task.name,
+                            now - task.sent)
+                self._requeue(task_id)
+
+    def _requeue(self, task_id: str) -> None:
+        """Send a task again: a whole frame through the ledger, a strip from its split."""
+        task = self._in_flight.pop(task_id, None)
+        if task is None:
+            return
+        if task.strip is None:
+            self.ledger.requeue(task.name)
+            return
+        split = self._splits.get(task.name)
+        if (split is not None and task.strip not in split.results
+                and task.strip not in split.unsent
+                and not any(t.name == task.name and t.strip == task.strip
+                            for t in self._in_flight.values())):
+            split.unsent.append(task.strip)
 
     def _worker_command(self) -> list[str]:
         cmd = [sys.executable, "-m", "particlewatch.daemon.worker",
@@ -685,16 +838,18 @@ class Daemon:
             prefix = f"{_socket.gethostname()}:{proc.pid}:"
             for wid in [w for w in self._workers_seen if w.startswith(prefix)]:
                 worker = self._workers_seen.pop(wid)
-                if worker.task:
-                    log.warning("%s: its worker (pid %d) died with code %s; sending it again",
-                                worker.task, proc.pid, code)
+                task = self._in_flight.get(worker.task or "")
+                if task is not None:
+                    log.warning("%s%s: its worker (pid %d) died with code %s; sending it again",
+                                task.name, "" if task.strip is None else f" strip {task.strip}",
+                                proc.pid, code)
             # Tasks queued for the dead worker are lost with it, and PUSH does not say which
             # those were: send again every task no living worker has started. A duplicate
             # result is ignored by the ledger, a lost frame would be waited for until timeout.
             started = {w.task for w in self._workers_seen.values() if w.task}
-            for name in list(self._in_flight):
-                if name not in started:
-                    self._requeue(name)
+            for task_id in list(self._in_flight):
+                if task_id not in started:
+                    self._requeue(task_id)
             if not self._stop.is_set():
                 self._spawn_worker()
 
@@ -727,7 +882,7 @@ class Daemon:
         if msg["type"] == "bye":
             self._workers_seen.pop(msg["worker"], None)
         elif msg["type"] == "started":
-            worker.task = msg["name"]
+            worker.task = msg["task_id"]
         elif msg["type"] == "result":
             worker.task = None
             self._on_result(msg)
@@ -737,6 +892,13 @@ class Daemon:
         result = dict(msg["result"])
         result["path"] = str(self.folder / name)
         result["frame"] = result.get("frame") or Path(name).stem
+        if "strip" in result:
+            self._on_strip_result(msg, result)
+            return
+        self._in_flight.pop(msg["task_id"], None)
+        if name in self._whole:
+            result.setdefault("warnings", []).append(
+                f"analysed whole, not in strips: {self._whole[name]}")
         try:
             self._check_result(result)
         except ValueError as exc:  # the worker speaks another version: the frame fails
@@ -752,8 +914,53 @@ class Daemon:
             log.info("%s: result of task %s ignored (already done or content changed)",
                      name, msg["task_id"])
             return
-        self._in_flight.pop(name, None)
+        self._forget(name)
         self._on_done(name, result)
+
+    def _on_strip_result(self, msg: dict, result: dict) -> None:
+        """Keep one strip's result; when all are in, merge them and finish the frame (or
+        analyse it whole after all)."""
+        from ..analysis.strips import StripResult, merge_strips
+
+        name = msg["name"]
+        task = self._in_flight.pop(msg["task_id"], None)
+        split = self._splits.get(name)
+        if (split is None or not msg["task_id"].startswith(split.token + ".s")
+                or msg["sha256"] != split.entry.sha256):
+            log.info("%s: strip result of task %s ignored (not of the current plan)", name,
+                     msg["task_id"])
+            return
+        try:
+            strip_result = StripResult.from_message(result)
+        except ValueError as exc:
+            self._fall_back(name, f"worker {msg['worker']} sent an invalid strip result: {exc}")
+            return
+        index = strip_result.strip.index
+        if (index >= len(split.strips) or strip_result.strip != split.strips[index]
+                or (task is not None and task.strip != index)):
+            self._fall_back(name, f"worker {msg['worker']} sent strip {index} of another plan")
+            return
+        split.results.setdefault(index, strip_result)
+        if index in split.unsent:
+            split.unsent.remove(index)
+        if len(split.results) < len(split.strips):
+            return
+        try:
+            merged, why = merge_strips(list(split.results.values()))
+        except ValueError as exc:
+            merged, why = None, str(exc)
+        if merged is None:
+            self._fall_back(name, why)
+            return
+        merged_msg = messages.to_jsonable(merged.to_message())
+        merged_msg["path"] = str(self.folder / name)
+        seq = self.ledger.finish(name, sha256=split.entry.sha256, status="ok", reason=None,
+                                 result=merged_msg)
+        self._forget(name)
+        if seq is None:
+            log.info("%s: merged strips ignored (already done or content changed)", name)
+            return
+        self._on_done(name, merged_msg)
 
     @staticmethod
     def _check_result(result: dict) -> None:

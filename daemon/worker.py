@@ -72,9 +72,46 @@ def failed_result(name: str, path: str, reason: str, *, seconds: float = 0.0) ->
             "seconds": seconds, "particles": {}}
 
 
+def validate_strip_task(header: dict) -> tuple[dict, Any]:
+    """Check a task header that may carry a ``strip`` (one strip of a large frame).
+
+    Returns
+    -------
+    task : dict
+        As :func:`..messages.validate_task` gives it.
+    strip : Strip or None
+        The strip to analyse (:class:`particlewatch.analysis.strips.Strip`), or None for the
+        whole frame.
+
+    Raises
+    ------
+    MessageError
+        A bad task or a ``strip`` that is not one.
+    """
+    header = dict(header)
+    strip = header.pop("strip", None)
+    task = messages.validate_task(header)
+    if strip is None:
+        return task, None
+    from ..analysis.strips import Strip
+
+    try:
+        return task, Strip.from_dict(strip)
+    except ValueError as exc:
+        raise messages.MessageError(f"task strip: {exc}") from None
+
+
+def analyze_strip_task(path, strip, **options) -> dict:
+    """The real analysis of one strip, as a JSON-safe dict with ``strip`` and ``too_small``."""
+    from ..analysis.strips import analyze_strip
+
+    return analyze_strip(path, strip, **options).to_message()
+
+
 def analyze_task(task: dict, parts: list[bytes], analyze: AnalyzeFn, *,
-                 scratch: Path) -> dict:
-    """Analyse one task; never raises for a bad frame (the result says failed and why)."""
+                 scratch: Path, strip: Any = None) -> dict:
+    """Analyse one task (the whole frame, or ``strip`` of it with the real analysis); never
+    raises for a bad frame (the result says failed and why)."""
     name, path = task["name"], task["path"]
     start = time.perf_counter()
     local = Path(path)
@@ -99,7 +136,11 @@ def analyze_task(task: dict, parts: list[bytes], analyze: AnalyzeFn, *,
         elif mdoc.exists():
             mdoc.unlink()
     try:
-        result = result_to_message(analyze(str(local), **task["options"]))
+        if strip is None:
+            result = result_to_message(analyze(str(local), **task["options"]))
+        else:
+            result = messages.to_jsonable(analyze_strip_task(str(local), strip,
+                                                             **task["options"]))
     except Exception as exc:  # an injected analysis may raise; the frame fails, we go on
         log.error("%s: analysis raised %s", path, traceback.format_exc(limit=3))
         result = failed_result(name, path, f"{path}: analysis raised {type(exc).__name__}: "
@@ -163,14 +204,14 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
                 parts = tasks.recv_multipart()
                 try:
                     header = messages.decode(parts[0], max_bytes=messages.MAX_TASK_HEADER_BYTES)
-                    task = messages.validate_task(header)
+                    task, strip = validate_strip_task(header)
                 except messages.MessageError as exc:
                     log.error("worker %s: bad task ignored: %s", worker_id, exc)
                     continue
                 results.send(messages.encode({"type": "started", "worker": worker_id,
                                               "task_id": task["task_id"],
                                               "name": task["name"]}))
-                result = analyze_task(task, parts[1:], analyze, scratch=scratch)
+                result = analyze_task(task, parts[1:], analyze, scratch=scratch, strip=strip)
                 results.send(messages.encode({"type": "result", "task_id": task["task_id"],
                                               "worker": worker_id, "name": task["name"],
                                               "sha256": task["sha256"], "result": result}))
