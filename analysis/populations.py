@@ -2,10 +2,23 @@
 
 Particles are described by a few features scaled to unit variance: log equivalent diameter
 (sizes are multiplicative, and a log scale makes PS50 and PS100 equally wide), log aspect ratio
-(spheres ~1, cubes ~1.2–1.4, rods ~3) and, where measured, circularity. Solidity is not a
-clustering feature (measured outlines of convex particles pile up at exactly 1.0, a point mass
-that a mixture would gladly call a population); it marks agglomerates instead: a particle with
-solidity below 0.9 is an outlier from the start.
+(spheres ~1, cubes ~1.2–1.4, rods ~3) and, where measured, circularity.
+
+Populations are learnt from the particles that stood alone. A particle split out of a touching
+group (``separated``) is measured from a regrown mask: its outline and size differ
+systematically from an isolated particle's, and a fifth to a third of such pieces are in fact
+two or more overlapping particles that could not be split (1.2–2× too large). Fitted on every
+particle, these pieces form tails and even spurious populations (a "P1" of doublets in a gold
+sample); fitted on isolated particles, the model describes single particles, and split pieces
+are then judged against it — a piece that does not look like a member of any population is an
+outlier. (All particles are used when too few stood alone: a heavily aggregated sample.)
+
+Solidity is not a clustering feature (measured outlines of convex particles pile up at exactly
+1.0, a point mass that a mixture would gladly call a population); it marks agglomerates and
+fragments relative to each population's own solidity instead of by a fixed threshold, so a
+population of star-shaped or irregular particles keeps its members: a particle is an outlier
+when its solidity lies below its population's far-out fence ``Q1 − 3·IQR`` (Tukey 1977), with
+the IQR floored at :data:`_SOLIDITY_RESOLUTION`, what an outline measurement resolves.
 
 The default method (``"auto"``) fits Gaussian mixtures of 1 to ``max_populations + 2``
 components and keeps the one with the lowest BIC (Schwarz 1978). A mixture component is not a
@@ -33,7 +46,7 @@ from scipy import stats as sps
 from threadpoolctl import threadpool_limits
 
 __all__ = ["find_populations", "fit_populations", "PopulationModel", "population_features",
-           "METHODS"]
+           "isolated_rows", "solidity_floor", "METHODS"]
 
 #: Clustering methods accepted by :func:`find_populations`.
 METHODS = ("auto", "kmeans", "dbscan", "optics")
@@ -45,7 +58,11 @@ _MIN_FIT = 20             # fewer valid particles than this: one population, no 
 _MIN_GROUP = 30           # particles a population needs in the fitted sample
 _SEPARATION_D = 2.0       # Ashman's D needed to keep two groups apart
 _DIP_RATIO = 0.9          # density between two groups must fall below this × the lower peak
-_MIN_SOLIDITY = 0.9      # below: agglomerate or fragment, an outlier
+_SOLIDITY_FENCE = 3.0     # Tukey's far-out fence: Q1 - 3 IQR of a population's solidity
+_SOLIDITY_RESOLUTION = 0.01  # smallest solidity spread an outline measurement resolves
+# Fit on isolated particles when at least this many stood alone, and this share of all
+_MIN_ISOLATED = 100
+_MIN_ISOLATED_SHARE = 0.2
 _REG_COVAR = 1e-3         # on unit-variance features: floors a component's sd at ~0.03
 # Two groups must also differ by an amount that matters physically, not only statistically:
 # measured outlines of one population grow a broad tail of slightly elongated, slightly
@@ -63,8 +80,7 @@ def population_features(table):
     ----------
     table : dict of str to ndarray
         Particle table; ``ecd_nm`` is required, ``aspect_ratio`` (or ``feret_max_nm`` and
-        ``feret_min_nm``) and ``circularity`` are used when present, ``solidity`` to
-        recognise agglomerates.
+        ``feret_min_nm``) and ``circularity`` are used when present.
 
     Returns
     -------
@@ -74,8 +90,7 @@ def population_features(table):
     names : tuple of str
         The feature names, a subset of :data:`FEATURES` in that order.
     valid : (n,) ndarray of bool
-        Rows with a finite, positive ECD that are not agglomerate-like (solidity < 0.9); the
-        others cannot belong to any population.
+        Rows with a finite, positive ECD; the others cannot belong to any population.
     """
     if "ecd_nm" not in table:
         raise ValueError(f"particle table (columns {sorted(table)}) has no 'ecd_nm' column")
@@ -90,10 +105,6 @@ def population_features(table):
     if "circularity" in table:
         columns.append(np.asarray(table["circularity"], dtype=float))
         names.append("circularity")
-    if "solidity" in table:
-        # touching particles left unsplit and broken debris are not convex; single spheres,
-        # rods, cubes and capsules are (a star-shaped population would need this off)
-        valid &= ~(np.asarray(table["solidity"], dtype=float) < _MIN_SOLIDITY)
     X = np.column_stack(columns) if len(ecd) else np.zeros((0, len(columns)))
     for j in range(1, X.shape[1]):
         bad = ~np.isfinite(X[:, j])
@@ -101,6 +112,58 @@ def population_features(table):
             good = ~bad & valid
             X[bad, j] = np.median(X[good, j]) if good.any() else 0.0
     return X, tuple(names), valid
+
+
+def isolated_rows(table, valid):
+    """Rows the populations are learnt from: valid particles that stood alone.
+
+    Parameters
+    ----------
+    table : dict of str to ndarray
+        Particle table; a ``separated`` column (true for pieces split out of a touching
+        group) is used when present.
+    valid : (n,) ndarray of bool
+        Rows that can belong to a population (:func:`population_features`).
+
+    Returns
+    -------
+    (n,) ndarray of bool
+        ``valid`` without the separated pieces, or ``valid`` itself when fewer than
+        :data:`_MIN_ISOLATED` particles (or :data:`_MIN_ISOLATED_SHARE` of them) stood alone.
+    """
+    if "separated" not in table:
+        return valid
+    alone = valid & ~np.asarray(table["separated"], dtype=bool)
+    n_alone = int(alone.sum())
+    if n_alone < _MIN_ISOLATED or n_alone < _MIN_ISOLATED_SHARE * valid.sum():
+        return valid
+    return alone
+
+
+def solidity_floor(solidity):
+    """Lowest solidity of a member of a population: Tukey's far-out fence of its solidity.
+
+    Parameters
+    ----------
+    solidity : array_like
+        Solidity of the population's (isolated) members.
+
+    Returns
+    -------
+    float
+        ``Q1 − 3·max(IQR, 0.01)``; -inf when no solidity is known.
+
+    Examples
+    --------
+    >>> round(solidity_floor([0.98, 0.99, 0.99, 1.0]), 4)
+    0.9475
+    """
+    solidity = np.asarray(solidity, dtype=float)
+    solidity = solidity[np.isfinite(solidity)]
+    if solidity.size < 4:
+        return -np.inf
+    q1, q3 = np.quantile(solidity, [0.25, 0.75])
+    return float(q1 - _SOLIDITY_FENCE * max(q3 - q1, _SOLIDITY_RESOLUTION))
 
 
 def _aspect_ratio(table):
@@ -133,6 +196,9 @@ class PopulationModel:
     reference, reference_labels, radius : ndarray, ndarray, float
         For ``dbscan``/``optics``: clustered particles (scaled) and their ids; a new particle
         takes the id of its nearest reference particle within ``radius``.
+    solidity_floors : ndarray
+        Per population id, the lowest solidity of a member (:func:`solidity_floor`); a
+        particle below its population's floor is an outlier. Empty: no solidity check.
     method : str
     """
 
@@ -147,6 +213,7 @@ class PopulationModel:
     reference: np.ndarray | None = None
     reference_labels: np.ndarray | None = None
     radius: float = np.inf
+    solidity_floors: np.ndarray = field(default_factory=lambda: np.zeros(0))
     method: str = "auto"
 
     @property
@@ -178,6 +245,12 @@ class PopulationModel:
         Z = (X[valid] - self.center) / self.scale
         with threadpool_limits(1):
             labels[valid] = self._predict_scaled(Z)
+        if len(self.solidity_floors) and "solidity" in table:
+            solidity = np.asarray(table["solidity"], dtype=float)
+            member = labels >= 0
+            floor = self.solidity_floors[np.where(member, labels, 0)]
+            # NaN solidity (not measured) is no evidence against membership
+            labels[member & (solidity < floor)] = -1
         return labels
 
     def _predict_scaled(self, Z):
@@ -268,10 +341,18 @@ def fit_populations(table, *, method="auto", max_populations=6, seed=0, min_frac
 def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_sample,
          components, previous):
     X, names, valid = population_features(table)
-    Xv = X[valid]
+    learn = isolated_rows(table, valid)
+    if "solidity" in table:
+        # agglomerates and fragments must not shape the model (they would form components,
+        # even a population of their own): leave out what is far below the sample's own
+        # solidity; each population's fence then decides membership
+        solidity = np.asarray(table["solidity"], dtype=float)
+        learn &= ~(solidity < solidity_floor(solidity[learn]))
+    rows = np.flatnonzero(learn)
     rng = np.random.default_rng(seed)
-    if len(Xv) > fit_sample:
-        Xv = Xv[np.sort(rng.choice(len(Xv), fit_sample, replace=False))]
+    if len(rows) > fit_sample:
+        rows = np.sort(rng.choice(rows, fit_sample, replace=False))
+    Xv = X[rows]
     center = np.median(Xv, axis=0) if len(Xv) else np.zeros(X.shape[1])
     scale = Xv.std(axis=0) if len(Xv) > 1 else np.ones(X.shape[1])
     # a constant feature carries nothing; scale 1 keeps it harmless
@@ -309,13 +390,19 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         model.chols = np.array([linalg.cholesky(c, lower=True) for c in covs])
         model.group = _order_groups(group, means, weights)
     else:
-        labels, radius, Zs = _density_clusters(Z, method, seed=seed,
-                                               min_fraction=min_fraction)
+        labels, radius, picked = _density_clusters(Z, method, seed=seed,
+                                                   min_fraction=min_fraction)
         labels = _limit_density_groups(labels, max_populations)
-        order = _order_labels(labels, Zs[:, 0])
-        model.reference = Zs[labels >= 0]
+        order = _order_labels(labels, Z[picked, 0])
+        model.reference = Z[picked][labels >= 0]
         model.reference_labels = order[labels[labels >= 0]]
         model.radius = radius
+    if "solidity" in table and model.n_populations:
+        # each population's own solidity spread decides what is too concave to be a member
+        fitted = model._predict_scaled(Z)
+        solidity = np.asarray(table["solidity"], dtype=float)[rows]
+        model.solidity_floors = np.array([solidity_floor(solidity[fitted == g])
+                                          for g in range(model.n_populations)])
     return model
 
 
@@ -572,13 +659,15 @@ def _classify(Z, weights, means, chols, group, cutoff):
 # --- density clustering (DBSCAN, OPTICS) --------------------------------------------------
 
 def _density_clusters(Z, method, *, seed, min_fraction):
-    """Density clusters of ``Z`` and the radius within which a new point joins one."""
+    """Density clusters of ``Z`` (rows ``picked``), the radius within which a point joins one."""
     from sklearn.cluster import DBSCAN, OPTICS
     from sklearn.neighbors import NearestNeighbors
 
     rng = np.random.default_rng(seed)
+    picked = np.arange(len(Z))
     if len(Z) > 3000:  # OPTICS and DBSCAN grow faster than linearly; cluster a subsample
-        Z = Z[rng.choice(len(Z), 3000, replace=False)]
+        picked = np.sort(rng.choice(len(Z), 3000, replace=False))
+        Z = Z[picked]
     min_samples = max(5, 2 * Z.shape[1])
     dist, _ = NearestNeighbors(n_neighbors=min_samples).fit(Z).kneighbors(Z)
     kdist = dist[:, -1]
@@ -593,7 +682,7 @@ def _density_clusters(Z, method, *, seed, min_fraction):
         labels = OPTICS(min_samples=min_samples, min_cluster_size=min_cluster,
                         xi=0.05).fit_predict(Z)
         radius = float(np.quantile(kdist, 0.95))
-    return labels, radius, Z
+    return labels, radius, picked
 
 
 def _limit_density_groups(labels, max_populations):

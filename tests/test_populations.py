@@ -284,3 +284,134 @@ def test_rods_natural_length_spread_is_kept():
     ecd = rng.normal(22, 2, 1500)
     labels = find_populations({"ecd_nm": ecd, "aspect_ratio": aspect})
     assert np.mean(labels == 0) > 0.98
+
+
+def _with_merged_pieces(table, truth, *, seed, split_share=0.35, merged_share=0.25):
+    """Mark a share of the particles as split out of touching groups, as separation does.
+
+    Split pieces are measured from regrown masks: slightly elongated and less round than
+    isolated particles; ``merged_share`` of them are in fact two overlapping particles of
+    the same population that could not be split (ECD of the union of two discs whose
+    centres are 0.3–0.8 diameters apart: 1.15–1.6× one particle, still convex).
+    Returns the table with ``separated`` and the truth with -1 for the merged pieces.
+    """
+    rng = np.random.default_rng(seed)
+    table = {k: np.array(v, dtype=float) for k, v in table.items()}
+    truth = truth.copy()
+    n = len(truth)
+    real = truth >= 0
+    split = real & (rng.random(n) < split_share)
+    merged = split & (rng.random(n) < merged_share)
+    # two equal discs of diameter d, centres s·d apart: area grows by the lens they do not
+    # share; its ECD ratio to one disc
+    s = rng.uniform(0.3, 0.8, n)
+    lens = (2 * np.arccos(s) - 2 * s * np.sqrt(1 - s ** 2)) / np.pi  # shared area / disc
+    grow = np.sqrt(2 - lens)
+    for k in ("ecd_nm", "feret_min_nm"):
+        table[k][merged] *= grow[merged]
+    table["feret_max_nm"][merged] *= (1 + s[merged]) * 1.0
+    table["area_nm2"][merged] *= grow[merged] ** 2
+    table["aspect_ratio"] = table["feret_max_nm"] / table["feret_min_nm"]
+    table["circularity"][split] -= np.abs(rng.normal(0.03, 0.015, split.sum()))
+    table["solidity"][split] = np.clip(rng.normal(0.98, 0.006, split.sum()), 0, 1)
+    table["separated"] = split
+    truth[merged] = -1
+    return table, truth
+
+
+@pytest.mark.parametrize("name", ["ps-bimodal", "au10", "ps100"])
+def test_merged_pieces_from_separation_do_not_bias_the_means(name):
+    """Overlapping particles that separation could not split form a tail of large, convex
+    pieces; the populations are learnt from the isolated particles, so these pieces do not
+    widen them (nor form a population of their own) and the means stay on the truth."""
+    spec = SAMPLES[name]
+    table, truth = measured_table(spec, 4000, seed=13, outliers=0.03)
+    table, truth = _with_merged_pieces(table, truth, seed=14)
+    labels = find_populations(table)
+    assert sorted(set(labels.tolist()) - {-1}) == list(range(len(spec.populations)))
+    rng = np.random.default_rng(15)
+    for i, pp in enumerate(spec.populations):
+        mean = table["ecd_nm"][labels == i].mean()
+        assert abs(mean / _model_mean_ecd(pp, rng) - 1) < 0.01
+    merged = (truth == -1) & table["separated"]
+    assert (labels[merged] == -1).mean() > 0.6
+    assert (labels[truth >= 0] == -1).mean() < 0.05
+    # fitted on every particle alike (no `separated` column) the tail pulls the mean up
+    plain = find_populations({k: v for k, v in table.items() if k != "separated"})
+    big = max(set(plain.tolist()) - {-1})
+    big_mean = table["ecd_nm"][plain == big].mean()
+    assert big_mean > table["ecd_nm"][labels == len(spec.populations) - 1].mean()
+
+
+def test_star_shaped_population_is_kept_by_its_own_solidity():
+    """Solidity marks agglomerates relative to the population's own solidity: a sample of
+    star-shaped particles (solidity ~0.7) is a population, not a sample of outliers."""
+    rng = np.random.default_rng(16)
+    n = 1500
+    solidity = np.clip(rng.normal(0.72, 0.03, n), 0, 1)
+    table = {"ecd_nm": rng.normal(15.0, 1.5, n),
+             "aspect_ratio": 1 + np.abs(rng.normal(0.05, 0.03, n)),
+             "circularity": np.clip(rng.normal(0.45, 0.04, n), 0, 1), "solidity": solidity}
+    labels = find_populations(table)
+    assert set(labels.tolist()) - {-1} == {0}
+    assert (labels == -1).mean() < 0.02
+    # a fragment far less solid than the stars themselves is still an outlier
+    table = {k: np.append(v, v[:20]) for k, v in table.items()}
+    table["solidity"][-20:] = 0.4
+    labels = find_populations(table)
+    assert np.all(labels[-20:] == -1)
+
+
+def _analysed_frames(sample, *, frames, size_px, seed):
+    """Particle tables from simulated frames through segment → separate → measure, and for
+    each particle whether it is one true particle (its nearest true centre within a quarter
+    diameter and its ECD within 12% of that particle's)."""
+    from scipy.spatial import cKDTree
+
+    from particlewatch.analysis.pipeline import analyze_image
+    from particlewatch.simulators.scope import SimScope
+
+    scope = SimScope(sample, seed=seed, size_px=size_px)
+    tables, single, true_pop, truth = [], [], [], []
+    for i in range(frames):
+        scope.move_stage(-30.0 + 11.0 * i, 20.0 - 9.0 * i)
+        scope.set_defocus(scope.true_focus_um())
+        im = scope.snap()
+        particles, _, _ = analyze_image(im.image, im.pixel_nm)
+        true = im.truth["particles"]
+        xy = np.array([[q["x_px"], q["y_px"]] for q in true]).reshape(-1, 2)
+        ecd = np.array([q["ecd_nm"] for q in true])
+        dist, j = cKDTree(xy).query(np.column_stack([particles["x_px"], particles["y_px"]]))
+        single.append((particles["ecd_nm"] / ecd[j] < 1.12)
+                      & (dist * im.pixel_nm < 0.25 * ecd[j]))
+        true_pop.append(np.array([q["population"] for q in true])[j])
+        particles["frame"] = np.full(len(j), i)
+        tables.append(particles)
+        truth += [q for q in true if not q["touches_edge"]]
+    table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    return table, np.concatenate(single), np.concatenate(true_pop), truth
+
+
+def test_au10_analysis_output_is_one_population_without_merged_pieces():
+    table, single, _, truth = _analysed_frames("au10", frames=4, size_px=1024, seed=5)
+    assert len(table["ecd_nm"]) > 500 and table["separated"].any() and not single.all()
+    labels = find_populations(table)
+    assert set(labels.tolist()) - {-1} == {0}
+    mean = table["ecd_nm"][labels == 0].mean()
+    # what population finding controls: no merged pieces pulling the mean up
+    assert abs(mean / table["ecd_nm"][(labels == 0) & single].mean() - 1) < 0.005
+    assert (labels[~single] == -1).mean() > 0.8
+    # and the whole chain against the truth (segmentation measures gold ~1% small)
+    true_mean = np.mean([q["ecd_nm"] for q in truth])
+    assert abs(mean / true_mean - 1) < 0.02
+
+
+def test_spheres_and_rods_in_analysis_output_separate_by_shape():
+    table, single, true_pop, _ = _analysed_frames("spheres-rods", frames=4, size_px=1024,
+                                                  seed=5)
+    labels = find_populations(table)
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) == 2
+    for pid in ids:
+        counts = np.bincount(true_pop[(labels == pid) & single], minlength=2)
+        assert counts.max() / counts.sum() > 0.95
