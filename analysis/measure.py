@@ -266,31 +266,28 @@ def _edge_points(labels, smooth=None):
     it stays between the two centres.
     """
     p = np.pad(labels, 1)
-    v = None if smooth is None else np.pad(smooth, 1, mode="edge")
-    cols = {"lab": [], "ri": [], "ci": [], "dr": [], "dc": [], "vin": [], "vout": []}
-    for axis in (0, 1):
-        a = p[:-1, :] if axis == 0 else p[:, :-1]
-        b = p[1:, :] if axis == 0 else p[:, 1:]
-        r, c = np.nonzero(a != b)
-        dr, dc = (1, 0) if axis == 0 else (0, 1)
-        for lab, ri, ci, sign in ((a[r, c], r, c, 1), (b[r, c], r + dr, c + dc, -1)):
+    width = p.shape[1]
+    pf = p.ravel()
+    vf = None if smooth is None else np.pad(smooth, 1, mode="edge").ravel()
+    labs, inner, outer = [], [], []
+    # on the flat padded image a vertical neighbour is `width` away, a horizontal one 1 away
+    # (the padding keeps rows apart), so both searches are one-dimensional
+    for step in (width, 1):
+        i = np.flatnonzero(pf[:-step] != pf[step:])
+        a, b = pf[i], pf[i + step]
+        for lab, ins, out in ((a, i, i + step), (b, i + step, i)):
             keep = lab > 0
-            ri, ci = ri[keep], ci[keep]
-            cols["lab"].append(lab[keep])
-            cols["ri"].append(ri - 1)  # inside pixel, unpadded coordinates
-            cols["ci"].append(ci - 1)
-            cols["dr"].append(np.full(ri.size, sign * dr, np.int8))  # towards the outside
-            cols["dc"].append(np.full(ri.size, sign * dc, np.int8))
-            if v is not None:
-                cols["vin"].append(v[ri, ci])
-                cols["vout"].append(v[ri + sign * dr, ci + sign * dc])
-    lab = np.concatenate(cols["lab"])
-    ri, ci = np.concatenate(cols["ri"]), np.concatenate(cols["ci"])
-    dr, dc = np.concatenate(cols["dr"]), np.concatenate(cols["dc"])
+            labs.append(lab[keep])
+            inner.append(ins[keep])
+            outer.append(out[keep])
+    lab, inner, outer = np.concatenate(labs), np.concatenate(inner), np.concatenate(outer)
+    ri, ci = np.divmod(inner, width)
+    dr, dc = np.divmod(outer - inner + width + 1, width)  # towards the outside: -1, 0 or 1
+    dr, dc = dr - 1, dc - 1
+    ri, ci = ri - 1, ci - 1  # unpadded coordinates of the inside pixel
     frac = np.full(lab.size, 0.5)
-    if v is not None and lab.size:
-        vin = np.concatenate(cols["vin"]).astype(np.float64)
-        vout = np.concatenate(cols["vout"]).astype(np.float64)
+    if vf is not None and lab.size:
+        vin, vout = vf[inner].astype(np.float64), vf[outer].astype(np.float64)
         n = int(lab.max()) + 1
         level = np.bincount(lab, vin + vout, n) / np.maximum(2 * np.bincount(lab, minlength=n), 1)
         step = vin - vout
