@@ -13,6 +13,11 @@ stops at the first success, the between-frame variance enters as its 90% upper c
 bound (χ² with F − 1 degrees of freedom), and the 95% interval uses Student's t with F − 1
 degrees of freedom (few frames: wide intervals). Fractions get the same treatment.
 
+Sizes and fractions come from the particles that stood alone when the table says which were
+split from touching groups (``separated``) and enough stood alone: a split piece is measured
+from a regrown mask, and some pieces are unsplit overlapping pairs that no rule on a single
+particle can tell from a large member; ``n`` still counts every member.
+
 Stop rule (a Chow–Robbins fixed-width rule, 1965, with a frame-level variance): converged when,
 for every population, the 95% half-width ≤ ``precision`` × mean, the population holds at least
 ``min_per_population`` particles, at least ``min_frames`` frames were analysed and every
@@ -325,7 +330,9 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     -------
     dict
         JSON-safe (no NaN: ``None``): ``schema_version, frames_ok, frames_failed, particles,
-        populations`` (list of ``id, n, fraction, fraction_ci95, mean_ecd_nm, sd_ecd_nm, cv,
+        populations`` (list of ``id, n, fraction, fraction_ci95, n_size, size_basis`` (the
+        particles the size numbers come from: ``"isolated"`` ones when the table has a
+        ``separated`` column and enough stood alone, else ``"all"``), ``mean_ecd_nm, sd_ecd_nm, cv,
         pdi, z_average_nm, ci95_nm, ci95_rel, mean_feret_max_nm, mean_feret_min_nm,
         mean_aspect_ratio, mean_circularity, mean_shell_nm, shape, frames, converged,
         needed_more``), ``all`` (the same for all non-outliers), ``outliers, converged,
@@ -351,10 +358,14 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     codes_in = codes[inlier]
     n_in = int(inlier.sum())
     total_frames = int(np.unique(codes).size)
-    # Number fractions come from particles that stood alone. Touching groups lose their
-    # small members more often (a small sphere on a big one is hidden or left in an
+    # Number fractions and sizes come from particles that stood alone. Touching groups lose
+    # their small members more often (a small sphere on a big one is hidden or left in an
     # unsplittable agglomerate), so counting split-out particles biases a mixture's
-    # fractions towards the big population; sizes are still taken from every particle.
+    # fractions towards the big population. And a split-out piece is measured from a
+    # regrown mask (a few % large), while some pieces are two overlapping particles that
+    # could not be split, 1.15-1.6x one particle, convex, inside the population's size
+    # range: no rule on one particle tells them apart from a large single, so they would
+    # bias the mean by about as much as a ±1% interval. Isolated particles carry neither.
     alone = inlier & ~np.asarray(table.get("separated", np.zeros(n, bool)), dtype=bool)
     fraction_basis = "isolated" if ("separated" in table and alone.sum() >= max(
         min_per_population, 0.2 * n_in)) else "all"
@@ -362,21 +373,31 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     pops = []
     for pid in ids:
         member = labels == pid
-        st = population_stats(table, member, codes, precision=precision,
+        sized = member & alone if fraction_basis == "isolated" else member
+        if sized.sum() < min(min_per_population, member.sum()):
+            sized = member  # too few stood alone (yet): every member
+        st = population_stats(table, sized, codes, precision=precision,
                               confidence=confidence)
+        n_member = int(member.sum())
+        # more particles needed for the precision, counted as members of the population
+        if st["n"]:
+            st["needed_for_precision"] *= n_member / st["n"]
         frac, frac_half = _fraction_ci(member[basis], codes[basis], confidence=confidence)
-        st = {"id": int(pid), "n": st.pop("n"), "fraction": frac,
+        n_size = st.pop("n")
+        st = {"id": int(pid), "n": n_member, "fraction": frac,
               "fraction_ci95": [max(0.0, frac - frac_half), min(1.0, frac + frac_half)],
-              **st}
+              "n_size": n_size,
+              "size_basis": "isolated" if n_size < n_member else "all", **st}
         st["_fraction_half"] = frac_half
         pops.append(st)
     _judge(pops, n_in=n_in, total_frames=total_frames, precision=precision,
            min_per_population=min_per_population, min_frames=min_frames,
            fraction_tolerance=fraction_tolerance)
-    all_stats = population_stats(table, inlier, codes, precision=precision,
+    all_stats = population_stats(table, basis, codes, precision=precision,
                                  confidence=confidence) if n_in else None
     if all_stats is not None:
         all_stats["fraction"] = 1.0
+        all_stats["n_size"], all_stats["n"] = all_stats["n"], n_in
         all_stats["converged"] = bool(np.isfinite(all_stats["ci95_rel"])
                                       and all_stats["ci95_rel"] <= precision)
         all_stats.pop("needed_for_precision")
