@@ -4,7 +4,14 @@ For each frame size and worker count a fresh daemon (real analysis, worker proce
 watches an empty folder; simulated au10 frames are renamed in one at a time, and the time
 from the rename to the first ``stats`` message that counts the frame is recorded.
 
-Usage: ``python bench/daemon_latency.py [--frames 8] [--sizes 2048 4096] [--workers 1 2]``
+With ``--split on`` a frame of at least ``--strip-min-px`` pixels is analysed as horizontal
+strips, one per worker, whenever workers would otherwise idle (here always: frames come one
+at a time), and merged (:mod:`particlewatch.analysis.strips`); ``off`` analyses every frame
+whole in one worker. The ``fallback`` column counts frames whose strips fell back to a whole
+analysis (a particle or group larger than the margin on a cut).
+
+Usage: ``python bench/daemon_latency.py [--frames 8] [--sizes 2048 4096] [--workers 1 2]
+[--split off on]``
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ def _wait_for(sock, predicate, timeout_s: float):
     raise TimeoutError(f"no matching message within {timeout_s} s")
 
 
-def measure(size: int, workers: int, sources: list[Path], *, work: Path) -> list[float]:
-    """Seconds from rename to stats message for each frame in ``sources``."""
+def measure(size: int, workers: int, sources: list[Path], *, work: Path, split: bool = False,
+            strip_min_px: int = 2048 * 2048):
+    """Seconds from rename to stats message for each frame in ``sources``; the frames'
+    analysis seconds; how many frames fell back from strips to a whole analysis."""
     import zmq
 
     from particlewatch.daemon.pipeline import Daemon
@@ -58,7 +67,8 @@ def measure(size: int, workers: int, sources: list[Path], *, work: Path) -> list
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
     daemon = Daemon(folder, out, workers=workers, stats_endpoint="tcp://127.0.0.1:0",
-                    histogram_interval_s=5.0).start()
+                    histogram_interval_s=5.0,
+                    strip_min_px=strip_min_px if split else None).start()
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(daemon.endpoints["stats"])
@@ -89,7 +99,22 @@ def measure(size: int, workers: int, sources: list[Path], *, work: Path) -> list
     if failed:
         print(f"  warning: {len(failed)} frame(s) failed, e.g. {failed[0]['reason'][:160]}")
     analysis_s = [float(r["seconds"]) for r in rows if r["seconds"]]
-    return latencies, analysis_s
+    fallbacks = _fallbacks(out)
+    return latencies, analysis_s, fallbacks
+
+
+def _fallbacks(out: Path) -> int:
+    """Frames the ledger says were analysed whole after their strips fell back."""
+    import sqlite3
+
+    db = sqlite3.connect(out / "ledger.sqlite")
+    try:
+        results = [json.loads(r) for (r,) in db.execute(
+            "SELECT result FROM frames WHERE result IS NOT NULL")]
+    finally:
+        db.close()
+    return sum(any(w.startswith("analysed whole, not in strips") for w in r.get("warnings", []))
+               for r in results)
 
 
 def main() -> None:
@@ -98,11 +123,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--strip-min-px", type=int, default=2048 * 2048)
     args = parser.parse_args()
     print(f"daemon latency, rename -> stats message; {os.cpu_count()} cores; "
           f"{args.frames} frames each, renamed one at a time")
-    print(f"{'size':>6} {'workers':>7} {'median_s':>9} {'p95_s':>7} {'max_s':>7} "
-          f"{'analysis_median_s':>18}")
+    print(f"{'size':>6} {'workers':>7} {'split':>5} {'median_s':>9} {'p95_s':>7} "
+          f"{'max_s':>7} {'analysis_median_s':>18} {'fallback':>8}")
     with tempfile.TemporaryDirectory(prefix="pw-bench-") as tmp:
         work = Path(tmp)
         for size in args.sizes:
@@ -110,11 +137,16 @@ def main() -> None:
             source_dir.mkdir()
             sources = _simulated_frames(size, args.frames, seed=args.seed, folder=source_dir)
             for workers in args.workers:
-                lat, analysis_s = measure(size, workers, sources, work=work / "run")
-                lat = np.array(lat)
-                print(f"{size:>6} {workers:>7} {np.median(lat):>9.3f} "
-                      f"{np.percentile(lat, 95):>7.3f} {lat.max():>7.3f} "
-                      f"{np.median(analysis_s):>18.3f}", flush=True)
+                for split in args.split:
+                    if split == "on" and workers < 2:
+                        continue  # one worker: nothing to split across
+                    lat, analysis_s, fallbacks = measure(
+                        size, workers, sources, work=work / "run", split=split == "on",
+                        strip_min_px=args.strip_min_px)
+                    lat = np.array(lat)
+                    print(f"{size:>6} {workers:>7} {split:>5} {np.median(lat):>9.3f} "
+                          f"{np.percentile(lat, 95):>7.3f} {lat.max():>7.3f} "
+                          f"{np.median(analysis_s):>18.3f} {fallbacks:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -371,3 +371,164 @@ def test_real_analysis_of_simulated_frames_end_to_end(dirs):
     assert all(r["population"] != "" for r in particles)  # final labels written at stop
     assert 5 < max(summary["populations"], key=lambda p: p["n"])["mean_ecd_nm"] < 15  # au10
     assert (out / "histogram.png").stat().st_size > 1000
+
+
+# --- large frames analysed as strips -----------------------------------------------------
+
+SPLIT = dict(strip_min_px=256 * 256, strip_when="always", strip_margin_px=48)
+
+
+def _simulated_frames(folder, n, *, size, seed):
+    from particlewatch.frames import write_frame
+    from particlewatch.simulators.scope import SimScope
+
+    scope = SimScope("au10", seed=seed, size_px=size)
+    x0, y0, x1, y1 = scope.stage_limits_um
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        scope.move_stage(float(rng.uniform(x0 + 5, x1 - 5)), float(rng.uniform(y0 + 5, y1 - 5)))
+        snap = scope.snap()
+        write_frame(folder / f"frame_{i:05d}.mrc", snap.image, pixel_nm=snap.pixel_nm,
+                    section={"StagePosition": (snap.stage_x_um, snap.stage_y_um),
+                             "Defocus": snap.defocus_um})
+
+
+def _split_directly(path, workers):
+    """What the daemon must report for ``path``: its merged strips, or, where a margin was
+    too small, the whole frame's analysis; and whether it was split."""
+    from particlewatch.analysis.pipeline import analyze_frame
+    from particlewatch.analysis.strips import analyze_strip, merge_strips, plan_strips
+
+    plan = plan_strips((768, 768), workers, margin_px=SPLIT["strip_margin_px"])
+    assert len(plan) == workers
+    merged, fallback = merge_strips([analyze_strip(path, s) for s in plan])
+    if fallback is not None:
+        return analyze_frame(path), False
+    return merged, True
+
+
+def test_large_frames_are_analysed_in_strips_and_merged(dirs):
+    from particlewatch.analysis.pipeline import analyze_frame
+
+    folder, out = dirs
+    _simulated_frames(folder, 2, size=768, seed=5)
+    daemon = Daemon(folder, out, workers=2, worker_mode="thread",
+                    stats_endpoint="tcp://127.0.0.1:0", settle_s=0.05, **SPLIT).start()
+    try:
+        assert daemon.wait_idle(300, frames=2)
+    finally:
+        daemon.stop()
+    frames = {r["frame"]: r for r in rows(out / "frames.csv")}
+    particles = rows(out / "particles.csv")
+    split = []
+    for name in ("frame_00000", "frame_00001"):
+        assert frames[name]["status"] == "ok"
+        merged, was_split = _split_directly(folder / f"{name}.mrc", 2)
+        split.append(was_split)
+        mine = sorted(float(r["ecd_nm"]) for r in particles if r["frame"] == name)
+        # the daemon's result is the merge of the strips, each particle once ...
+        np.testing.assert_allclose(mine, sorted(merged.particles["ecd_nm"]), rtol=1e-6)
+        assert int(frames[name]["particles"]) == merged.n_particles
+        ids = [int(r["particle_id"]) for r in particles if r["frame"] == name]
+        assert sorted(ids) == list(range(1, len(ids) + 1))
+        # ... and as many particles as the whole frame's analysis finds, give or take one
+        assert abs(merged.n_particles - analyze_frame(folder / f"{name}.mrc").n_particles) <= 1
+    assert any(split)  # at least one frame went through strips (a fallback is fine too)
+
+
+def test_a_worker_dying_mid_strip_does_not_lose_the_strip(dirs):
+    folder, out = dirs
+    _simulated_frames(folder, 1, size=768, seed=6)
+    daemon = Daemon(folder, out, workers=2, worker_mode="process",
+                    stats_endpoint="tcp://127.0.0.1:0", settle_s=0.05, **SPLIT).start()
+    try:
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None and time.monotonic() < deadline:  # a worker has started a strip
+            busy = [w for w in list(daemon._workers_seen.values()) if w.task]
+            if busy:
+                pid = int(next(wid for wid, w in list(daemon._workers_seen.items())
+                               if w.task).split(":")[1])
+                victim = next(p for p in daemon._procs if p.pid == pid)
+            time.sleep(0.01)
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)  # one of the daemon's own worker processes
+        assert daemon.wait_idle(300, frames=1)
+    finally:
+        daemon.stop()
+    frame = rows(out / "frames.csv")
+    assert len(frame) == 1 and frame[0]["status"] == "ok"
+    merged, _ = _split_directly(folder / "frame_00000.mrc", 2)
+    assert int(frame[0]["particles"]) == merged.n_particles
+
+
+_SPLIT_DAEMON = """
+import sys
+from particlewatch.daemon.pipeline import Daemon
+folder, out, port = sys.argv[1], sys.argv[2], sys.argv[3]
+Daemon(folder, out, workers=2, worker_mode="thread", stats_endpoint=f"tcp://127.0.0.1:{port}",
+       settle_s=0.05, rescan_s=0.5, histogram_interval_s=0.5, strip_min_px=256 * 256,
+       strip_when="always", strip_margin_px=48).run()
+"""
+
+
+def test_kill_9_with_split_frames_then_restart_equals_an_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng(11)
+    source = tmp_path / "source"
+    _simulated_frames(source, 8, size=512, seed=8)
+    names = sorted(p.name for p in source.glob("*.mrc"))
+    ref_folder, ref_out = tmp_path / "ref", tmp_path / "ref_out"
+    folder, out = tmp_path / "frames", tmp_path / "out"
+    ref_folder.mkdir()
+    folder.mkdir()
+    for name in names:
+        for suffix in ("", ".mdoc"):
+            (ref_folder / (name + suffix)).write_bytes((source / (name + suffix)).read_bytes())
+    reference = Daemon(ref_folder, ref_out, workers=2, worker_mode="thread",
+                       stats_endpoint="tcp://127.0.0.1:0", settle_s=0.05,
+                       strip_min_px=256 * 256, strip_when="always", strip_margin_px=48).start()
+    assert reference.wait_idle(300, frames=8)
+    reference.stop()
+
+    port = _free_port_block()
+    cmd = [sys.executable, "-c", _SPLIT_DAEMON, str(folder), str(out), str(port)]
+    written = 0
+    for kill in range(3):
+        for name in names[written:written + 3]:  # frames keep arriving between crashes
+            for suffix in (".mdoc", ""):
+                (folder / (name + suffix)).write_bytes((source / (name + suffix)).read_bytes())
+        written += 3
+        (out / "daemon.json").unlink(missing_ok=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not (out / "daemon.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.2, 2.0)))  # mid-strip, mid-merge or between frames
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        control = f"tcp://127.0.0.1:{port + 1}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                status = request(control, {"type": "status"}, timeout_s=1, retries=1)
+            except TimeoutError:
+                continue
+            if status["idle"] and status["frames_ok"] == 8:
+                break
+            time.sleep(0.1)
+        assert request(control, {"type": "stop"})["ok"]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    def frame_rows(d):  # analysis seconds differ from run to run; everything else may not
+        return [{k: v for k, v in r.items() if k not in ("seconds", "path")}
+                for r in rows(d / "frames.csv")]
+
+    assert frame_rows(out) == frame_rows(ref_out) and len(frame_rows(out)) == 8
+    assert (out / "particles.csv").read_text() == (ref_out / "particles.csv").read_text()
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref_out))
+    assert summary == ref_summary and summary["frames_ok"] == 8
