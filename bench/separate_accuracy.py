@@ -40,16 +40,22 @@ def touching_pairs(truth):
     return out
 
 
-def frames_for(sample, *, pairs, size, seed):
-    """Cached (image, pixel_nm, labels, truth) frames holding at least ``pairs`` pairs."""
+def frames_for(sample, *, pairs, size, seed, detector=None, dose=1.0):
+    """Cached (image, pixel_nm, labels, truth) frames holding at least ``pairs`` pairs.
+
+    ``detector`` None is the sample's usual one; ``dose`` scales its default dose.
+    """
     import json
     WORK.mkdir(parents=True, exist_ok=True)
+    tag = (f"_{detector}" if detector else "") + (f"_d{dose:g}" if dose != 1.0 else "")
     frames, found, k = [], 0, 0
     while found < pairs:
-        path = WORK / f"{sample}_{size}_{seed}_{k}.npz"
+        path = WORK / f"{sample}_{size}_{seed}{tag}_{k}.npz"
         if not path.exists():
             rng = np.random.default_rng([seed, k])
-            scope = SimScope(sample, seed=seed + k, size_px=size)
+            probe = SimScope(sample, seed=seed + k, size_px=16, detector=detector)
+            scope = SimScope(sample, seed=seed + k, size_px=size, detector=detector,
+                             dose=probe.dose * dose)
             x0, y0, x1, y1 = scope.stage_limits_um
             best = None
             for _ in range(30):  # the densest of 30 random positions
@@ -80,23 +86,59 @@ def _match(table, p, px):
     return k if d[k] <= 0.35 * p["ecd_nm"] / px else -1
 
 
-def score(table, truth, tol):
+def _centre_labels(lab, parts):
+    """The label under each truth centre (0 where it falls on background)."""
+    rc = np.array([[round(p["y_px"]), round(p["x_px"])] for p in parts], int).reshape(-1, 2)
+    rc = np.clip(rc, 0, np.array(lab.shape) - 1)
+    return lab[rc[:, 0], rc[:, 1]]
+
+
+def score(table, truth, tol, raw=None, out=None):
+    """Figures of one frame.
+
+    ``raw`` is the segmentation, ``out`` the separated labels: with both, isolated particles
+    are checked for over-splitting (their segmented region holds one truth centre but comes out
+    as several particles) or loss (reported as an agglomerate), touching pairs for being
+    merged into one particle or reported as an agglomerate, and every particle for holding
+    several truth centres (a merged group measured as one particle).
+    """
     px = truth["pixel_nm"]
     parts = truth["particles"]
-    split, pair_err, n_pairs = 0, [], 0
+    f = {"split": 0, "pairs": 0, "perr": [], "merged_pair": 0, "agglo_pair": 0,
+         "iso": 0, "oversplit": 0, "lost": 0, "merged": 0, "out": 0}
+    raw_at = out_at = None
+    if raw is not None and out is not None and parts:
+        raw_at, out_at = _centre_labels(raw, parts), _centre_labels(out, parts)
+        found = out_at[out_at > 0]
+        f["out"] = len(np.unique(found))
+        f["merged"] = int(np.sum(np.bincount(found) > 1))
     for i, j in touching_pairs(truth):
-        n_pairs += 1
+        f["pairs"] += 1
+        if out_at is not None:
+            if out_at[i] > 0 and out_at[i] == out_at[j]:
+                f["merged_pair"] += 1
+            elif out_at[i] == 0 and out_at[j] == 0 and raw_at[i] > 0 and raw_at[j] > 0:
+                f["agglo_pair"] += 1
         a, b = _match(table, parts[i], px), _match(table, parts[j], px)
         if a < 0 or b < 0 or a == b:
             continue
         ea = table["ecd_nm"][a] / parts[i]["ecd_nm"] - 1
         eb = table["ecd_nm"][b] / parts[j]["ecd_nm"] - 1
-        pair_err += [ea, eb]
-        split += abs(ea) <= tol and abs(eb) <= tol
+        f["perr"] += [ea, eb]
+        f["split"] += abs(ea) <= tol and abs(eb) <= tol
     iso = {"ecd": [], "fmax": [], "fmin": [], "shell": []}
-    for p in parts:
+    if raw_at is not None:
+        holders = np.bincount(raw_at, minlength=int(raw.max()) + 1)
+    for n, p in enumerate(parts):
         if p["overlaps"] or p["touches_edge"]:
             continue
+        if raw_at is not None and raw_at[n] > 0 and holders[raw_at[n]] == 1:
+            # its segmented region holds no other truth centre: it must stay one particle
+            f["iso"] += 1
+            pieces = np.unique(out[raw == raw_at[n]])
+            pieces = pieces[pieces > 0].size
+            f["oversplit"] += pieces > 1
+            f["lost"] += pieces == 0
         k = _match(table, p, px)
         if k < 0:
             continue
@@ -106,29 +148,42 @@ def score(table, truth, tol):
         # solid particles must give NaN; capsules their shell
         iso["shell"].append(table["shell_nm"][k] / p["shell_nm"] - 1 if "shell_nm" in p
                             else (np.inf if np.isfinite(table["shell_nm"][k]) else np.nan))
-    return split, n_pairs, pair_err, iso
+    return f, iso
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", default="au10,ps100,ps-bimodal")
-    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--samples", default="au10,ps100,ps50,ps-bimodal,cubes,"
+                        "silica-capsules,au-rods")
+    parser.add_argument("--pairs", type=int, default=120)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=0.05)
     parser.add_argument("--method", default="uecs")
+    parser.add_argument("--detector", default=None, help="bf or haadf (default: the sample's)")
+    parser.add_argument("--dose", type=float, default=1.0, help="scales the default dose")
+    parser.add_argument("--no-image", action="store_true",
+                        help="do not pass the image to separate() (shape alone)")
     args = parser.parse_args(argv)
-    print(f"method {args.method}; pairs split into two particles with ECD within "
-          f"{args.tol:.0%}; isolated particles: median |error|")
-    print(f"{'sample':16} {'pairs':>5} {'split':>6} {'pairECD':>7} {'ECD':>6} {'Fmax':>6} "
-          f"{'Fmin':>6} {'shell/found':>11} {'particles':>9} {'sep ms':>7} {'meas ms':>7}")
+    print(f"method {args.method}; detector {args.detector or 'default'}, dose x{args.dose:g}"
+          f"{', no image' if args.no_image else ''}")
+    print("split: touching pairs split into two particles with ECD within "
+          f"{args.tol:.0%}; merged/agglo: pairs left as one particle / reported as an "
+          "agglomerate;\nover/lost: isolated particles cut into several / reported as an "
+          "agglomerate; multi: particles holding several truth centres;\nECD/Fmax/Fmin/shell: "
+          "median |error| of isolated particles")
+    print(f"{'sample':16} {'pairs':>5} {'split':>6} {'merged':>6} {'agglo':>6} {'pairECD':>7} "
+          f"{'iso':>5} {'over':>6} {'lost':>6} {'multi':>6} {'ECD':>6} {'Fmax':>6} {'Fmin':>6} "
+          f"{'shell/found':>11} {'particles':>9} {'agglos':>6} {'sep ms':>7} {'meas ms':>7}")
     for sample in args.samples.split(","):
-        frames = frames_for(sample, pairs=args.pairs, size=args.size, seed=args.seed)
-        tot = {"split": 0, "pairs": 0, "perr": [], "ecd": [], "fmax": [], "fmin": [],
-               "shell": [], "n": 0, "sep": 0.0, "meas": 0.0}
+        frames = frames_for(sample, pairs=args.pairs, size=args.size, seed=args.seed,
+                            detector=args.detector, dose=args.dose)
+        tot = {"perr": [], "ecd": [], "fmax": [], "fmin": [], "shell": [], "n": 0, "sep": 0.0,
+               "meas": 0.0, "agglos": 0}
         for image, px, labels, truth in frames:
             t0 = time.perf_counter()
-            sep = separate(labels, px, method=args.method)
+            kw = {} if args.no_image else {"image": image}
+            sep = separate(labels, px, method=args.method, **kw)
             t1 = time.perf_counter()
             kw = {"masks": sep.masks} if getattr(sep, "masks", None) is not None else {}
             table = measure(sep.labels, image, px, **kw)
@@ -136,20 +191,26 @@ def main(argv=None):
             tot["sep"] += t1 - t0
             tot["meas"] += t2 - t1
             tot["n"] += len(table["particle_id"])
-            s, n, perr, iso = score(table, truth, args.tol)
-            tot["split"] += s
-            tot["pairs"] += n
-            tot["perr"] += perr
+            tot["agglos"] += sep.agglomerates
+            f, iso = score(table, truth, args.tol, raw=labels, out=sep.labels)
+            for key, value in f.items():
+                tot[key] = tot.get(key, 0 if not isinstance(value, list) else []) + value
             for key in ("ecd", "fmax", "fmin", "shell"):
                 tot[key] += iso[key]
         med = lambda a: (100 * float(np.median(np.abs(np.asarray(a)[np.isfinite(a)])))  # noqa
                          if np.isfinite(a).any() else float("nan"))
+        rate = lambda k, n: tot[k] / max(tot[n], 1)  # noqa
         shell = np.asarray(tot["shell"], float)
         found = np.mean(~np.isnan(shell)) if shell.size else float("nan")
-        print(f"{sample:16} {tot['pairs']:>5d} {tot['split'] / max(tot['pairs'], 1):>6.2f} "
-              f"{med(tot['perr']):>6.1f}% {med(tot['ecd']):>5.1f}% {med(tot['fmax']):>5.1f}% "
+        print(f"{sample:16} {tot['pairs']:>5d} {rate('split', 'pairs'):>6.2f} "
+              f"{rate('merged_pair', 'pairs'):>6.2f} {rate('agglo_pair', 'pairs'):>6.2f} "
+              f"{med(tot['perr']):>6.1f}% {tot['iso']:>5d} {100 * rate('oversplit', 'iso'):>5.1f}% "
+              f"{100 * rate('lost', 'iso'):>5.1f}% {100 * rate('merged', 'out'):>5.1f}% "
+              f"{med(tot['ecd']):>5.1f}% {med(tot['fmax']):>5.1f}% "
               f"{med(tot['fmin']):>5.1f}% {med(shell):>5.1f}%/{found:.2f} {tot['n']:>9d} "
-              f"{1e3 * tot['sep'] / len(frames):>7.0f} {1e3 * tot['meas'] / len(frames):>7.0f}")
+              f"{tot['agglos']:>6d} "
+              f"{1e3 * tot['sep'] / len(frames):>7.0f} {1e3 * tot['meas'] / len(frames):>7.0f}",
+              flush=True)
 
 
 if __name__ == "__main__":
