@@ -14,11 +14,16 @@ The rules that keep every particle counted once:
   mean centroid is kept, so a particle lying exactly on a cut, whose centroid the two strips
   compute a hair apart, is counted once, never twice or not at all.
 - Honest fallback: the crop's *artificial* cut edges are not frame borders. A particle or an
-  agglomerate that touches a cut edge is cropped; if its centroid lies in the strip's core
-  the margin was too small for it, the strip says so (``StripResult.too_small``) and the
-  frame must be analysed whole (:func:`merge_strips` returns no result but the reason). One
-  touching a cut edge with its centroid outside the core is not this strip's: its owner
-  sees it whole, or says the same. Nothing is lost or counted twice silently.
+  agglomerate whose segmented region (a touching group, before separation) touches a cut
+  edge is cropped; if its centroid lies in the strip's core the margin was too small for
+  it, the strip says so (``StripResult.too_small``) and the frame must be analysed whole
+  (:func:`merge_strips` returns no result but the reason). One touching a cut edge with its
+  centroid outside the core is not this strip's: its owner sees it whole, or says the same.
+  Nothing is lost or counted twice silently.
+- What can differ from the whole frame: each crop fits its own background, noise level,
+  thresholds and edge models, so with few particles per strip sizes move by a fraction of a
+  percent to a few percent; a touching group that reaches a *real* frame border is dropped
+  whole (the whole-frame segmentation drops only its members on the border).
 
 The margin: particle size is unknown before the analysis, so the margin comes from the
 frame: ``max(64, side / 16)`` px (:func:`default_margin_px`). A frame taken for size

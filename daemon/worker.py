@@ -2,7 +2,9 @@
 
 A task is a JSON header (:func:`..messages.validate_task`) optionally followed by the
 frame's bytes and its ``.mdoc``'s bytes, so a worker on another host needs no shared
-folder. The worker announces itself (``hello``), says when it starts a task (``started``,
+folder. A task may name one ``strip`` of a large frame (:mod:`..analysis.strips`): the worker
+then analyses those rows with their margin and the daemon merges the strips. The worker
+announces itself (``hello``), says when it starts a task (``started``,
 so the daemon can re-send at once the tasks of a local worker that died) and sends each
 result as JSON, never pickle. It exits when its parent process is gone.
 """
