@@ -346,14 +346,17 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
         Agglomerates (not touching a real border), ``(row0, col0, row1, col1)`` in the crop.
     boxes_on_cut : list of bool
         Per agglomerate: it touches a cut edge.
+    cut_rows : ndarray of float
+        Centroid rows of the segmented regions (touching groups) that touch a cut edge,
+        whatever separation made of them (it may drop a cropped piece altogether).
 
     Examples
     --------
     >>> yy, xx = np.mgrid[:128, :128]
     >>> img = 100.0 - 60.0 * ((yy - 64) ** 2 + (xx - 64) ** 2 < 20 ** 2)
-    >>> parts, on_cut, _, _ = analyze_crop(img[:70], 0.5, cut_top=False, cut_bottom=True)
-    >>> len(parts["ecd_nm"]), on_cut.tolist()
-    (1, [True])
+    >>> *_, cut_rows = analyze_crop(img[:70], 0.5, cut_top=False, cut_bottom=True)
+    >>> [round(float(r)) for r in cut_rows]  # the cropped half-disc, rows 45-69
+    [57]
     """
     _validate_options(pixel_nm, min_size_nm, separate, polarity)
     image = np.asarray(image)
@@ -399,7 +402,10 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
             continue  # on a real border: cleared in the whole frame too, not counted there
         boxes.append(box)
         boxes_on_cut.append(bool(region_cut[reg]))
-    return particles, on_cut[keep], boxes, boxes_on_cut
+    cut_ids = np.flatnonzero(region_cut)
+    cut_rows = (np.array([c[0] for c in ndi.center_of_mass(raw > 0, raw, cut_ids)], float)
+                if cut_ids.size else np.zeros(0))
+    return particles, on_cut[keep], boxes, boxes_on_cut, cut_rows
 
 
 def _region_edges(raw, image, *, cut_top, cut_bottom):
@@ -465,7 +471,7 @@ def analyze_strip(path, strip, *, pixel_nm=None, min_size_nm=None, separate="uec
                                    f"px, the strip plan was made for {strip.shape[1]} x "
                                    f"{strip.shape[0]}")
         crop = frame.image[strip.crop0:strip.crop1]
-        particles, on_cut, boxes, boxes_on_cut = analyze_crop(
+        particles, on_cut, boxes, boxes_on_cut, cut_rows = analyze_crop(
             crop, frame.pixel_nm, cut_top=strip.cut_top, cut_bottom=strip.cut_bottom,
             min_size_nm=min_size_nm, separate=separate, polarity=polarity)
     except FrameError as exc:
@@ -483,9 +489,12 @@ def analyze_strip(path, strip, *, pixel_nm=None, min_size_nm=None, separate="uec
         box_owned = (box_rows >= strip.row0) & (box_rows < strip.row1)
         bad = int(np.count_nonzero(owned & on_cut))
         bad_boxes = int(np.count_nonzero(box_owned & np.asarray(boxes_on_cut, bool)))
-        if bad or bad_boxes:
-            too_small = (f"{bad} particle(s) and {bad_boxes} agglomerate(s) of strip "
-                         f"{strip.index} (rows {strip.row0}-{strip.row1}) reach past its "
+        region_rows = np.asarray(cut_rows, float) + strip.crop0
+        bad_regions = int(np.count_nonzero((region_rows >= strip.row0)
+                                           & (region_rows < strip.row1)))
+        if bad or bad_boxes or bad_regions:
+            too_small = (f"{max(bad + bad_boxes, bad_regions)} particle(s) or group(s) of "
+                         f"strip {strip.index} (rows {strip.row0}-{strip.row1}) reach past its "
                          f"{strip.margin_px} px margin")
         whole = ~on_cut  # cropped particles are not reported: their owner sees them whole
         particles = {k: v[whole] for k, v in particles.items()}
