@@ -16,6 +16,9 @@ from .worker import load_callable, result_endpoint_for, run_worker
 
 log = logging.getLogger("particlewatch.daemon")
 
+#: ``--split-frames``: frames of at least this many pixels go to the workers as strips.
+SPLIT_MIN_PX = 2048 * 2048
+
 #: Tuning options of ``python -m particlewatch.daemon.cli watch`` and their defaults.
 TUNING = {"analyze": None, "worker_mode": "process", "settle_s": 0.25,
           "stall_timeout_s": 60.0, "task_timeout_s": 600.0, "max_attempts": 3,
@@ -34,7 +37,9 @@ def watch(args: argparse.Namespace) -> int:
     daemon = Daemon(args.folder, args.out, workers=args.workers, stats_endpoint=args.stats,
                     control_endpoint=args.control, precision=args.precision,
                     pixel_nm=args.pixel_nm, separate=args.separate, polling=args.polling,
-                    allow_remote=args.allow_remote, **tuning)
+                    allow_remote=args.allow_remote,
+                    strip_min_px=SPLIT_MIN_PX if getattr(args, "split_frames", False) else None,
+                    **tuning)
 
     def _stop(signum, frame):
         log.info("signal %d: stopping", signum)
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polarity", choices=("auto", "dark", "bright"), default="auto")
     p.add_argument("--polling", action="store_true")
     p.add_argument("--allow-remote", action="store_true")
+    p.add_argument("--split-frames", action="store_true")
     p.add_argument("--analyze", default=None, help="package.module:function")
     p.add_argument("--worker-mode", choices=("process", "thread"), default="process")
     for key in ("settle_s", "stall_timeout_s", "task_timeout_s", "rescan_s",

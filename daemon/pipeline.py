@@ -240,7 +240,7 @@ class DaemonConfig:
     task_timeout_s: float = 600.0
     max_attempts: int = 3
     rescan_s: float = 2.0
-    strip_min_px: int | None = 2048 * 2048
+    strip_min_px: int | None = None
     strip_when: str = "idle"
     strip_margin_px: int | None = None
     histogram_interval_s: float = 5.0
@@ -291,8 +291,10 @@ class Daemon:
     strip_min_px : int or None
         Frames of at least this many pixels (MRC or TIFF, whose size the header gives) are
         analysed as horizontal strips by several workers at once and merged
-        (:mod:`particlewatch.analysis.strips`); None never splits. Only with the default
-        analysis.
+        (:mod:`particlewatch.analysis.strips`); None (default) never splits. Only with the
+        default analysis. Off by default: it lowers latency only where workers have free
+        cores (many-core hosts, remote workers), costs throughput for the margins, and each
+        strip fits its own background and threshold (sparse frames differ slightly).
     strip_when : {"idle", "always"}
         Split only when workers would otherwise idle (fewer frames waiting or running than
         workers), or every large frame (the same split for the same frame on every run).
