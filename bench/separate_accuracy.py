@@ -8,8 +8,12 @@ fraction of particles given a shell (capsules: should be 1; solid particles: 0).
 
 Frames are simulated in focus at stage positions chosen for many touching pairs, segmented once
 with ``segment()`` and cached in ``bench/_work/separate/`` (segmentation is not what is timed).
-Run ``python bench/separate_accuracy.py [--samples au10,ps100,ps-bimodal] [--pairs 40]
-[--method uecs]``.
+Also: isolated particles cut into several (over-split) or reported as agglomerates (lost),
+pairs left as one particle or reported as an agglomerate, and particles holding several truth
+centres (merged groups measured as one particle). ``--rev REV`` scores ``analysis/separate.py``
+as it was at a git revision (before/after on the same frames and the same ``measure``).
+Run ``python bench/separate_accuracy.py [--samples au10,ps100,ps-bimodal] [--pairs 120]
+[--method uecs] [--detector bf|haadf] [--dose 0.25] [--rev REV]``.
 """
 
 from __future__ import annotations
@@ -162,10 +166,16 @@ def main(argv=None):
     parser.add_argument("--method", default="uecs")
     parser.add_argument("--detector", default=None, help="bf or haadf (default: the sample's)")
     parser.add_argument("--dose", type=float, default=1.0, help="scales the default dose")
+    parser.add_argument("--rev", default=None,
+                        help="score analysis/separate.py as it was at this git revision")
     parser.add_argument("--no-image", action="store_true",
                         help="do not pass the image to separate() (shape alone)")
     args = parser.parse_args(argv)
-    print(f"method {args.method}; detector {args.detector or 'default'}, dose x{args.dose:g}"
+    split_fn = separate
+    if args.rev:
+        from separate_speed import separate_at  # bench/ is on the path when run as a script
+        split_fn = separate_at(args.rev)
+    print(f"separate.py at {args.rev or 'the working tree'}; method {args.method}; detector {args.detector or 'default'}, dose x{args.dose:g}"
           f"{', no image' if args.no_image else ''}")
     print("split: touching pairs split into two particles with ECD within "
           f"{args.tol:.0%}; merged/agglo: pairs left as one particle / reported as an "
@@ -183,7 +193,7 @@ def main(argv=None):
         for image, px, labels, truth in frames:
             t0 = time.perf_counter()
             kw = {} if args.no_image else {"image": image}
-            sep = separate(labels, px, method=args.method, **kw)
+            sep = split_fn(labels, px, method=args.method, **kw)
             t1 = time.perf_counter()
             kw = {"masks": sep.masks} if getattr(sep, "masks", None) is not None else {}
             table = measure(sep.labels, image, px, **kw)

@@ -3,13 +3,20 @@
 The frame (au10 by default, 2048², stage (3, -2) µm, in focus) is simulated and segmented once
 and cached in ``bench/_work/separate/`` so that only separation and measurement are timed.
 Prints CPU milliseconds (process time: the machine is shared, so wall time is noisy) for each
-(best of ``--repeat``) and particles per minute on one core.
-Run ``python bench/separate_speed.py [--sample au10] [--size 2048] [--method uecs]``.
+(best of ``--repeat``) and particles per minute on one core. ``--compare REV`` also times
+``analysis/separate.py`` as it was at git revision ``REV`` on the same frames in the same run
+(the ratio is what to compare; absolute times move with the machine's load).
+Run ``python bench/separate_speed.py [--samples au10,ps-bimodal] [--size 2048] [--method uecs]
+[--compare REV]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,30 +45,63 @@ def cached_frame(sample, size, seed):
     return data["image"], float(data["pixel_nm"]), data["labels"]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample", default="au10")
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--method", default="uecs")
-    args = parser.parse_args(argv)
-    image, px, labels = cached_frame(args.sample, args.size, args.seed)
+def separate_at(rev):
+    """``separate`` from ``analysis/separate.py`` at git revision ``rev`` (a temporary module)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:analysis/separate.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "separate_ref.py"
+    path.write_text(source)
+    # a submodule of the installed package, so its relative imports resolve
+    spec = importlib.util.spec_from_file_location("particlewatch.analysis._separate_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.separate
+
+
+def best_times(fn, image, px, labels, method, repeat):
+    """Best (separate s, measure s) of ``repeat`` runs, and the last result and table."""
     best = None
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         t0 = time.process_time()
-        sep = separate(labels, px, method=args.method)
+        sep = fn(labels, px, method=method)
         t1 = time.process_time()
         kw = {"masks": sep.masks} if getattr(sep, "masks", None) is not None else {}
         table = measure(sep.labels, image, px, **kw)
         t2 = time.process_time()
         if best is None or t2 - t0 < best[0] + best[1]:
             best = (t1 - t0, t2 - t1)
-    n = len(table["particle_id"])
-    print(f"{args.sample} {args.size}², {int(labels.max())} regions -> {n} particles "
-          f"({sep.agglomerates} agglomerates), method {args.method}, best of {args.repeat}")
-    print(f"separate {best[0] * 1e3:.0f} ms, measure {best[1] * 1e3:.0f} ms, "
-          f"together {n / sum(best) * 60:,.0f} particles/min on one core")
+    return best, sep, table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", default="au10,ps-bimodal")
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--method", default="uecs")
+    parser.add_argument("--compare", default=None, metavar="REV",
+                        help="also time analysis/separate.py at this git revision")
+    args = parser.parse_args(argv)
+    versions = [("now", separate)]
+    if args.compare:
+        versions.append((args.compare, separate_at(args.compare)))
+    for sample in args.samples.split(","):
+        image, px, labels = cached_frame(sample, args.size, args.seed)
+        print(f"{sample} {args.size}², {int(labels.max())} regions, method {args.method}, "
+              f"best of {args.repeat}")
+        first = None
+        for name, fn in versions:
+            best, sep, table = best_times(fn, image, px, labels, args.method, args.repeat)
+            n = len(table["particle_id"])
+            first = first or best[0]
+            ratio = f", separate {best[0] / first:.2f}x the time of now" if first != best[0] \
+                else ""
+            print(f"  {name:>10}: {n} particles ({sep.agglomerates} agglomerates); separate "
+                  f"{best[0] * 1e3:.0f} ms, measure {best[1] * 1e3:.0f} ms, together "
+                  f"{n / sum(best) * 60:,.0f} particles/min on one core{ratio}", flush=True)
 
 
 if __name__ == "__main__":
