@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll the folder (for SMB/NFS shares where file events are lost)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding sockets to addresses other than 127.0.0.1")
+    p.add_argument("--split-frames", action="store_true",
+                   help="analyse frames of 2048x2048 px or more as strips on idle workers at "
+                        "once (lower latency where workers have free cores)")
     p.set_defaults(handler="particlewatch.daemon.cli")
 
     p = sub.add_parser("worker", help="an analysis worker for a daemon, possibly on another host")
