@@ -441,6 +441,10 @@ class Daemon:
 
         self._events = None
         self._procs: list[subprocess.Popen] = []
+        # workers that exit before their first message (a broken install, an import error):
+        # said once on the stream and respawned with a growing delay, not in a tight loop
+        self._failed_starts = 0
+        self._respawn_due: list[float] = []
         self._threads: list[threading.Thread] = []
         self._worker_stop = threading.Event()
         try:
@@ -838,6 +842,7 @@ class Daemon:
                 continue
             self._procs.remove(proc)
             prefix = f"{_socket.gethostname()}:{proc.pid}:"
+            ever_started = any(w.startswith(prefix) for w in self._workers_seen)
             for wid in [w for w in self._workers_seen if w.startswith(prefix)]:
                 worker = self._workers_seen.pop(wid)
                 task = self._in_flight.get(worker.task or "")
@@ -852,6 +857,23 @@ class Daemon:
             for task_id in list(self._in_flight):
                 if task_id not in started:
                     self._requeue(task_id)
+            if self._stop.is_set():
+                continue
+            if ever_started:
+                self._failed_starts = 0
+                self._spawn_worker()
+                continue
+            self._failed_starts += 1
+            delay_s = min(30.0, 0.5 * 2 ** self._failed_starts)
+            if self._failed_starts in (1, 3) or self._failed_starts % 10 == 0:
+                self._report_error(
+                    f"worker process {proc.pid} exited with code {code} before taking work "
+                    f"({self._failed_starts} in a row; its error is on the daemon's stderr); "
+                    f"starting another in {delay_s:.0f} s")
+            self._respawn_due.append(time.monotonic() + delay_s)
+        now = time.monotonic()
+        for due in [t for t in self._respawn_due if t <= now]:
+            self._respawn_due.remove(due)
             if not self._stop.is_set():
                 self._spawn_worker()
 

@@ -254,6 +254,24 @@ def test_a_worker_dying_mid_frame_does_not_lose_the_frame(dirs, tmp_path, monkey
         name: len(ecd) for name, ecd in truth.items()}
 
 
+def test_workers_that_cannot_start_are_reported_not_respawned_in_a_loop(dirs):
+    folder, out = dirs
+    options = {**FAST, "workers": 1, "worker_mode": "process",
+               "analyze": "particlewatch_no_such_module:analyze"}
+    daemon = Daemon(folder, out, **options).start()
+    sub = Subscriber(daemon.endpoints["stats"])
+    try:
+        assert sub.wait_for("error", timeout=30)
+        errors = [m["error"] for m in sub.of("error")]
+        assert any("exited with code" in e and "before taking work" in e for e in errors)
+        time.sleep(2.0)
+        # the respawn delay doubles: a few attempts, not one every supervision tick (0.5 s)
+        assert daemon._failed_starts <= 5
+    finally:
+        sub.close()
+        daemon.stop()
+
+
 def _start_subprocess(folder, out, port):
     env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PW_FAKE_DELAY_S": "0.1"}
