@@ -960,16 +960,18 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
 _HOLLOW_DROP = 0.5  # a particle whose centre is fainter than this share of its peak is hollow
 
 
-def _hollow(labels, signed, smooth, rho):
+def _hollow(lab, signed, values, rho):
     """Which particles are hollow (capsules): their deepest pixels (the centre) are far
     fainter than the particle's brightest ones; solid spheres, rods and cubes are thickest
-    there in projection."""
+    there in projection. ``lab``, ``signed`` and ``values`` (smoothed frame) are given for
+    every pixel inside a particle (``lab`` > 0), ``rho`` per particle."""
     n = rho.size
-    inside = labels > 0
-    deep = inside & (-signed >= (rho - 1.5)[np.maximum(labels, 1) - 1])
-    area = np.maximum(np.bincount(labels[deep], minlength=n + 1)[1:], 1)
-    centre = np.bincount(labels[deep], weights=smooth[deep], minlength=n + 1)[1:] / area
-    peak = _label_max(smooth, labels, n)
+    deep = -signed >= (rho - 1.5)[lab - 1]
+    area = np.maximum(np.bincount(lab[deep], minlength=n + 1)[1:], 1)
+    centre = np.bincount(lab[deep], weights=values[deep], minlength=n + 1)[1:] / area
+    peak = np.full(n + 1, -np.inf)
+    np.maximum.at(peak, lab, values.astype(np.float64))
+    peak = peak[1:]
     return (peak > 0) & (centre < _HOLLOW_DROP * peak) & (rho >= 4.0)
 
 
@@ -1012,20 +1014,36 @@ def _max4(values):
     return out
 
 
-def _signed_distance(labels):
-    """Signed distance (px) of every pixel from the nearest outline (negative inside) and the
-    label of the particle it belongs to (its own, or the nearest one outside). One Euclidean
-    distance transform, to the ring of pixels just outside the particles."""
+def _signed_distance(labels, reach):
+    """Signed distance (px) from the nearest outline (negative inside) of every pixel inside
+    a particle or within its reach outside, and the label of the particle it belongs to
+    (its own, or the nearest one outside).
+
+    One Euclidean distance transform, to the ring of pixels just outside the particles; the
+    result is kept for those pixels only (raveled indices ``px``, ``signed``, ``owner``),
+    so what follows works on a fraction of the frame. ``reach(rho)`` gives the reach (px)
+    per label (index 0 unused) from the particles' radii ``rho`` (deepest inside distance,
+    px), which are returned too. Returns None without particles.
+    """
     inside = labels > 0
     ring_owner = _max4(labels)
     ring = (ring_owner > 0) & ~inside
     if not ring.any():
-        return None, None
+        return None
     d, (iy, ix) = ndi.distance_transform_edt(~ring, return_indices=True)
-    d = d.astype(np.float32)
-    owner = np.where(inside, labels, ring_owner[iy, ix])
-    signed = np.where(inside, 0.5 - d, d + 0.5)
-    return signed, owner
+    rho = np.maximum(_label_max(d, labels, int(labels.max())), 1.0)
+    out_px = reach(rho)
+    near = d <= float(np.max(out_px))
+    near |= inside
+    px = np.flatnonzero(near)
+    dist = d.ravel()[px].astype(np.float32)
+    lab = labels.ravel()[px]
+    ins = lab > 0
+    nearest = iy.ravel()[px] * labels.shape[1] + ix.ravel()[px]
+    owner = np.where(ins, lab, ring_owner.ravel()[nearest])
+    signed = np.where(ins, np.float32(0.5) - dist, dist + np.float32(0.5))
+    keep = ins | (signed <= out_px[owner])
+    return px[keep], signed[keep], owner[keep], rho
 
 
 def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
@@ -1044,24 +1062,34 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     whose fit fails keep their outline.
     """
     n = int(labels.max())
-    signed, owner = _signed_distance(labels)
-    if signed is None:
+    if n == 0:
         return labels, 1.0
-    rho = np.maximum(_label_max(-signed, labels, n) + 0.5, 1.0)
     band = 3.0 + 3.0 * max(sigma, 1.0)
+
+    def outer_band(rho):
+        # past the true edge into the background, wider for big particles
+        return np.concatenate([[0.0], band + 0.3 * rho]).astype(np.float32)
+
+    found = _signed_distance(labels, outer_band)
+    if found is None:
+        return labels, 1.0
+    px, signed, owner, rho = found
     w_in = np.concatenate([[0.0], np.minimum(rho, band)]).astype(np.float32)
-    # the outside band reaches past the true edge into the background, wider for big particles
-    w_out = np.concatenate([[0.0], band + 0.3 * rho]).astype(np.float32)
-    sel = valid & (owner > 0) & (signed >= -w_in[owner]) & (signed <= w_out[owner])
+    w_out = outer_band(rho)
+    ok = valid.ravel()[px]
+    sm = smooth.ravel()[px]
+    sel = ok & (signed >= -w_in[owner])
     lab = owner[sel]
     x = signed[sel]
     lo = -float(w_in.max())
     nb = int(np.ceil((float(w_out.max()) - lo) / _BIN_PX)) + 1
     key = lab.astype(np.int64) * nb + ((x - lo) / _BIN_PX).astype(np.int64)
     counts = np.bincount(key, minlength=(n + 1) * nb).reshape(n + 1, nb)[1:].astype(float)
-    sums = np.bincount(key, weights=raw[sel], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
+    sums = np.bincount(key, weights=raw.ravel()[px[sel]],
+                       minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
     xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
-    hollow = _hollow(labels, signed, smooth, rho)
+    inside = signed < 0
+    hollow = _hollow(owner[inside], signed[inside], sm[inside], rho)
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
         level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow)
@@ -1071,12 +1099,17 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     # cannot pull it further out
     reach = np.concatenate([[0.0], shift + _REACH_PX]).astype(np.float32)
     offset = np.concatenate([[0.0], np.where(by_level, -np.inf, shift)]).astype(np.float32)
-    inside = labels > 0
-    terr = (owner > 0) & valid & (signed <= np.minimum(w_out, reach)[owner])
-    new = terr & ((smooth > level[owner]) | (signed < offset[owner]))
+    terr = ok & (signed <= np.minimum(w_out, reach)[owner])
+    new = terr & ((sm > level[owner]) | (signed < offset[owner]))
     # Keep, per particle, only the pieces overlapping the original particle.
-    pieces, _ = ndi.label(new)
+    grown = np.zeros(labels.shape, bool)
+    grown.ravel()[px[new]] = True
+    pieces, _ = ndi.label(grown)
+    piece = pieces.ravel()[px]
     keep = np.zeros(int(pieces.max()) + 1, bool)
-    keep[pieces[inside & new]] = True
+    keep[piece[inside & new]] = True
     keep[0] = False
-    return np.where(keep[pieces], owner, 0).astype(np.int32), blur
+    out = np.zeros(labels.shape, np.int32)
+    take = new & keep[piece]
+    out.ravel()[px[take]] = owner[take]
+    return out, blur
