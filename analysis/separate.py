@@ -157,7 +157,10 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
     method : {"uecs", "watershed", "none"}, optional
         UECS (default), distance-transform watershed, or no splitting.
     image : (M, N) ndarray, optional
-        Not needed by the shape-based methods; accepted so callers can pass the frame.
+        The frame. With it, UECS also checks every particle's projected thickness (see
+        :func:`thickness_excess`): a piece clearly thicker than the frame's isolated convex
+        particles of its width holds more than one particle (a deep overlap that shape cannot
+        split) and is reported as an agglomerate instead of being measured as one.
     min_marker_px, min_marker_nm : float, optional
         UECS particles smaller than this many pixels, or this ECD in nm, after regrowth are
         dropped.
@@ -186,7 +189,10 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
     if method == "watershed":
         return _watershed(labels)
     min_marker_px = max(float(min_marker_px), np.pi / 4 * (min_marker_nm / pixel_nm) ** 2)
-    return _uecs(labels, min_marker_px=min_marker_px)
+    sep, plain = _uecs(labels, min_marker_px=min_marker_px)
+    if image is not None:
+        sep = _drop_thick(sep, plain, _validate_image(image, labels))
+    return sep
 
 
 def _validate_inputs(labels, pixel_nm, method):
@@ -203,6 +209,14 @@ def _validate_inputs(labels, pixel_nm, method):
     return labels.astype(np.int32, copy=False), pixel_nm
 
 
+def _validate_image(image, labels):
+    image = np.asarray(image, dtype=float)
+    if image.shape != labels.shape:
+        raise ValueError(f"image (shape {image.shape}) must have the same shape as labels "
+                         f"(shape {labels.shape})")
+    return image
+
+
 # -- UECS -----------------------------------------------------------------------------------
 
 def _uecs(labels, *, min_marker_px):
@@ -210,6 +224,7 @@ def _uecs(labels, *, min_marker_px):
     separated = [False]
     boxes = []
     masks = {}
+    plain = [False]  # came from a region that needed no split attempt (a thickness reference)
     areas = np.bincount(labels.ravel())
     round_ = _roundness(labels, areas) > _SKIP_ROUNDNESS
     next_label = 1
@@ -227,18 +242,21 @@ def _uecs(labels, *, min_marker_px):
                 mask, area, px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
             view[mask] = next_label
             separated.append(False)
+            plain.append(True)
             next_label += 1
             continue
         pieces, owner, rejected = _split_region(mask, min_marker_px=min_marker_px)
         for i, piece in enumerate(pieces):
             view[owner == i] = next_label
             separated.append(len(pieces) > 1)
+            plain.append(False)
             if not np.array_equal(piece, owner == i):
                 masks[next_label] = (r0, c0, piece)
             next_label += 1
         if rejected or not pieces:
             boxes.append((r0, c0, r1, c1))
-    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks)
+    return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks),
+            np.array(plain, bool))
 
 
 def _roundness(labels, areas):
@@ -356,6 +374,186 @@ def _regrow(marker, steps, mask):
     """Dilate ``marker`` back by ``steps`` inside ``mask``: (piece, score = steps - distance)."""
     score = steps + 0.01 - ndi.distance_transform_edt(~marker)  # + 0.01: keep those at steps
     return (score > 0) & mask, score
+
+
+# -- projected thickness --------------------------------------------------------------------
+
+# A second particle under or over one adds its thickness: two spheres whose centres are less
+# than 0.7 contact distances apart (where shape no longer shows a notch) are at least 1.4x as
+# thick as one sphere of their width, a cube overlap is a plateau at 2x. Isolated particles
+# scatter by 10-20% (noise, blur, size spread), a piece must exceed its reference by both.
+_THICK_EXCESS = 0.35
+_THICK_Z = 4.0
+_THICK_MIN_REFS = 10  # fewer convex references than this: the frame cannot teach the relation
+_THICK_NEIGHBOURS = 25  # references on either side in width that make a local reference
+_BG_BLOCK = 8
+
+
+def _thickness_map(image, labels):
+    """Projected thickness up to a scale, positive for dark and bright particles alike.
+
+    The background is a normalised convolution of the block means that hold no particle (nor
+    a neighbouring block), so it follows uneven illumination. Bright particles (HAADF): the
+    signal above background relative to it (linear in thickness). Dark particles
+    (bright-field): the absorbance ``-log(I / background)``, which Beer-Lambert makes linear
+    in mass-thickness (the plain contrast saturates for heavy particles). Returns None when no
+    background is seen.
+    """
+    b = _BG_BLOCK
+    h, w = labels.shape
+    hb, wb = -(-h // b), -(-w // b)
+    pad = ((0, hb * b - h), (0, wb * b - w))
+    finite = np.isfinite(image)
+    clean = np.where(finite, image, 0.0)
+    fg = np.pad(labels > 0, pad).reshape(hb, b, wb, b).any(axis=(1, 3))
+    good = np.pad(finite, pad, constant_values=False).reshape(hb, b, wb, b).all(axis=(1, 3))
+    clear = good & ~ndi.maximum_filter(fg, size=3, mode="nearest")
+    if not clear.any():
+        return None
+    means = np.pad(clean, pad).reshape(hb, b, wb, b).mean(axis=(1, 3))
+    areas = np.bincount(labels.ravel())[1:]
+    radius = np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
+    sigma = max(2.0, 2.0 * radius / b)
+    num = ndi.gaussian_filter(np.where(clear, means, 0.0), sigma, mode="nearest")
+    den = ndi.gaussian_filter(clear.astype(float), sigma, mode="nearest")
+    # far from any clear block (a crowded corner): the frame's median background
+    level = np.where(den > 0.05, num / np.maximum(den, 1e-12), np.median(means[clear]))
+    level = np.repeat(np.repeat(level, b, axis=0), b, axis=1)[:h, :w]
+    scale = np.abs(level)
+    scale = np.where(scale > 0, scale, max(float(np.median(scale)), 1e-12))
+    rel = (clean - level) / scale
+    fg_rel = rel[labels > 0]
+    if not fg_rel.size:
+        return None
+    if np.median(fg_rel) < 0:
+        if np.all(level > 0):  # counts: Beer-Lambert applies
+            return -np.log(np.clip(1.0 + rel, 0.02, None))
+        return -rel
+    return rel
+
+
+def thickness_excess(labels, image, *, reference, masks=None):
+    """How much thicker each particle is than the frame's reference particles of its width.
+
+    A particle's thickness is the peak of the (slightly smoothed) background-subtracted signal
+    on its own pixels, sign-normalised and, for dark particles, linearised (absorbance); its
+    width is its inscribed diameter. Projected mass-thickness of one convex particle grows in
+    proportion to its width, so peak / width is compared with the median of the reference
+    particles nearest in width (learnt from the frame: no material or detector constants).
+
+    Parameters
+    ----------
+    labels : (M, N) ndarray of int
+        Particles 1..n.
+    image : (M, N) ndarray
+        The frame.
+    reference : (n + 1,) ndarray of bool
+        Particles that stand for one particle each (isolated and convex); index 0 unused.
+    masks : dict, optional
+        ``label -> (row0, col0, mask)`` full extents of overlapping particles (as in
+        :class:`Separation`): pixels two of them share are left out of their peaks, and their
+        width comes from the full mask.
+
+    Returns
+    -------
+    excess : (n + 1,) ndarray of float
+        Peak / width relative to the local reference, minus 1 (0.5: 50% thicker); NaN where
+        it cannot be judged (too few references, no background).
+    z : (n + 1,) ndarray of float
+        The same excess in robust standard deviations of the local references.
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:200, :200]
+    >>> def ball(cy, cx, r):
+    ...     return np.sqrt(np.clip(r ** 2 - (yy - cy) ** 2 - (xx - cx) ** 2, 0, None))
+    >>> centres = [(20 + 40 * (k // 4), 20 + 40 * (k % 4)) for k in range(12)]
+    >>> thick = sum(ball(cy, cx, 12) for cy, cx in centres) + ball(180, 180, 12)
+    >>> thick += ball(180, 185, 12)  # two balls 5 px apart: one round outline
+    >>> labels, n = ndi.label(thick > 0)
+    >>> excess, z = thickness_excess(labels, 100 + thick, reference=np.r_[False, [True] * n])
+    >>> bool(excess[labels[180, 182]] > 0.35), bool(abs(excess[labels[20, 20]]) < 0.1)
+    (True, True)
+    """
+    labels = np.asarray(labels)
+    image = _validate_image(image, labels)
+    n = int(labels.max()) if labels.size else 0
+    excess = np.full(n + 1, np.nan)
+    z = np.full(n + 1, np.nan)
+    reference = np.asarray(reference, bool)
+    if n == 0 or reference[1:].sum() < _THICK_MIN_REFS:
+        return excess, z
+    thick = _thickness_map(image, labels)
+    if thick is None:
+        return excess, z
+    masks = masks or {}
+    # inscribed radius: distance transform with the borders between labels cut
+    p = np.pad(labels, 1)
+    inner = labels > 0
+    inner &= (p[1:-1, :-2] == labels) & (p[1:-1, 2:] == labels)
+    inner &= (p[:-2, 1:-1] == labels) & (p[2:, 1:-1] == labels)
+    depth = ndi.distance_transform_edt(inner) + 1.0
+    radius = np.zeros(n + 1)
+    np.maximum.at(radius, labels[inner], depth[inner])
+    cover = np.zeros(labels.shape, np.uint8)
+    for lab, (r0, c0, m) in masks.items():
+        radius[lab] = ndi.distance_transform_edt(np.pad(m, 1)).max()
+        cover[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] += m
+    # smoothing a tenth of a typical radius beats pixel noise without flattening a peak
+    sigma = max(1.0, 0.1 * float(np.median(radius[1:][radius[1:] > 0])))
+    smooth = ndi.gaussian_filter(thick, sigma)
+    own = (labels > 0) & (cover < 2)
+    peak = np.full(n + 1, -np.inf)
+    np.maximum.at(peak, labels[own], smooth[own])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where((radius >= 1.5) & np.isfinite(peak), peak / (2 * radius), np.nan)
+    ref = np.flatnonzero(reference[:n + 1] & np.isfinite(q))
+    ref = ref[ref > 0]
+    if ref.size < _THICK_MIN_REFS:
+        return excess, z
+    order = np.argsort(radius[ref])
+    ref_r, ref_q = np.log(radius[ref][order]), q[ref][order]
+    k = min(_THICK_NEIGHBOURS, (ref.size - 1) // 2)
+    windows = np.lib.stride_tricks.sliding_window_view(ref_q, 2 * k + 1)
+    med = np.median(windows, axis=1)
+    mad = 1.4826 * np.median(np.abs(windows - med[:, None]), axis=1)
+    centre_r = ref_r[k:ref_r.size - k]
+    ids = np.flatnonzero(np.isfinite(q))
+    pos = np.clip(np.searchsorted(centre_r, np.log(radius[ids])), 0, centre_r.size - 1)
+    excess[ids] = q[ids] / med[pos] - 1
+    z[ids] = (q[ids] - med[pos]) / np.maximum(mad[pos], 1e-12)
+    return excess, z
+
+
+def _drop_thick(sep, plain, image):
+    """Report particles clearly thicker than one particle of their width as agglomerates.
+
+    ``plain[k]``: particle ``k`` came from a region that needed no split (a reference).
+    """
+    labels = sep.labels
+    n = int(labels.max())
+    if n == 0:
+        return sep
+    excess, z = thickness_excess(labels, image, reference=plain, masks=sep.masks)
+    thick = (excess > _THICK_EXCESS) & (z > _THICK_Z)
+    if not thick.any():
+        return sep
+    boxes = list(sep.agglomerate_boxes)
+    slices = ndi.find_objects(labels)
+    for lab in np.flatnonzero(thick):
+        if lab in sep.masks:
+            r0, c0, m = sep.masks[lab]
+            boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
+        elif slices[lab - 1] is not None:
+            sl = slices[lab - 1]
+            boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+    keep = ~thick
+    keep[0] = True
+    new = np.cumsum(keep) - 1  # old label -> new label (background stays 0)
+    new[~keep] = 0
+    out = new[labels].astype(np.int32)
+    masks = {int(new[k]): v for k, v in sep.masks.items() if keep[k]}
+    return Separation(out, sep.separated[keep], len(boxes), boxes, masks)
 
 
 # -- watershed ------------------------------------------------------------------------------
