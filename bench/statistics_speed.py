@@ -21,7 +21,8 @@ from particlewatch.analysis.statistics import RunningStatistics
 
 
 def frame_table(rng, n):
-    """One frame's measured particles: two sphere populations plus 5% outliers."""
+    """One frame's measured particles: two sphere populations plus 5% outliers; a third of
+    the particles were split from touching groups (``separated``)."""
     big = rng.random(n) < 0.5
     d = np.where(big, rng.normal(110, 9, n), rng.normal(55, 5, n))
     aspect = 1 + np.abs(rng.normal(0, 0.03, n))
@@ -32,7 +33,8 @@ def frame_table(rng, n):
     solidity = np.where(bad, rng.uniform(0.7, 0.88, n), solidity)
     return {"ecd_nm": d, "feret_max_nm": d * np.sqrt(aspect), "feret_min_nm": d / np.sqrt(aspect),
             "aspect_ratio": aspect, "circularity": np.clip(rng.normal(0.96, 0.015, n), 0, 1),
-            "solidity": solidity, "area_nm2": np.pi * d ** 2 / 4}
+            "solidity": solidity, "area_nm2": np.pi * d ** 2 / 4,
+            "separated": rng.random(n) < 0.35}
 
 
 def main(argv=None):
