@@ -382,7 +382,7 @@ def _regrow(marker, steps, mask):
 # than 0.7 contact distances apart (where shape no longer shows a notch) are at least 1.4x as
 # thick as one sphere of their width, a cube overlap is a plateau at 2x. Isolated particles
 # scatter by 10-20% (noise, blur, size spread), a piece must exceed its reference by both.
-_THICK_EXCESS = 0.35
+_THICK_EXCESS = 0.25
 _THICK_Z = 4.0
 _THICK_MIN_REFS = 10  # fewer convex references than this: the frame cannot teach the relation
 _THICK_NEIGHBOURS = 25  # references on either side in width that make a local reference
@@ -502,7 +502,12 @@ def thickness_excess(labels, image, *, reference, masks=None):
     # smoothing a tenth of a typical radius beats pixel noise without flattening a peak
     sigma = max(1.0, 0.1 * float(np.median(radius[1:][radius[1:] > 0])))
     smooth = ndi.gaussian_filter(thick, sigma)
-    own = (labels > 0) & (cover < 2)
+    own = labels > 0
+    if masks:
+        # a shared lens is thick by nature (two particles), and blur and smoothing carry it a
+        # few pixels further: judge split particles on their own pixels clear of it
+        reach = int(np.ceil(2 + 2 * sigma))
+        own &= ~ndi.maximum_filter(cover >= 2, size=2 * reach + 1)
     peak = np.full(n + 1, -np.inf)
     np.maximum.at(peak, labels[own], smooth[own])
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -92,11 +92,11 @@ from particlewatch.analysis.segment import segment  # noqa: E402
 from particlewatch.simulators.scope import SimScope  # noqa: E402
 
 
-def _frames(sample, n, *, size=768, seed=3):
+def _frames(sample, n, *, size=768, seed=3, detector=None):
     """In-focus frames at the ``n`` densest of 200 random stage positions (where particles
     touch most): (image, pixel_nm, labels, truth)."""
     rng = np.random.default_rng(seed)
-    scope = SimScope(sample, seed=seed, size_px=size)
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
     x0, y0, x1, y1 = scope.stage_limits_um
     xy = rng.uniform([x0 + 5, y0 + 5], [x1 - 5, y1 - 5], (200, 2))
     dense = np.argsort([-float(scope.specimen.density(x, y)) for x, y in xy])[:n]
@@ -172,3 +172,87 @@ def test_three_disc_chain_splits_and_cross_is_agglomerate():
     plus[45:55, 10:90] = plus[10:90, 45:55] = True
     s = separate(plus.astype(np.int32), 1.0)
     assert s.agglomerates == 1 and s.labels.max() == 0
+
+
+# -- deep overlaps: projected thickness ---------------------------------------------------------
+
+def _thickness_frame(detector, *, seed, ratios, cell=56, grid=10, dose=400.0, blur=1.0):
+    """Spheres rendered as projected thickness through a detector, with Poisson noise.
+
+    Cells of a ``grid`` × ``grid`` lattice hold one sphere (radius 9-13 px) each, except the
+    first ``len(ratios)`` cells, which hold two overlapping spheres whose centre distance is
+    ``ratio`` × the contact distance. Returns (image, [(centre, ...) per cell]).
+    """
+    from scipy import ndimage as ndi
+    rng = np.random.default_rng(seed)
+    size = cell * grid
+    yy, xx = np.mgrid[:size, :size]
+    thick = np.zeros((size, size))
+    groups = []
+    for k in range(grid * grid):
+        cy, cx = (k // grid + 0.5) * cell, (k % grid + 0.5) * cell
+        radii = rng.uniform(9, 13, 2 if k < len(ratios) else 1)
+        if k < len(ratios):
+            a = rng.uniform(0, np.pi)
+            d = ratios[k] * radii.sum()
+            off = np.array([np.sin(a), np.cos(a)]) * d / 2
+            centres = [(cy - off[0], cx - off[1]), (cy + off[0], cx + off[1])]
+        else:
+            centres = [(cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3))]
+        for (y, x), r in zip(centres, radii):
+            thick += 2 * np.sqrt(np.clip(r ** 2 - (yy - y) ** 2 - (xx - x) ** 2, 0, None))
+        groups.append(centres)
+    if detector == "bf":  # gold-like: a 20 px sphere absorbs 1 - exp(-1.2)
+        expected = dose * np.exp(-ndi.gaussian_filter(thick, blur) / 17.0)
+    else:
+        expected = dose * (0.1 + ndi.gaussian_filter(thick, blur) / 40.0)
+    return rng.poisson(expected).astype(float), groups
+
+
+@pytest.mark.parametrize("detector", ["bf", "haadf"])
+def test_deep_overlaps_are_split_or_agglomerates_never_one_particle(detector):
+    # centres 0.2-0.65 contact distances apart: one round outline, no notch worth splitting
+    ratios = np.linspace(0.2, 0.65, 16)
+    image, groups = _thickness_frame(detector, seed=7, ratios=ratios)
+    raw = segment(image, 1.0)
+    s = separate(raw, 1.0, image=image)
+    one = 0
+    for centres in groups[:len(ratios)]:
+        ids = {_at(s.labels, {"y_px": y, "x_px": x}) for y, x in centres}
+        one += len(ids) == 1 and 0 not in ids  # both centres in the same measured particle
+    assert one == 0
+    assert s.agglomerates >= len(ratios) // 2  # most are reported, not silently dropped
+    # without the image (shape alone) most of them are measured as one particle: the test
+    # sees what the thickness check adds
+    shape_only = separate(raw, 1.0)
+    merged = sum(len({_at(shape_only.labels, {"y_px": y, "x_px": x}) for y, x in c}) == 1
+                 for c in groups[:len(ratios)])
+    assert merged >= len(ratios) // 2
+    # isolated spheres stay single particles, none lost to the thickness check
+    single = [_at(s.labels, {"y_px": c[0][0], "x_px": c[0][1]}) for c in groups[len(ratios):]]
+    assert np.count_nonzero(np.asarray(single) == 0) <= max(1, 0.01 * len(single))
+    assert len(set(single)) == len(single)
+
+
+@pytest.mark.parametrize("sample, detector", [("au10", "bf"), ("au10", "haadf"),
+                                              ("ps-bimodal", None)])
+def test_overlapping_pairs_in_simulated_frames_not_measured_as_one(sample, detector):
+    merged = total = lost = isolated = 0
+    for image, px, raw, truth in _frames(sample, 2, detector=detector):
+        s = separate(raw, px, image=image)
+        parts = truth["particles"]
+        for i, j in _pairs(truth):
+            total += 1
+            a, b = _at(s.labels, parts[i]), _at(s.labels, parts[j])
+            merged += a > 0 and a == b
+        holders = np.bincount([_at(raw, p) for p in parts], minlength=int(raw.max()) + 1)
+        for p in parts:
+            k = _at(raw, p)
+            if p["overlaps"] or p["touches_edge"] or k == 0 or holders[k] != 1:
+                continue
+            isolated += 1
+            lost += not np.any(s.labels[raw == k])
+    assert total >= 10 and isolated >= 50
+    # shape alone leaves 10-20% of these pairs as one particle (deep overlaps)
+    assert merged <= max(1, 0.05 * total)
+    assert lost <= max(1, 0.01 * isolated)
