@@ -539,7 +539,12 @@ def _drop_thick(sep, plain, image):
     n = int(labels.max())
     if n == 0:
         return sep
-    excess, z = thickness_excess(labels, image, reference=plain, masks=sep.masks)
+    reference = plain
+    if plain[1:].sum() < 3 * _THICK_MIN_REFS:
+        # a crowded frame (most regions needed a split): every particle is a reference; the
+        # local median stands as long as most particles are single
+        reference = np.ones(n + 1, bool)
+    excess, z = thickness_excess(labels, image, reference=reference, masks=sep.masks)
     thick = (excess > _THICK_EXCESS) & (z > _THICK_Z)
     if not thick.any():
         return sep
