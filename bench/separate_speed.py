@@ -65,7 +65,7 @@ def best_times(fn, image, px, labels, method, repeat):
     best = None
     for _ in range(repeat):
         t0 = time.process_time()
-        sep = fn(labels, px, method=method)
+        sep = fn(labels, px, method=method, image=image)
         t1 = time.process_time()
         kw = {"masks": sep.masks} if getattr(sep, "masks", None) is not None else {}
         table = measure(sep.labels, image, px, **kw)
