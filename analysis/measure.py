@@ -635,13 +635,13 @@ def _add_background_and_shell(t, labels, image):
     if cand.size == 0:
         return
     radius = t["ecd"][cand] / 2
-    sums, counts, noise = _radial_profiles(labels, image, t["particle_id"][cand], t["y"][cand],
+    sums, counts, noise, noise_bins = _radial_profiles(labels, image, t["particle_id"][cand], t["y"][cand],
                                            t["x"][cand], radius, bg[cand], sign[cand])
-    hollow = _hollow(sums, counts, noise)
+    hollow = _hollow(sums, counts, noise, noise_bins)
     if hollow.any():
         n = counts[hollow].sum(1)
         prof = np.where(n > 0, sums[hollow].sum(1) / np.maximum(n, 1), 0.0)
-        outer, inner = _fit_shell(prof, n)
+        outer, inner = _fit_shell(prof, n, radius[hollow])
         t["shell"][cand[hollow]] = (outer - inner) * radius[hollow]
 
 
@@ -649,8 +649,9 @@ _SHELL_MIN_PX = 12  # ECD below which a hole cannot be told from the blur
 _BIN = 0.05  # radial profile bins, in units of the particle's radius R
 _REACH = 1.3  # the profile runs to this × R: the outer edge and some background
 _N_BINS = int(round(_REACH / _BIN))
+_SECTORS = 16  # a ring of up to 8 particles shows as azimuthal structure at this resolution
 _RIM_TEMPLATES = (0.4, 0.5, 0.6, 0.7, 0.8)  # hole radii / R of the hollowness filters
-_HOLLOW_FALSE_RATE = 1e-3  # per solid particle, from its own noise
+_HOLLOW_FALSE_RATE = 1e-4  # per solid particle, from its own noise
 _MIN_DIP = 0.1  # a hole lowers the centre's signal by at least this fraction of the rim's
 _ROUND_FALSE_RATE = 1e-3  # a round particle called lumpy by its own noise
 _MAX_LUMP = 0.25  # azimuthal spread (RMS) a round shell may show next to its dip
@@ -660,20 +661,21 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     """Radial profiles of the thickness signal of many round particles, in bins of ρ / R.
 
     Each particle's disc out to :data:`_REACH` × R (R its equivalent radius) is cut into
-    eight octants about its centroid; an octant that meets another particle's pixels or
+    :data:`_SECTORS` sectors about its centroid; a sector that meets another particle's pixels or
     the frame's edge is left out, so a neighbour (touching or overlapping) never adds to
     the profile. The signal is linear in the projected thickness: −log(I / bg) for dark
     particles (Beer–Lambert), (I − bg) for bright ones.
 
     Returns
     -------
-    sums, counts : (K, 8, B) ndarray
-        Summed signal and number of pixels in each octant and bin of width :data:`_BIN` R
-        (an octant left out has no pixels).
-    noise : (K,) ndarray
-        Standard deviation of one pixel's signal: the pooled scatter of the pixels about
-        their own bin's mean inside 0.9 R (a conservative estimate: a slightly off-centre
-        or not quite round particle adds to it).
+    sums, counts : (K, S, B) ndarray
+        Summed signal and number of pixels in each sector and bin of width :data:`_BIN` R
+        (a sector left out has no pixels).
+    noise, noise_bins : (K,) ndarray
+        Standard deviation of one pixel's signal inside 0.9 R: the pooled scatter of the
+        pixels about their own sector-and-bin's mean, and about their bin's mean over all
+        sectors (conservative: a slightly off-centre or not quite round particle adds to
+        it; and far more degrees of freedom on a small particle).
     """
     k = len(ids)
     reach = _REACH * radius
@@ -689,7 +691,11 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     rho = np.hypot(fy, fx)
     near = rho < reach[owner]
     owner, rows, cols, fy, fx, rho = (a[near] for a in (owner, rows, cols, fy, fx, rho))
-    octant = owner * 8 + ((fy >= 0) * 4 + (fx >= 0) * 2 + (np.abs(fy) > np.abs(fx)))
+    # 16 sectors of 22.5° without trigonometry: the octant from the signs and the larger
+    # coordinate, then which half of it (tan 22.5° = 0.4142)
+    ay, ax = np.abs(fy), np.abs(fx)
+    sector = owner * _SECTORS + ((fy >= 0) * 8 + (fx >= 0) * 4 + (ay > ax) * 2
+                                 + (np.minimum(ay, ax) < 0.41421356 * np.maximum(ay, ax)))
     inside = (rows >= 0) & (rows < labels.shape[0]) & (cols >= 0) & (cols < labels.shape[1])
     lab = np.zeros(rows.shape, labels.dtype)
     lab[inside] = labels[rows[inside], cols[inside]]
@@ -697,8 +703,8 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     vals = np.full(rows.shape, np.nan, np.float64)
     vals[inside] = image[rows[inside], cols[inside]]
     bad |= ~np.isfinite(vals)
-    bad_octant = np.bincount(octant, bad, 8 * k) > 0
-    use = ~bad_octant[octant]
+    bad_sector = np.bincount(sector, bad, _SECTORS * k) > 0
+    use = ~bad_sector[sector]
     owner, rho, vals = owner[use], rho[use], vals[use]
     b = bg[owner]
     dark = sign[owner] < 0
@@ -707,22 +713,29 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
         # half a count rather than dropped
         signal = np.where(dark, -np.log(np.maximum(vals, 0.5) / b), vals - b)
     bins = np.minimum((rho / radius[owner] / _BIN).astype(int), _N_BINS - 1)
-    # per octant (for the roundness check of _hollow) and per bin
-    flat = octant[use] * _N_BINS + bins
-    size = 8 * k * _N_BINS
-    counts = np.bincount(flat, minlength=size).reshape(k, 8, _N_BINS)
-    sums = np.bincount(flat, signal, size).reshape(k, 8, _N_BINS)
-    squares = np.bincount(flat, signal * signal, size).reshape(k, 8, _N_BINS)
+    # per sector (for the roundness check of _hollow) and per bin
+    flat = sector[use] * _N_BINS + bins
+    size = _SECTORS * k * _N_BINS
+    counts = np.bincount(flat, minlength=size).reshape(k, _SECTORS, _N_BINS)
+    sums = np.bincount(flat, signal, size).reshape(k, _SECTORS, _N_BINS)
+    squares = np.bincount(flat, signal * signal, size).reshape(k, _SECTORS, _N_BINS)
     inner = (np.arange(_N_BINS) + 1) * _BIN <= 0.9
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-        scatter = (squares - sums * mean)[:, :, inner].sum((1, 2))
-        dof = np.maximum(counts[:, :, inner] - 1, 0).sum((1, 2))
-        noise = np.sqrt(np.maximum(scatter, 0) / dof)
-    return sums, counts, noise
+    noise = []
+    # scatter about each cell's own mean (sector × bin: pixel noise alone, for the roundness
+    # F test) and about each bin's mean over all sectors (noise plus any azimuthal
+    # structure: conservative, and with many more degrees of freedom, for the rise test)
+    for n, total, sq in ((counts, sums, squares),
+                         (counts.sum(1, keepdims=True), sums.sum(1, keepdims=True),
+                          squares.sum(1, keepdims=True))):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, total / np.maximum(n, 1), 0.0)
+            scatter = (sq - total * mean)[:, :, inner].sum((1, 2))
+            dof = np.maximum(n[:, :, inner] - 1, 0).sum((1, 2))
+            noise.append(np.sqrt(np.maximum(scatter, 0) / dof))
+    return sums, counts, noise[0], noise[1]
 
 
-def _hollow(sums, counts, noise):
+def _hollow(sums, counts, noise, noise_bins):
     """Which particles are hollow: their radial profile rises from the centre outwards,
     significantly and in every direction.
 
@@ -741,18 +754,18 @@ def _hollow(sums, counts, noise):
       probability at most :data:`_HOLLOW_FALSE_RATE` (Bonferroni over the templates);
     * the fitted rise is at least :data:`_MIN_DIP` of the rim's level (a noise-free solid,
       or the small biases of the background and the log, are no hole);
-    * it is round: its octants' profiles inside 0.9 R do not differ significantly (F test
+    * it is round: its sectors' profiles inside 0.9 R do not differ significantly (F test
       at :data:`_ROUND_FALSE_RATE`), or their spread is under :data:`_MAX_LUMP` of the
       dip. A ring of solid particles that segmentation left as one label dips in its
       middle too, but only towards its members;
-    * at least half its octants were free of neighbours.
+    * at least half its sectors were free of neighbours.
 
     Parameters
     ----------
-    sums, counts : (K, 8, B) ndarray
+    sums, counts : (K, S, B) ndarray
         From :func:`_radial_profiles`.
-    noise : (K,) ndarray
-        One pixel's noise.
+    noise, noise_bins : (K,) ndarray
+        One pixel's noise: within sectors (the F test) and within bins (the rise test).
     """
     z = -ndtri(_HOLLOW_FALSE_RATE / len(_RIM_TEMPLATES))
     n = counts.sum(1).astype(float)
@@ -762,14 +775,14 @@ def _hollow(sums, counts, noise):
     dip = np.zeros(len(prof))
     for m in _rim_templates():
         score, slope, level = _rise(prof, n, m)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):
             rise = slope * (m.max() - m[m > 0].min())
-            score = np.where(rise >= _MIN_DIP * level, score / noise, -np.inf)
+            score = np.where(rise >= _MIN_DIP * level, score / noise_bins, -np.inf)
             better = score > best
         best = np.where(better, score, best)
         dip = np.where(better, rise, dip)
-    # a shell is round: the octants' profiles inside 0.9 R differ by noise only (an F test
-    # of the between-octant against the within-octant scatter), or by little next to the
+    # a shell is round: the sectors' profiles inside 0.9 R differ by noise only (an F test
+    # of the between-sector against the within-sector scatter), or by little next to the
     # dip; a ring of solid particles left as one label dips in its middle too, but only
     # where its members are
     inner = (np.arange(_N_BINS) + 1) * _BIN <= 0.9
@@ -785,7 +798,7 @@ def _hollow(sums, counts, noise):
         spread = np.sqrt(np.maximum(between - dof_between * noise ** 2, 0) / on.sum((1, 2)))
         lumpy &= spread > _MAX_LUMP * dip
     used = (counts.sum(2) > 0).sum(1)
-    return (best > z) & (used >= 4) & ~lumpy
+    return (best > z) & (used >= _SECTORS // 2) & ~lumpy
 
 
 def _rise(prof, n, m):
@@ -825,13 +838,17 @@ def _rim_templates():
     return out
 
 
-def _fit_shell(prof, counts):
+def _fit_shell(prof, counts, radius):
     """Outer and inner radius (in units of R) of hollow particles from their radial profiles.
 
     The profile is fitted by weighted least squares (weights: pixels per bin) with
     ``amplitude × model + offset`` for every model of :func:`_shell_models` (projected
     thickness of a spherical shell, blurred), the offset taking up any error of the local
-    background; the best model per particle gives its radii.
+    background; the best model per particle gives its radii. The blur (in px) and the
+    outline's offset from the outer edge (s) are properties of the frame and of its
+    segmentation, not of one particle: with :data:`_POOL_MIN` or more hollow particles
+    their medians are taken and each particle refitted with only its hole free, which
+    steadies the low-dose fits.
     """
     params, models = _shell_models()
     w = counts.astype(float)
@@ -847,7 +864,19 @@ def _fit_shell(prof, counts):
         rss = syy - amp * smy - off * sy
     rss = np.where((amp > 0) & (det > 0), rss, np.inf)
     best = np.argmin(rss, axis=1)
+    if len(prof) >= _POOL_MIN:
+        s_grid, b_grid = np.unique(params[:, 0]), np.unique(params[:, 2])
+        s_med = s_grid[np.argmin(np.abs(s_grid - np.median(params[best, 0])))]
+        blur_px = np.median(params[best, 2] * radius)
+        # nearest blur on the grid for each particle's own radius (log scale)
+        b_own = b_grid[np.argmin(np.abs(np.log(b_grid)[None, :]
+                                        - np.log(blur_px / radius)[:, None]), axis=1)]
+        allowed = (params[None, :, 0] == s_med) & (params[None, :, 2] == b_own[:, None])
+        best = np.argmin(np.where(allowed, rss, np.inf), axis=1)
     return params[best, 0], params[best, 0] * params[best, 1]
+
+
+_POOL_MIN = 5  # hollow particles in a frame from which its blur and outline offset are pooled
 
 
 @functools.lru_cache(maxsize=1)

@@ -117,20 +117,33 @@ def test_subpixel_outline_from_image_gives_unbiased_ferets():
 
 # --- against the simulator's ground truth: segment + separate as the pipeline runs them ---
 
-def _isolated_matches(sample, *, size=512, detector=None, seeds=(1, 2, 3)):
-    """(truth, measured) row pairs of whole, isolated truth particles in simulated frames."""
+def _measured_frames(sample, *, size=512, detector=None, seeds=(1, 2, 3), dose_factor=1.0):
+    """(frame, table) of in-focus simulated frames, segmented and separated as the pipeline
+    does."""
     from particlewatch.analysis.segment import segment
     from particlewatch.analysis.separate import separate
     from particlewatch.simulators.scope import SimScope
 
-    pairs = []
+    out = []
     for seed, stage in zip(seeds, ((5.0, -5.0), (-12.0, 7.0), (20.0, 14.0))):
-        scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+        dose = SimScope(sample, seed=seed, size_px=size, detector=detector).dose * dose_factor
+        scope = SimScope(sample, seed=seed, size_px=size, detector=detector, dose=dose)
         scope.move_stage(*stage)
         scope.set_defocus(scope.true_focus_um())
         frame = scope.snap()
         sep = separate(segment(frame.image, frame.pixel_nm), frame.pixel_nm, image=frame.image)
-        t = measure(sep.labels, frame.image, frame.pixel_nm, masks=sep.masks)
+        out.append((frame, measure(sep.labels, frame.image, frame.pixel_nm, masks=sep.masks)))
+    return out
+
+
+def _isolated_matches(sample, *, size=512, detector=None, seeds=(1, 2, 3), dose_factor=1.0,
+                      frames=None):
+    """(truth, measured) row pairs of whole, isolated truth particles in simulated frames."""
+    pairs = []
+    if frames is None:
+        frames = _measured_frames(sample, size=size, detector=detector, seeds=seeds,
+                                  dose_factor=dose_factor)
+    for frame, t in frames:
         for p in frame.truth["particles"]:
             if p["touches_edge"] or p["overlaps"] or not len(t["x_px"]):
                 continue
@@ -181,12 +194,95 @@ def test_cube_calipers():
     assert np.median([m["solidity"] for _, m in pairs]) > 0.95
 
 
-def test_capsule_outer_diameter_and_shell():
-    pairs = _isolated_matches("silica-capsules", size=512)
+@pytest.mark.parametrize("detector,dose_factor", [("bf", 1.0), ("haadf", 1.0),
+                                                  ("haadf", 0.25)])
+def test_capsule_outer_diameter_and_shell(detector, dose_factor):
+    # the shell from a blurred projected-shell model: bright-field (Beer–Lambert) and HAADF
+    # (linear in thickness) alike; at a quarter of the dose fewer capsules pass the hollowness
+    # test, but those that do are measured as well
+    pairs = _isolated_matches("silica-capsules", size=512, detector=detector,
+                              dose_factor=dose_factor)
     found = [(p, m) for p, m in pairs if np.isfinite(m["shell_nm"])]
-    assert len(found) >= 0.9 * len(pairs)
-    assert abs(_median_ratio(found, "shell_nm", "shell_nm")) < 0.2
-    assert abs(_median_ratio(pairs, "feret_max_nm", "ecd_nm")) < 0.04
+    assert len(found) >= (0.9 if dose_factor == 1 else 0.5) * len(pairs)
+    err = np.array([m["shell_nm"] / p["shell_nm"] - 1 for p, m in found])
+    assert np.median(np.abs(err)) < 0.2
+    if dose_factor == 1:  # at low dose ~35 capsules leave the median bias too uncertain
+        assert abs(np.median(err)) < 0.1
+    assert abs(_median_ratio(pairs, "feret_max_nm", "ecd_nm")) < 0.03
+
+
+@pytest.mark.parametrize("sample,detector", [("au10", "haadf"), ("au10", "bf"),
+                                             ("ps100", "bf"), ("ps50", "haadf"),
+                                             ("ps-bimodal", "bf"), ("cubes", "haadf"),
+                                             ("cubes", "bf"), ("au-rods", "haadf")])
+def test_solid_particles_have_no_shell(sample, detector):
+    # a solid particle's centre is its thickest part: no hollowness test may fire on it
+    # (the old centre-dip rule gave ~7 shells per 1024² au10 frame)
+    frames = _measured_frames(sample, size=512, detector=detector)
+    pairs = _isolated_matches(sample, frames=frames)
+    assert not any(np.isfinite(m["shell_nm"]) for _, m in pairs)
+    shells = sum(int(np.isfinite(t["shell_nm"]).sum()) for _, t in frames)
+    assert shells <= 0.005 * sum(len(t["shell_nm"]) for _, t in frames)
+
+
+def _shell_image(shape, centres, outer_px, inner_px, *, blur_px, rng, haadf, scale=1.0):
+    """Poisson frame of hollow (inner > 0) or solid spheres; thickness in px units."""
+    from scipy import ndimage as ndi
+    yy, xx = np.mgrid[:shape[0], :shape[1]].astype(float)
+    thick = np.zeros(shape)
+    for (cy, cx), big, small in zip(centres, outer_px, inner_px):
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        thick += 2 * (np.sqrt(np.clip(big ** 2 - r2, 0, None))
+                      - np.sqrt(np.clip(small ** 2 - r2, 0, None)))
+    if haadf:
+        mean = 20 + scale * ndi.gaussian_filter(thick, blur_px)
+    else:
+        mean = 400 * (1 - ndi.gaussian_filter(1 - np.exp(-thick * scale / 140), blur_px))
+    return rng.poisson(mean).astype(float), thick
+
+
+@pytest.mark.parametrize("haadf", [False, True])
+@pytest.mark.parametrize("blur_px", [0.7, 2.0])
+def test_shell_fit_of_noisy_blurred_shells(haadf, blur_px):
+    # shells of 5 px in 16 px spheres, blurred and with shot noise, in both detector models
+    rng = np.random.default_rng(11)
+    centres = [(40 + 60 * (k // 4), 40 + 60 * (k % 4)) for k in range(12)]
+    outer = rng.uniform(14, 18, 12)
+    inner = outer - 5.0
+    img, thick = _shell_image((240, 240), centres, outer, inner, blur_px=blur_px, rng=rng,
+                              haadf=haadf, scale=1.5)
+    lab, _ = ndi_label(thick > 0)
+    t = measure(lab, img, 1.0)
+    assert np.isfinite(t["shell_nm"]).all()
+    assert np.median(t["shell_nm"]) == pytest.approx(5.0, rel=0.12)
+
+
+def test_flat_topped_and_clustered_solids_are_not_hollow():
+    # flat discs (a cube's projection: the worst case of the test) and a ring of five solid
+    # spheres left as one label (its middle dips, but only between its members)
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:400, :400].astype(float)
+    thick = np.zeros((400, 400))
+    lab = np.zeros((400, 400), np.int32)
+    for k in range(16):
+        cy, cx = 50 + 100 * (k // 4), 50 + 100 * (k % 4)
+        if k == 15:  # the ring of spheres
+            for a in np.linspace(0, 2 * np.pi, 5, endpoint=False):
+                sy, sx = cy + 19 * np.sin(a), cx + 19 * np.cos(a)
+                thick += 2 * np.sqrt(np.clip(11 ** 2 - (yy - sy) ** 2 - (xx - sx) ** 2, 0, None))
+            lab[np.hypot(yy - cy, xx - cx) < 30] = k + 1
+        else:
+            disc = np.hypot(yy - cy, xx - cx) < 16
+            thick[disc] += 20.0
+            lab[disc] = k + 1
+    img = rng.poisson(20 + 2.0 * thick).astype(float)
+    t = measure(lab, img, 1.0)
+    assert len(t["shell_nm"]) == 16 and np.isnan(t["shell_nm"]).all()
+
+
+def ndi_label(mask):
+    from scipy import ndimage as ndi
+    return ndi.label(mask)
 
 
 @pytest.mark.parametrize("detector", ["bf", "haadf"])
