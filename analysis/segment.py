@@ -757,13 +757,47 @@ def _fill_holes(mask):
     return mask | ~outer[bg]
 
 
+_OVERSHOOT_PX = 1  # rows an outline may overreach a particle's true edge at the border
+# a contact this close to the particle's widest row is a flat cut (or face), not a cap: a
+# sphere overreaching by one row touches with 2·sqrt(2r) px, under 0.9 of 2r for r > 2.5 px
+_FLAT_CONTACT = 0.9
+
+
 def _clear_border(labels):
-    """Remove the labels that touch the frame border."""
-    touch = np.zeros(int(labels.max()) + 1, bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        touch[edge] = True
-    touch[0] = False
-    return np.where(touch[labels], 0, labels) if touch.any() else labels
+    """Remove the labels of particles that the frame border crops.
+
+    An outline that reaches the border does not prove a cropped particle: a particle whose
+    edge lies a pixel or less inside the frame reaches it through blur and noise, with a
+    short contact. Projected spheres, rods and cubes are centrally symmetric, so the width
+    of a whole particle's outline at the border is met again as far from its opposite edge
+    as the outline overreaches the border; a particle is cropped when more than
+    ``_OVERSHOOT_PX`` rows (or columns) at its far side are narrower than its contact. A
+    particle touching two borders (a corner) is always removed.
+    """
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
+    touch = np.zeros((4, n + 1), bool)
+    for k, edge in enumerate(sides):
+        touch[k, edge] = True
+    touch[:, 0] = False
+    hits = touch.sum(0)
+    drop = hits > 1
+    objects = ndi.find_objects(labels)
+    for lab in np.flatnonzero(hits == 1):
+        k = int(np.argmax(touch[:, lab]))
+        mask = labels[objects[lab - 1]] == lab
+        # rows counted from the border inward
+        mask = (mask, mask[::-1], mask.T, mask.T[::-1])[k]
+        width = mask.sum(axis=1)
+        far = width[::-1]
+        # a whole particle is wider inside than at an overreaching contact; a flat side
+        # along the border (a cropped cap, a cube's face) gives no measure of the crop
+        drop[lab] = (int(np.argmax(far >= width[0])) > _OVERSHOOT_PX
+                     or width[0] >= _FLAT_CONTACT * width.max())
+    drop[0] = False
+    return np.where(drop[labels], 0, labels) if drop.any() else labels
 
 
 def _relabel(labels):
