@@ -852,11 +852,33 @@ def _fit_shell(prof, counts, radius):
     """
     params, models = _shell_models()
     w = counts.astype(float)
+    if len(prof) < _POOL_MIN:
+        return _best_shell(prof, w, params, models)[:2]
+    # the frame's blur and outline offset from a first fit with everything free
+    outer, inner, blur = _best_shell(prof, w, params, models)
+    s_grid, q_grid, b_grid = (np.unique(params[:, j]) for j in range(3))
+    s_i = np.argmin(np.abs(s_grid - np.median(outer)))
+    blur_px = np.median(blur * radius)
+    # nearest blur on the grid for each particle's own radius (log scale)
+    b_i = np.argmin(np.abs(np.log(b_grid)[None, :] - np.log(blur_px / radius)[:, None]), axis=1)
+    # params run blur-major, then s, then q (see _shell_models)
+    rows = (b_i[:, None] * len(s_grid) + s_i) * len(q_grid) + np.arange(len(q_grid))
+    return _best_shell(prof, w, params[rows], models[rows])[:2]
+
+
+def _best_shell(prof, w, params, models):
+    """Best (s, q·s, b) per profile by weighted least squares with amplitude and offset.
+
+    ``params``/``models``: (M, 3)/(M, B) shared by all profiles, or (K, M, 3)/(K, M, B)
+    one set per profile.
+    """
+    shared = models.ndim == 2
+    mm = "pb,mb->pm" if shared else "pb,pmb->pm"
     wy = w * prof
     sw, sy, syy = w.sum(1)[:, None], wy.sum(1)[:, None], (wy * prof).sum(1)[:, None]
-    sm = w @ models.T
-    smm = w @ (models * models).T
-    smy = wy @ models.T
+    sm = np.einsum(mm, w, models) if not shared else w @ models.T
+    smm = np.einsum(mm, w, models * models) if not shared else w @ (models * models).T
+    smy = np.einsum(mm, wy, models) if not shared else wy @ models.T
     det = smm * sw - sm * sm
     with np.errstate(invalid="ignore", divide="ignore"):
         amp = (smy * sw - sm * sy) / det
@@ -864,16 +886,8 @@ def _fit_shell(prof, counts, radius):
         rss = syy - amp * smy - off * sy
     rss = np.where((amp > 0) & (det > 0), rss, np.inf)
     best = np.argmin(rss, axis=1)
-    if len(prof) >= _POOL_MIN:
-        s_grid, b_grid = np.unique(params[:, 0]), np.unique(params[:, 2])
-        s_med = s_grid[np.argmin(np.abs(s_grid - np.median(params[best, 0])))]
-        blur_px = np.median(params[best, 2] * radius)
-        # nearest blur on the grid for each particle's own radius (log scale)
-        b_own = b_grid[np.argmin(np.abs(np.log(b_grid)[None, :]
-                                        - np.log(blur_px / radius)[:, None]), axis=1)]
-        allowed = (params[None, :, 0] == s_med) & (params[None, :, 2] == b_own[:, None])
-        best = np.argmin(np.where(allowed, rss, np.inf), axis=1)
-    return params[best, 0], params[best, 0] * params[best, 1]
+    got = params[best] if shared else params[np.arange(len(prof)), best]
+    return got[:, 0], got[:, 0] * got[:, 1], got[:, 2]
 
 
 _POOL_MIN = 5  # hollow particles in a frame from which its blur and outline offset are pooled
