@@ -3,7 +3,7 @@
 Creates ``bench/.venv-particlespy`` (gitignored) with ``pip install particlespy`` the first
 time (ParticleSpy is never a particlewatch dependency), simulates frames with particlewatch's
 simulator, runs ParticleSpy's pipeline (Li threshold, watershed, its own properties) in that
-environment and particlewatch's segment/separate/measure here, and prints seconds per frame,
+environment and particlewatch's analysis (``analyze_image``: segment, separate, measure) here, and prints seconds per frame,
 the speed ratio and each tool's recall and median ECD error against the ground truth.
 Usage: ``python bench/vs_particlespy.py [--sample au10] [--frames 3] [--size 1024]``.
 """
@@ -112,9 +112,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from particlewatch.analysis.measure import measure
-    from particlewatch.analysis.segment import segment
-    from particlewatch.analysis.separate import separate
+    from particlewatch.analysis.pipeline import analyze_image
 
     frames = simulate(args.sample, args.frames, args.size, args.seed)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -128,9 +126,7 @@ def main(argv=None):
     pw = {"seconds": 0.0, "hits": 0, "total": 0, "errors": []}
     for f in frames:
         t0 = time.perf_counter()
-        labels = segment(f.image, f.pixel_nm)
-        sep = separate(labels, f.pixel_nm)
-        table = measure(sep.labels, f.image, f.pixel_nm, masks=sep.masks)
+        table, _, _ = analyze_image(f.image, f.pixel_nm)  # what `analyze` and the daemon run
         pw["seconds"] += time.perf_counter() - t0
         h, t, e = score(table["x_px"], table["y_px"], table["ecd_nm"], f.truth)
         pw["hits"] += h; pw["total"] += t; pw["errors"] += e
