@@ -44,39 +44,44 @@ def touching_pairs(truth):
     return out
 
 
+def frame_at(sample, k, *, size, seed, detector=None, dose=1.0):
+    """Cached (image, pixel_nm, labels, truth) of the ``k``-th frame of ``frames_for``."""
+    import json
+    WORK.mkdir(parents=True, exist_ok=True)
+    tag = (f"_{detector}" if detector else "") + (f"_d{dose:g}" if dose != 1.0 else "")
+    path = WORK / f"{sample}_{size}_{seed}{tag}_{k}.npz"
+    if not path.exists():
+        rng = np.random.default_rng([seed, k])
+        probe = SimScope(sample, seed=seed + k, size_px=16, detector=detector)
+        scope = SimScope(sample, seed=seed + k, size_px=size, detector=detector,
+                         dose=probe.dose * dose)
+        x0, y0, x1, y1 = scope.stage_limits_um
+        best = None
+        for _ in range(30):  # the densest of 30 random positions
+            scope.move_stage(*rng.uniform([x0 + 5, y0 + 5], [x1 - 5, y1 - 5]))
+            scope.set_defocus(scope.true_focus_um())
+            frame = scope.snap()
+            n = len(touching_pairs(frame.truth))
+            if best is None or n > best[0]:
+                best = (n, frame)
+        frame = best[1]
+        labels = segment(frame.image, frame.pixel_nm)
+        np.savez_compressed(path, image=frame.image, labels=labels,
+                            pixel_nm=frame.pixel_nm, truth=json.dumps(frame.truth))
+    data = np.load(path)
+    truth = json.loads(str(data["truth"]))
+    return data["image"], float(data["pixel_nm"]), data["labels"], truth
+
+
 def frames_for(sample, *, pairs, size, seed, detector=None, dose=1.0):
     """Cached (image, pixel_nm, labels, truth) frames holding at least ``pairs`` pairs.
 
     ``detector`` None is the sample's usual one; ``dose`` scales its default dose.
     """
-    import json
-    WORK.mkdir(parents=True, exist_ok=True)
-    tag = (f"_{detector}" if detector else "") + (f"_d{dose:g}" if dose != 1.0 else "")
     frames, found, k = [], 0, 0
     while found < pairs:
-        path = WORK / f"{sample}_{size}_{seed}{tag}_{k}.npz"
-        if not path.exists():
-            rng = np.random.default_rng([seed, k])
-            probe = SimScope(sample, seed=seed + k, size_px=16, detector=detector)
-            scope = SimScope(sample, seed=seed + k, size_px=size, detector=detector,
-                             dose=probe.dose * dose)
-            x0, y0, x1, y1 = scope.stage_limits_um
-            best = None
-            for _ in range(30):  # the densest of 30 random positions
-                scope.move_stage(*rng.uniform([x0 + 5, y0 + 5], [x1 - 5, y1 - 5]))
-                scope.set_defocus(scope.true_focus_um())
-                frame = scope.snap()
-                n = len(touching_pairs(frame.truth))
-                if best is None or n > best[0]:
-                    best = (n, frame)
-            frame = best[1]
-            labels = segment(frame.image, frame.pixel_nm)
-            np.savez_compressed(path, image=frame.image, labels=labels,
-                                pixel_nm=frame.pixel_nm, truth=json.dumps(frame.truth))
-        data = np.load(path)
-        truth = json.loads(str(data["truth"]))
-        frames.append((data["image"], float(data["pixel_nm"]), data["labels"], truth))
-        found += len(touching_pairs(truth))
+        frames.append(frame_at(sample, k, size=size, seed=seed, detector=detector, dose=dose))
+        found += len(touching_pairs(frames[-1][3]))
         k += 1
     return frames
 

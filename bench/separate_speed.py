@@ -5,9 +5,13 @@ and cached in ``bench/_work/separate/`` so that only separation and measurement 
 Prints CPU milliseconds (process time: the machine is shared, so wall time is noisy) for each
 (best of ``--repeat``) and particles per minute on one core. ``--compare REV`` also times
 ``analysis/separate.py`` as it was at git revision ``REV`` on the same frames in the same run
-(the ratio is what to compare; absolute times move with the machine's load).
+(the ratio is what to compare; absolute times move with the machine's load), and compares the
+two versions' results pixel by pixel on the timed frame and on the first ``--frames`` (3)
+frames of ``bench/separate_accuracy.py`` (1024², dense in touching pairs): particles and
+agglomerates of each, and the pixels whose particle differs (labels matched by overlap), in the
+label image and in the full extents of overlapping particles (``Separation.masks``).
 Run ``python bench/separate_speed.py [--samples au10,ps-bimodal] [--size 2048] [--method uecs]
-[--compare REV]``.
+[--compare REV] [--frames 3] [--detector bf|haadf]``.
 """
 
 from __future__ import annotations
@@ -75,6 +79,56 @@ def best_times(fn, image, px, labels, method, repeat):
     return best, sep, table
 
 
+def _full_extents(sep):
+    """(label, row, col) of every pixel of every particle's full extent."""
+    lab = sep.labels
+    rows, cols = np.nonzero(lab)
+    owned = [np.stack([lab[rows, cols], rows, cols], axis=1)]
+    for k, (r0, c0, m) in getattr(sep, "masks", {}).items():
+        rr, cc = np.nonzero(m)
+        owned.append(np.stack([np.full(rr.size, k), rr + r0, cc + c0], axis=1))
+    return np.unique(np.concatenate(owned), axis=0)
+
+
+def label_diff(a, b):
+    """Pixels whose particle differs between two separations of the same frame.
+
+    Each particle of ``a`` is matched with the particle of ``b`` it shares most pixels with
+    (numbering may differ); a pixel differs when it is foreground in one only or belongs to
+    unmatched particles. Returns (pixels differing in ``labels``, particles of ``a`` touched by
+    a difference, pixels differing in the full extents).
+    """
+    la, lb = a.labels, b.labels
+    both = (la > 0) & (lb > 0)
+    pairs, counts = np.unique(np.stack([la[both], lb[both]]), axis=1, return_counts=True)
+    best = {}
+    for (i, j), c in zip(pairs.T, counts):
+        if c > best.get(int(i), (0, 0))[1]:
+            best[int(i)] = (int(j), c)
+    to_b = np.zeros(int(la.max()) + 1, np.int64)
+    for i, (j, _) in best.items():
+        to_b[i] = j
+    wrong = (to_b[la] != lb) & ((la > 0) | (lb > 0))
+    touched = np.unique(la[wrong])
+    touched = int(np.count_nonzero(touched)) + int(np.any(wrong & (la == 0)))
+    ea, eb = _full_extents(a), _full_extents(b)
+    ea[:, 0] = to_b[ea[:, 0]]
+    view = lambda e: {tuple(r) for r in e.tolist()}  # noqa: E731
+    extent = len(view(ea) ^ view(eb))
+    return int(wrong.sum()), touched, extent
+
+
+def compare_frames(fns, frames, method):
+    """Print the pixel-level comparison of two ``separate`` versions on ``frames``."""
+    for name, (image, px, labels) in frames:
+        a, b = (fn(labels, px, method=method, image=image) for fn in fns)
+        pixels, touched, extent = label_diff(a, b)
+        print(f"    {name}: {int(a.labels.max())} vs {int(b.labels.max())} particles, "
+              f"{a.agglomerates} vs {b.agglomerates} agglomerates; {pixels} label pixels "
+              f"differ ({touched} particles touched), {extent} full-extent pixels differ",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", default="au10,ps-bimodal")
@@ -84,6 +138,10 @@ def main(argv=None):
     parser.add_argument("--method", default="uecs")
     parser.add_argument("--compare", default=None, metavar="REV",
                         help="also time analysis/separate.py at this git revision")
+    parser.add_argument("--frames", type=int, default=3,
+                        help="separate_accuracy frames compared pixel by pixel with --compare")
+    parser.add_argument("--detector", default=None,
+                        help="bf or haadf for the compared frames (default: the sample's)")
     args = parser.parse_args(argv)
     versions = [("now", separate)]
     if args.compare:
@@ -102,6 +160,14 @@ def main(argv=None):
             print(f"  {name:>10}: {n} particles ({sep.agglomerates} agglomerates); separate "
                   f"{best[0] * 1e3:.0f} ms, measure {best[1] * 1e3:.0f} ms, together "
                   f"{n / sum(best) * 60:,.0f} particles/min on one core{ratio}", flush=True)
+        if args.compare:
+            from separate_accuracy import frame_at  # bench/ is on the path as a script
+            frames = [(f"{args.size}² timed frame", (image, px, labels))]
+            for k in range(args.frames):
+                f = frame_at(sample, k, size=1024, seed=args.seed, detector=args.detector)
+                frames.append((f"1024² frame {k}", f[:3]))
+            print(f"  now vs {args.compare}, pixel by pixel:")
+            compare_frames([v[1] for v in versions], frames, args.method)
 
 
 if __name__ == "__main__":
