@@ -17,7 +17,7 @@ import numpy as np
 
 from .focus import FocusModel, fit_gaussian, noise_floor, parabola_vertex, sharpness
 from .protocol import Frame, validate_mode
-from .segments import Segment, check_segments
+from .segments import Segment, SegmentCheckCalibration, check_segments, record_has_particles
 from .tiling import Tile
 
 
@@ -260,12 +260,32 @@ def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings 
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    """How survey images are divided and checked (see :func:`~.segments.check_segments`)."""
+    """How survey images are divided and checked (see :func:`~.segments.check_segments`).
+
+    ``calibrate`` makes the check measure its own sensitivity during the run (see
+    :class:`~.segments.SegmentCheckCalibration`, whose tolerances and spot-check interval
+    these fields set); False trusts the survey from the first segment (the autoSTEM way).
+    ``record_bin_px`` is the binning of :func:`~.segments.record_has_particles`.
+    """
 
     overlap: float = 0.1
     threshold_sigma: float = 5.0
     min_size_nm: float = 2.0
     polarity: str = "auto"
+    calibrate: bool = True
+    miss_tolerance: float = 0.05
+    empty_tolerance: float = 0.01
+    confidence: float = 0.95
+    spot_check_every: int = 20
+    record_bin_px: int = 4
+
+    def calibration(self) -> SegmentCheckCalibration | None:
+        """A fresh calibration for a run (None when ``calibrate`` is off)."""
+        if not self.calibrate:
+            return None
+        return SegmentCheckCalibration(
+            miss_tolerance=self.miss_tolerance, empty_tolerance=self.empty_tolerance,
+            confidence=self.confidence, spot_check_every=self.spot_check_every)
 
 
 def _inside(x_um: float, y_um: float, limits_um) -> bool:
@@ -312,20 +332,43 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     ``done_um`` (frames an earlier, interrupted run saved) are not acquired again, so a
     resumed run never images the same particles twice.
 
+    The survey is not trusted blindly (``segments.calibrate``, see
+    :class:`~.segments.SegmentCheckCalibration`): until enough segments were compared,
+    segments the survey calls empty are recorded too, and every record frame is checked for
+    particles at record resolution (:func:`~.segments.record_has_particles`). A survey-empty
+    segment whose record shows particles switches skipping off for the rest of the run (all
+    segments are recorded and saved); a survey-empty check frame that shows nothing is not
+    saved and counts as skipped. Once skipping is on, one in ``spot_check_every`` skipped
+    segments is still recorded and checked the same way.
+
     Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
-    ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus)
-    and a :class:`Checkpoint` after every saved frame and at the start of every tile.
+    ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus),
+    ``segment_check`` (``calibrating``, ``on``, ``off``) and ``segment_check_note`` (one
+    line saying why), and a :class:`Checkpoint` after every saved frame and at the start of
+    every tile.
 
     Returns
     -------
     dict
         ``{"focus": [(x_um, y_um, focus_um, status, images), ...], "skipped_segments",
-        "acquired_segments", "focus_images", "tiles_visited"}``.
+        "acquired_segments", "focus_images", "tiles_visited", "segment_check"}``
+        (``segment_check``: :meth:`~.segments.SegmentCheckCalibration.summary`, or None).
     """
     model = FocusModel()
     width_um: float | None = None
     skipped = acquired = focus_images = visited = 0
     focus_log = []
+    calibration = segments.calibration()
+
+    def check_fields() -> dict:
+        if calibration is None:
+            return {"segment_check": "on", "segment_check_note":
+                    "segment check on (not calibrated: the survey is trusted)"}
+        return {"segment_check": calibration.state,
+                "segment_check_note": calibration.note(),
+                "segment_check_counts": calibration.summary()}
+
+    yield Report(check_fields())
     for tile in tiles:
         yield Checkpoint()
         visited += 1
@@ -343,20 +386,26 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             min_size_nm=segments.min_size_nm, polarity=segments.polarity)
         centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
                   for s in found}
-        occupied = [s for s in found if s.has_particles and _inside(*centre[id(s)], limits_um)
+        eligible = [s for s in found if _inside(*centre[id(s)], limits_um)
                     and not _already_done(centre[id(s)], done_um, record_field_um)]
-        skipped += len(found) - len(occupied)
+        # Survey-empty segments are recorded too while the check calibrates, after it was
+        # switched off, and as spot checks (decided in serpentine order, one by one).
+        chosen = [s for s in eligible if s.has_particles
+                  or (calibration is not None and calibration.record_anyway())]
+        skipped += len(found) - len(chosen)
         yield Report({"skipped_segments": skipped})
-        if not occupied:
+        if not chosen:
             continue
         yield SetMode("record")
         tried: set[int] = set()  # focus sites that came out empty in this tile
-        for seg in occupied:
+        for seg in chosen:
             x, y = centre[id(seg)]
             if model.distance(x, y) > focus.refocus_distance_um:
                 yield Report({"state": "focusing"})
-                near = [s for s in occupied if id(s) not in tried and math.dist(
+                near = [s for s in chosen if id(s) not in tried and math.dist(
                     centre[id(s)], (x, y)) <= focus.refocus_distance_um / 2]
+                # Survey-occupied sites first (most particles first); survey-empty ones
+                # only as a fallback, where an autofocus may find nothing to focus on.
                 for site in sorted(near, key=lambda s: -s.particles)[:2]:
                     fx, fy = centre[id(site)]
                     yield Move(fx, fy)
@@ -382,8 +431,24 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             yield SetDefocus(best)
             yield Report({"defocus_um": best})
             frame = yield Snap("record")
+            keep = True
+            if calibration is not None and calibration.state != "off":
+                # Compare the survey's verdict with what the record shows.
+                seen = record_has_particles(
+                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+                    threshold_sigma=segments.threshold_sigma,
+                    min_size_nm=segments.min_size_nm, polarity=segments.polarity) > 0
+                calibration.add(survey_occupied=seg.has_particles, record_occupied=seen)
+                # A survey-empty check frame is data only if particles are in it.
+                keep = seg.has_particles or seen
+                yield Report(check_fields())
+            if not keep:
+                skipped += 1
+                yield Report({"skipped_segments": skipped})
+                continue
             yield Save(frame, tile.index, (seg.row, seg.col))
             acquired += 1
             yield Checkpoint()
     return {"focus": focus_log, "skipped_segments": skipped, "acquired_segments": acquired,
-            "focus_images": focus_images, "tiles_visited": visited}
+            "focus_images": focus_images, "tiles_visited": visited,
+            "segment_check": calibration.summary() if calibration is not None else None}

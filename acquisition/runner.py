@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import queue
@@ -32,6 +33,8 @@ from .plans import (Checkpoint, FocusSettings, Move, Plan, Report, Save, Segment
 from .protocol import Frame, Microscope
 from .stopping import StopConditions
 from .tiling import Tile, serpentine
+
+log = logging.getLogger("particlewatch.acquisition")
 
 FRAME_PATTERN = re.compile(r"^frame_(\d{5,})\.mrc$")
 NAV_NAME = "positions.nav"
@@ -171,7 +174,9 @@ class AcquisitionReport:
 
     ``instrument_s`` is the microscope's clock over the run (simulated time for the
     simulator); ``stop_reason`` is ``finished``, ``max_frames``, ``time_limit``,
-    ``stop_requested``, ``interrupted`` or ``converged``.
+    ``stop_requested``, ``interrupted`` or ``converged``. ``segment_check`` is what the
+    segment check learnt about itself (:meth:`~.segments.SegmentCheckCalibration.summary`,
+    also in ``acquisition.json``; None when it was not calibrated).
     """
 
     out_dir: Path
@@ -187,6 +192,7 @@ class AcquisitionReport:
     nav_path: Path | None
     description_path: Path
     focus_log: tuple = field(default=(), repr=False)
+    segment_check: dict | None = None
 
     @property
     def frames_saved(self) -> int:
@@ -203,7 +209,8 @@ class AcquisitionReport:
 
 
 STATE_FIELDS = ("state", "stage_x_um", "stage_y_um", "defocus_um", "tile", "tiles",
-                "skipped_segments", "frames_saved", "focus_images")
+                "skipped_segments", "frames_saved", "focus_images", "segment_check",
+                "segment_check_note")
 
 
 def _free_name(folder: Path, stem: str, suffix: str) -> Path:
@@ -317,7 +324,10 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         and before every tile, so a stop always leaves complete frames.
     on_state : callable, optional
         Called with a dict of :data:`STATE_FIELDS` (plus ``clock_s``, ``stop_reason``)
-        whenever the state changes.
+        whenever the state changes. ``segment_check`` is ``calibrating``, ``on`` or
+        ``off`` and ``segment_check_note`` says why (e.g. "segment check off: 3 of 20
+        occupied segments looked empty in the survey (particles too faint at survey
+        magnification)"); the same line is logged on ``particlewatch.acquisition``.
     focus, segments : FocusSettings, SegmentSettings
     target_defocus_um : float
         Defocus added to best focus for the recorded frames.
@@ -354,7 +364,15 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
     state: dict[str, Any] = {"state": "starting", "stage_x_um": None, "stage_y_um": None,
                              "defocus_um": None, "tile": 0, "tiles": len(tiles),
                              "skipped_segments": 0, "frames_saved": 0, "focus_images": 0,
-                             "survey_images": 0, "clock_s": 0.0, "stop_reason": None}
+                             "survey_images": 0, "clock_s": 0.0, "stop_reason": None,
+                             "segment_check": None, "segment_check_note": None}
+    check_counts: dict[str, Any] = {}
+
+    def write_description() -> None:
+        data = description.to_dict()
+        if check_counts:
+            data["segment_check"] = dict(check_counts)
+        _write_json_atomic(description_path, data)
     clock0, wall0 = scope.clock_s, time.monotonic()
     saved: list[Path] = []
     focus_log: list = []
@@ -374,6 +392,15 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                 f = dict(f)
                 if "focus" in f:
                     focus_log.append(f.pop("focus"))
+                if "segment_check_counts" in f:
+                    check_counts.clear()
+                    check_counts.update(f.pop("segment_check_counts"))
+                if "segment_check" in f and f["segment_check"] != state["segment_check"]:
+                    # said once per change, and kept with the data
+                    level = logging.WARNING if f["segment_check"] == "off" else logging.INFO
+                    log.log(level, "%s", f.get("segment_check_note") or f["segment_check"])
+                    if check_counts:
+                        write_description()
                 state.update(f)
                 publish()
                 return True, None
@@ -425,6 +452,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
             result = run_plan(plan, scope, handle=handle)
     finally:
         writer.close()
+        if check_counts:
+            write_description()
         if positions:
             write_navigator(nav_path, positions)
     if result is not None:
@@ -437,4 +466,5 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         focus_images=int(state["focus_images"]), survey_images=int(state["survey_images"]),
         instrument_s=float(scope.clock_s - clock0), wall_s=time.monotonic() - wall0,
         stop_reason=str(state["stop_reason"]), nav_path=nav_path if positions else None,
-        description_path=description_path, focus_log=tuple(focus_log))
+        description_path=description_path, focus_log=tuple(focus_log),
+        segment_check=dict(check_counts) or None)

@@ -4,6 +4,13 @@ A survey image is divided into segments the size of the record field; thresholdi
 the noise plus peak finding decides whether a segment holds particles, so empty segments are
 never recorded (the autoSTEM scheme, with a noise-based instead of a 0.6 × max threshold so
 that an empty survey finds nothing).
+
+No survey detector sees every faint particle at survey magnification (PS50 is ~4 survey
+pixels across, as bright as the film texture), so the check measures its own sensitivity
+during a run (:class:`SegmentCheckCalibration`): the first segments are recorded whatever
+the survey said, each record is checked at record resolution
+(:func:`record_has_particles`), and skipping stays on only when the survey called no
+occupied segment empty over enough segments to bound its miss rate.
 """
 
 from __future__ import annotations
@@ -216,3 +223,199 @@ def check_segments(image, pixel_nm: float, *, segment_um: tuple[float, float],
         dy_um = ((r0 + r1) / 2 - rows / 2) * pixel_nm / 1000.0
         segments.append(Segment(r, c, r0, r1, c0, c1, dx_um, dy_um, n_peaks))
     return segments
+
+
+def _flatten_illumination(a: np.ndarray, *, blocks: int = 16) -> np.ndarray:
+    """Remove a smooth beam profile (tilt and vignetting) fitted as a 2-D quadratic.
+
+    The quadratic is fitted by least squares to block medians, leaving out blocks more than
+    3 robust sigmas off (particles), so a wide Gaussian background afterwards only has film
+    mottle to follow; without it the corners of a vignetted frame look like dark particles.
+    """
+    rows, cols = a.shape
+    br, bc = min(blocks, rows), min(blocks, cols)
+    r, c = (rows // br) * br, (cols // bc) * bc
+    med = np.median(a[:r, :c].reshape(br, r // br, bc, c // bc).swapaxes(1, 2)
+                    .reshape(br, bc, -1), axis=2)
+
+    def design(v, u):
+        v, u = np.meshgrid(v, u, indexing="ij")
+        return np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], -1)
+
+    coords = design(((np.arange(br) + 0.5) * (r / br) - rows / 2) / rows,
+                    ((np.arange(bc) + 0.5) * (c / bc) - cols / 2) / cols).reshape(-1, 6)
+    values = med.ravel()
+    keep = np.ones(values.size, bool)
+    for _ in range(3):
+        coef = np.linalg.lstsq(coords[keep], values[keep], rcond=None)[0]
+        residual = values - coords @ coef
+        spread = 1.4826 * np.median(np.abs(residual[keep]))
+        if not spread > 0:
+            break
+        keep = np.abs(residual) < 3 * spread
+    surface = design((np.arange(rows) + 0.5 - rows / 2) / rows,
+                     (np.arange(cols) + 0.5 - cols / 2) / cols) @ coef
+    return a - surface + coef[0]
+
+
+def record_has_particles(image, pixel_nm: float, *, bin_px: int = 4,
+                         threshold_sigma: float = 5.0, min_size_nm: float = 2.0,
+                         polarity: str = "auto") -> int:
+    """Count particles in a record frame quickly: the reference for the survey check.
+
+    The frame is binned ``bin_px`` × ``bin_px`` (a record frame resolves its smallest
+    particles over ~20 pixels, so binned by 4 they are still ~5 pixels across, 1.5× finer
+    than in the survey and with 4× its counts per pixel), its beam profile removed
+    (:func:`_flatten_illumination`), and :func:`particle_mask` run on it. Measured against
+    the simulator's truth (``bench/acquisition.py --segments``), this finds a particle in
+    occupied record fields of every sample, both detectors and at a quarter dose.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Record frame.
+    pixel_nm : float
+        Record pixel size.
+    bin_px : int
+        Binning factor.
+    threshold_sigma, min_size_nm, polarity
+        As in :func:`particle_mask`.
+
+    Returns
+    -------
+    int
+        Number of particle peaks found (0: the frame looks empty).
+    """
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
+        raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
+    bin_px = int(min(bin_px, max(1, min(a.shape) // 32)))  # keep >= 32 px to work on
+    r, c = (a.shape[0] // bin_px) * bin_px, (a.shape[1] // bin_px) * bin_px
+    binned = a[:r, :c].reshape(r // bin_px, bin_px, c // bin_px, bin_px).mean(axis=(1, 3))
+    if not np.ptp(binned) > 0:
+        return 0
+    _, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * bin_px,
+                             polarity=polarity, threshold_sigma=threshold_sigma,
+                             min_size_nm=min_size_nm)
+    return int(len(peaks))
+
+
+def miss_rate_upper_bound(missed: int, checked: int, *, confidence: float = 0.95) -> float:
+    """One-sided Clopper–Pearson upper bound of a rate from ``missed`` of ``checked``.
+
+    With nothing missed this is ``1 − (1 − confidence)^(1/checked)`` (≈ 3/checked at 95%).
+    """
+    from scipy import stats
+
+    if checked <= 0 or missed >= checked:
+        return 1.0
+    return float(stats.beta.ppf(confidence, missed + 1, checked - missed))
+
+
+@dataclass
+class SegmentCheckCalibration:
+    """What the survey segment check has shown about its own sensitivity in this run.
+
+    States: ``"calibrating"`` (every segment is recorded and each record checked with
+    :func:`record_has_particles`), ``"on"`` (survey-empty segments are skipped; every
+    ``spot_check_every``-th of them is still recorded and checked), ``"off"`` (the survey
+    called an occupied segment empty: every segment is recorded for the rest of the run).
+
+    Skipping is switched on when no occupied segment was missed and either the miss rate
+    (missed / occupied records) or the share of survey-empty segments that held particles
+    has a ``confidence`` upper bound below its tolerance; any miss switches it off.
+
+    Parameters
+    ----------
+    miss_tolerance : float
+        Largest acceptable share of occupied segments skipped (0.05: 59 occupied records
+        without a miss at 95%).
+    empty_tolerance : float
+        Largest acceptable share of skipped segments holding particles, the bound that ends
+        calibration in areas with few particles (0.01: 299 survey-empty records without a
+        miss).
+    confidence : float
+    spot_check_every : int
+        After calibration, record one in this many skipped segments (0: never).
+    """
+
+    miss_tolerance: float = 0.05
+    empty_tolerance: float = 0.01
+    confidence: float = 0.95
+    spot_check_every: int = 20
+    occupied: int = 0
+    missed: int = 0
+    empty_checked: int = 0
+    spot_checks: int = 0
+    state: str = "calibrating"
+    _since_spot: int = 0
+
+    def __post_init__(self):
+        for name in ("miss_tolerance", "empty_tolerance", "confidence"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        if self.spot_check_every < 0:
+            raise ValueError(f"spot_check_every must be >= 0, got {self.spot_check_every}")
+
+    @property
+    def skipping(self) -> bool:
+        """Whether segments the survey calls empty may be skipped without a record."""
+        return self.state == "on"
+
+    def record_anyway(self) -> bool:
+        """Called for each segment skipping would leave out: True to record it anyway."""
+        if self.state != "on":
+            return self.state in ("calibrating", "off")
+        self._since_spot += 1
+        if self.spot_check_every and self._since_spot >= self.spot_check_every:
+            self._since_spot = 0
+            self.spot_checks += 1
+            return True
+        return False
+
+    def add(self, *, survey_occupied: bool, record_occupied: bool) -> str:
+        """Count one recorded segment (survey verdict vs. record check); return the state."""
+        if not survey_occupied:
+            self.empty_checked += 1
+        if record_occupied:
+            self.occupied += 1
+            self.missed += not survey_occupied
+        if self.missed:
+            self.state = "off"
+        elif self.state == "calibrating" and (
+                self.upper_bound("occupied") <= self.miss_tolerance
+                or self.upper_bound("empty") <= self.empty_tolerance):
+            self.state = "on"
+        return self.state
+
+    def upper_bound(self, which: str = "occupied") -> float:
+        """Upper bound of the miss rate per occupied (``"occupied"``) or per survey-empty
+        (``"empty"``) segment recorded so far."""
+        checked = self.occupied if which == "occupied" else self.empty_checked
+        return miss_rate_upper_bound(self.missed, checked, confidence=self.confidence)
+
+    def note(self) -> str:
+        """One line for the log and the dashboard."""
+        if self.state == "off":
+            return (f"segment check off: {self.missed} of {self.occupied} occupied segments "
+                    f"looked empty in the survey (particles too faint at survey magnification)")
+        if self.state == "on":
+            return (f"segment check on: 0 of {self.occupied} occupied segments looked empty in "
+                    f"the survey (miss rate < {self.upper_bound('occupied'):.1%}, "
+                    f"{self.empty_checked} survey-empty segments checked, "
+                    f"{self.spot_checks} spot checks)")
+        return (f"segment check calibrating: {self.occupied} occupied and {self.empty_checked} "
+                f"survey-empty segments recorded and checked so far")
+
+    def summary(self) -> dict:
+        """JSON-ready counts for ``acquisition.json``."""
+        return {"state": self.state, "note": self.note(), "occupied_checked": self.occupied,
+                "missed": self.missed, "empty_checked": self.empty_checked,
+                "spot_checks": self.spot_checks,
+                "miss_rate_upper": self.upper_bound("occupied"),
+                "empty_miss_rate_upper": self.upper_bound("empty"),
+                "miss_tolerance": self.miss_tolerance, "empty_tolerance": self.empty_tolerance,
+                "confidence": self.confidence, "spot_check_every": self.spot_check_every}
