@@ -11,7 +11,8 @@ Fourier space: each harmonic keeps the share of its power that stands above the 
 noise floor (estimated from its upper harmonics), so a circle stays a circle (no shrinkage), a
 rod's or a cube's strong even harmonics stay, and the noise goes. Feret diameters, convex-hull
 perimeter and area come from the support function of these outlines (projections on 90
-directions, the minimum refined to 0.1°): the true caliper width, not a moment-based axis. particle split from a touching or overlapping group has an outline partly shared with a
+directions, the minimum refined to 0.1°): the true caliper width, not a moment-based axis. A
+particle split from a touching or overlapping group has an outline partly shared with a
 neighbour, where the image shows no edge: r(θ) is taken from its free (background-facing)
 points alone and completed across the shared arcs by its own low-order harmonics, and its
 area comes from that outline. A particle that is not star-shaped (low solidity) is traced with
