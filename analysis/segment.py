@@ -895,10 +895,14 @@ def _rho_classes(rho):
     return np.where(rho < 6.0, fine, coarse)
 
 
-def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals):
+def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals, turn):
     """Least-squares fit of one radius class's profiles against every (kind, sigma, shift)
     model; return, per particle and (kind, sigma), the residual, best shift, level at the
-    true edge and background."""
+    true edge and background.
+
+    The level is the 1-D model's value ``totals² · turn`` (px) outside its edge
+    (:func:`_curvature_offset`; ``turn`` = π / perimeter per particle), which is where the
+    smoothed frame, blurred in two dimensions, has the value it has at the true edge."""
     sw, sy, syy = stats
     models = _edge_models(float(rq), xs, shifts, sigmas)
     shape = models.shape[:2]
@@ -921,11 +925,17 @@ def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals):
 
     a_k = pick(a)
     b_k = (sy[:, None, None] - a_k * pick(swm)) / sw[:, None, None]
-    edge = _edge_models(float(rq), np.array([0.0]), np.array([0.0]), totals)
-    return pick(r), shifts[je], a_k * edge[:, :, 0, 0][None] + b_k, b_k
+    grid = np.arange(0.0, _MAX_CURVE_PX + 1e-9, 0.05)
+    edge = _edge_models(float(rq), grid, np.array([0.0]), totals)[:, :, 0, :]
+    at = np.minimum(turn[:, None] * totals[None, :] ** 2, _MAX_CURVE_PX) / 0.05
+    k0 = np.minimum(at.astype(int), grid.size - 2)
+    t = at - k0
+    cols = np.arange(totals.size)[None, :]
+    level = edge[:, cols, k0] * (1 - t) + edge[:, cols, k0 + 1] * t  # (kind, particle, sigma)
+    return pick(r), shifts[je], a_k * np.moveaxis(level, 0, 1) + b_k, b_k
 
 
-def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
+def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     """Fit every particle's edge profile at once; return edge level, edge shift, background.
 
     ``counts`` and ``sums`` (particles × bins) hold each particle's profile of the flattened,
@@ -937,12 +947,14 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
     positions; with it each particle takes its best edge position on the fine grid, and the
     flat edge only where it fits clearly better than the curved one (weak, noisy profiles
     cannot tell them apart, and most particles are round). The model's value at the true
-    edge, once blurred like the smoothed frame (extra width ``sigma``), is the level to
-    threshold at (NaN where no model fits); the shift (px) is where the edge is from the
+    edge, once blurred like the smoothed frame (extra width ``sigma``) and corrected for the
+    curvature of the outline (``turn`` = π / perimeter per particle, px⁻¹; see
+    :func:`_curvature_offset`), is the level to threshold at (NaN where no model fits); the shift (px) is where the edge is from the
     current outline, the background the model's level far outside.
     """
     n = counts.shape[0]
     curved_only = curved
+    turn = np.zeros(n) if turn is None else np.asarray(turn, dtype=float)
     sw = counts.sum(1)
     sy = sums.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -964,7 +976,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
         for rq in np.unique(classes[usable]):
             g = np.flatnonzero(usable & (classes == rq))
             out = _fit_class(xs, counts[g], sums[g], (sw[g], sy[g], syy[g]), rq, shifts,
-                             sigmas, totals)
+                             sigmas, totals, turn[g])
             resid[g], best_shift[g], level_at[g], base_at[g] = out
         # noise per particle from its best fit; χ² of every (kind, sigma) in those units
         rmin = resid.reshape(n, -1).min(1)
@@ -989,6 +1001,32 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None):
         base = np.where(ok, base_at[rows, kind, js], 0.0)
         sigmas = sigmas[js:js + 1]
     return level, shift, base, float(sigmas[0])
+
+
+_MAX_CURVE_PX = 2.0  # px, cap of the curvature offset (tiny, ragged outlines)
+
+
+def _turn(labels, n):
+    """π / perimeter (px⁻¹) of each label 1..n, the perimeter from the label's horizontal and
+    vertical boundary crossings (π/4 of their count: exact on average over orientations).
+
+    A Gaussian blur of width σ (in two dimensions) lowers a particle's value at its edge
+    where the outline curves: the iso-contour through the edge of a straight profile moves
+    inward by σ²·κ/2 (κ the outline's curvature), which a profile model in one dimension
+    (signed distance to the outline) does not know. Any simple closed outline turns by 2π,
+    so its mean curvature is 2π / perimeter, and the contour of the blurred frame at the 1-D
+    model's value a distance σ²·π / perimeter outside the edge encloses the true area (to
+    first order, whatever the shape: discs, rods, cubes)."""
+    crossings = np.zeros(n + 1)
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        edge = a != b
+        crossings += np.bincount(a[edge], minlength=n + 1)
+        crossings += np.bincount(b[edge], minlength=n + 1)
+    # pixels on the frame border close the outline there too
+    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        crossings += np.bincount(side, minlength=n + 1)
+    perimeter = np.pi / 4.0 * crossings[1:]
+    return np.pi / np.maximum(perimeter, 1.0)
 
 
 _HOLLOW_DROP = 0.5  # a particle whose centre is fainter than this share of its peak is hollow
@@ -1126,7 +1164,8 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     hollow = _hollow(owner[inside], signed[inside], sm[inside], rho)
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
-        level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow)
+        level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow,
+                                                 turn=_turn(labels, n))
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
     # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
