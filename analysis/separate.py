@@ -136,12 +136,43 @@ def _is_convex(mask, area, *, px, frac):
     if area < 12:  # too few pixels for a notch deeper than the pixelation
         return True
     limit = max(px, frac * np.sqrt(area / np.pi))
-    # Cheap bound first: the gap to the support line in 64 directions is never less than the
-    # distance to the hull, so a small bound proves convexity without building the hull.
     pts = _boundary_points(mask)
+    if len(pts) < 4:
+        return True
+    # Cheap bounds before any hull. Upper: the gap to the support line in 64 directions is
+    # never less than the distance to the hull, so a small one proves convexity ...
     proj = pts @ _DIRS
-    bound = float((proj.max(axis=0) - proj).min(axis=1).max()) if len(pts) else 0.0
-    return bound <= limit or _notch_depth(mask) <= limit
+    if float((proj.max(axis=0) - proj).min(axis=1).max()) <= limit:
+        return True
+    # ... lower: the support points, in angular order, span a polygon inside the hull, so a
+    # point deep inside that polygon is at least as deep inside the hull (a clear notch).
+    if _support_depth(pts, proj.argmax(axis=0)) > limit:
+        return False
+    return _notch_depth(mask) <= limit
+
+
+def _support_depth(pts, idx):
+    """Largest depth of ``pts`` inside the polygon of the support points ``pts[idx]``.
+
+    ``idx`` runs around the outline (support points of increasing direction); the polygon lies
+    inside the convex hull of ``pts``, so this is a lower bound of the notch depth.
+    """
+    keep = np.empty(idx.size, bool)
+    keep[0] = idx[0] != idx[-1]
+    np.not_equal(idx[1:], idx[:-1], out=keep[1:])
+    v = pts[idx[keep]]
+    if len(v) < 3:
+        return 0.0
+    nxt = np.empty_like(v)
+    nxt[:-1], nxt[-1] = v[1:], v[0]
+    e = nxt - v
+    # signed distance to each edge line, positive inside whichever way the polygon turns
+    turn = float(np.sum(v[:, 0] * nxt[:, 1] - v[:, 1] * nxt[:, 0]))
+    scale = (1.0 if turn > 0 else -1.0) / np.sqrt(e[:, 0] ** 2 + e[:, 1] ** 2)
+    normal = np.empty((2, len(e)))
+    normal[0], normal[1] = -e[:, 1] * scale, e[:, 0] * scale
+    offset = (e[:, 0] * v[:, 1] - e[:, 1] * v[:, 0]) * scale
+    return float((pts @ normal - offset).min(axis=1).max())
 
 
 def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
@@ -389,28 +420,28 @@ _THICK_NEIGHBOURS = 25  # references on either side in width that make a local r
 _BG_BLOCK = 8
 
 
-def _thickness_map(image, labels):
-    """Projected thickness up to a scale, positive for dark and bright particles alike.
+def _thickness_map(image, labels, rows, cols):
+    """Projected thickness up to a scale at the pixels ``(rows, cols)``, or None.
 
-    The background is a normalised convolution of the block means that hold no particle (nor
-    a neighbouring block), so it follows uneven illumination. Bright particles (HAADF): the
-    signal above background relative to it (linear in thickness). Dark particles
-    (bright-field): the absorbance ``-log(I / background)``, which Beer-Lambert makes linear
-    in mass-thickness (the plain contrast saturates for heavy particles). Returns None when no
-    background is seen.
+    Positive for dark and bright particles alike. The background is a normalised convolution
+    of the block means that hold no particle (nor a neighbouring block), so it follows uneven
+    illumination. Bright particles (HAADF): the signal above background relative to it (linear
+    in thickness). Dark particles (bright-field): the absorbance ``-log(I / background)``, which
+    Beer-Lambert makes linear in mass-thickness (the plain contrast saturates for heavy
+    particles). Returns None when no background is seen. Only the requested pixels are
+    computed (the particles' neighbourhoods, not the whole frame).
     """
     b = _BG_BLOCK
     h, w = labels.shape
     hb, wb = -(-h // b), -(-w // b)
     pad = ((0, hb * b - h), (0, wb * b - w))
     finite = np.isfinite(image)
-    clean = np.where(finite, image, 0.0)
     fg = np.pad(labels > 0, pad).reshape(hb, b, wb, b).any(axis=(1, 3))
     good = np.pad(finite, pad, constant_values=False).reshape(hb, b, wb, b).all(axis=(1, 3))
     clear = good & ~ndi.maximum_filter(fg, size=3, mode="nearest")
     if not clear.any():
         return None
-    means = np.pad(clean, pad).reshape(hb, b, wb, b).mean(axis=(1, 3))
+    means = np.pad(np.where(finite, image, 0.0), pad).reshape(hb, b, wb, b).mean(axis=(1, 3))
     areas = np.bincount(labels.ravel())[1:]
     radius = np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
     sigma = max(2.0, 2.0 * radius / b)
@@ -418,18 +449,104 @@ def _thickness_map(image, labels):
     den = ndi.gaussian_filter(clear.astype(float), sigma, mode="nearest")
     # far from any clear block (a crowded corner): the frame's median background
     level = np.where(den > 0.05, num / np.maximum(den, 1e-12), np.median(means[clear]))
-    level = np.repeat(np.repeat(level, b, axis=0), b, axis=1)[:h, :w]
-    scale = np.abs(level)
-    scale = np.where(scale > 0, scale, max(float(np.median(scale)), 1e-12))
-    rel = (clean - level) / scale
-    fg_rel = rel[labels > 0]
+    fallback = None
+    if not np.all(level != 0):  # the frame's median |background| stands in for a zero one
+        full = np.repeat(np.repeat(np.abs(level), b, axis=0), b, axis=1)[:h, :w]
+        fallback = max(float(np.median(full)), 1e-12)
+
+    def rel_at(r, c):
+        lv = level[r // b, c // b]
+        scale = np.abs(lv)
+        if fallback is not None:
+            scale = np.where(scale > 0, scale, fallback)
+        v = image[r, c]
+        return (np.where(np.isfinite(v), v, 0.0) - lv) / scale
+
+    fg_rel = rel_at(*np.nonzero(labels))
     if not fg_rel.size:
         return None
+    rel = rel_at(rows, cols)
     if np.median(fg_rel) < 0:
         if np.all(level > 0):  # counts: Beer-Lambert applies
             return -np.log(np.clip(1.0 + rel, 0.02, None))
         return -rel
     return rel
+
+
+def _pack(boxes):
+    """Shelf-pack boxes ``(row0, col0, row1, col1)`` side by side into one mosaic.
+
+    Returns the top-left corner of each box in the mosaic and the mosaic's shape. Filters run
+    on the mosaic instead of the whole frame (particles cover a fifth of it); a pixel whose
+    filter window stays inside its own box gets exactly the frame's value.
+    """
+    sizes = np.array([(r1 - r0, c1 - c0) for r0, c0, r1, c1 in boxes], int).reshape(-1, 2)
+    width = max(int(sizes[:, 1].max(initial=1)), int(np.sqrt(np.prod(sizes, axis=1).sum())))
+    corners = np.zeros((len(boxes), 2), int)
+    y = x = shelf = 0
+    for k in np.argsort(-sizes[:, 0], kind="stable"):
+        hh, ww = sizes[k]
+        if x + ww > width:
+            y, x, shelf = y + shelf, 0, 0
+        corners[k] = y, x
+        x += ww
+        shelf = max(shelf, hh)
+    return corners, (max(y + shelf, 1), width)
+
+
+def _reflect(index, n):
+    """Frame index of ``index`` under scipy.ndimage's default ``reflect`` boundary mode."""
+    index = np.where(index < 0, -index - 1, index)
+    return np.where(index >= n, 2 * n - index - 1, index)
+
+
+def _inscribed_radii(labels, slices, masks, n):
+    """Inscribed radius (px) of every label: 1 + the largest distance inside its interior.
+
+    The interior leaves out pixels with a 4-neighbour of another label (borders between
+    touching labels are cut); particles in ``masks`` take their full extent's radius. One
+    distance transform on a mosaic of the particles' boxes (1 px margin).
+    """
+    h, w = labels.shape
+    boxes, owner = [], []
+    for k, sl in enumerate(slices):
+        lab = k + 1
+        if lab in masks:
+            r0, c0, m = masks[lab]
+            boxes.append((r0 - 1, c0 - 1, r0 + m.shape[0] + 1, c0 + m.shape[1] + 1))
+        elif sl is not None:
+            boxes.append((sl[0].start - 1, sl[1].start - 1, sl[0].stop + 1, sl[1].stop + 1))
+        else:
+            continue
+        owner.append(lab)
+    radius = np.zeros(n + 1)
+    if not boxes:
+        return radius
+    corners, shape = _pack(boxes)
+    inside = np.zeros(shape, bool)
+    tile = np.zeros(shape, np.int32)
+    lp = np.pad(labels, 1)
+    for lab, (r0, c0, r1, c1), (y, x) in zip(owner, boxes, corners):
+        view = (slice(y, y + r1 - r0), slice(x, x + c1 - c0))
+        tile[view] = lab
+        if lab in masks:
+            inside[y + 1:y + r1 - r0 - 1, x + 1:x + c1 - c0 - 1] = masks[lab][2]
+            continue
+        # the box with its 1 px margin, from the frame padded by 1 (outside is background)
+        crop = lp[r0 + 1:r1 + 1, c0 + 1:c1 + 1]
+        own = crop == lab
+        own[1:-1, 1:-1] &= ((crop[1:-1, :-2] == lab) & (crop[1:-1, 2:] == lab)
+                            & (crop[:-2, 1:-1] == lab) & (crop[2:, 1:-1] == lab))
+        own[[0, -1]] = False
+        own[:, [0, -1]] = False
+        inside[view] = own
+    depth = ndi.distance_transform_edt(inside)
+    # interior pixels are one step inside the outline; a full mask's own pixels are not
+    step = np.ones(n + 1)
+    step[list(masks)] = 0.0
+    owner = tile[inside]
+    np.maximum.at(radius, owner, depth[inside] + step[owner])
+    return radius
 
 
 def thickness_excess(labels, image, *, reference, masks=None):
@@ -483,33 +600,44 @@ def thickness_excess(labels, image, *, reference, masks=None):
     reference = np.asarray(reference, bool)
     if n == 0 or reference[1:].sum() < _THICK_MIN_REFS:
         return excess, z
-    thick = _thickness_map(image, labels)
-    if thick is None:
-        return excess, z
     masks = masks or {}
-    # inscribed radius: distance transform with the borders between labels cut
-    p = np.pad(labels, 1)
-    inner = labels > 0
-    inner &= (p[1:-1, :-2] == labels) & (p[1:-1, 2:] == labels)
-    inner &= (p[:-2, 1:-1] == labels) & (p[2:, 1:-1] == labels)
-    depth = ndi.distance_transform_edt(inner) + 1.0
-    radius = np.zeros(n + 1)
-    np.maximum.at(radius, labels[inner], depth[inner])
-    cover = np.zeros(labels.shape, np.uint8)
-    for lab, (r0, c0, m) in masks.items():
-        radius[lab] = ndi.distance_transform_edt(np.pad(m, 1)).max()
-        cover[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] += m
+    slices = ndi.find_objects(labels)
+    radius = _inscribed_radii(labels, slices, masks, n)
     # smoothing a tenth of a typical radius beats pixel noise without flattening a peak
     sigma = max(1.0, 0.1 * float(np.median(radius[1:][radius[1:] > 0])))
+    # a shared lens is thick by nature (two particles), and blur and smoothing carry it a
+    # few pixels further: split particles are judged on their own pixels clear of it
+    reach = int(np.ceil(2 + 2 * sigma))
+    # each particle's box with a margin that holds its smoothing and lens windows: the
+    # mosaic gives the same values on its pixels as filtering the whole frame
+    margin = max(int(4.0 * sigma + 0.5), reach if masks else 0)
+    boxes = [(sl[0].start - margin, sl[1].start - margin, sl[0].stop + margin,
+              sl[1].stop + margin) for sl in slices if sl is not None]
+    tiles = [k + 1 for k, sl in enumerate(slices) if sl is not None]
+    corners, shape = _pack(boxes)
+    rows = np.zeros(shape, np.intp)
+    cols = np.zeros(shape, np.intp)
+    tile = np.zeros(shape, np.int32)
+    h, w = labels.shape
+    for lab, (r0, c0, r1, c1), (y, x) in zip(tiles, boxes, corners):
+        rows[y:y + r1 - r0, x:x + c1 - c0] = _reflect(np.arange(r0, r1), h)[:, None]
+        cols[y:y + r1 - r0, x:x + c1 - c0] = _reflect(np.arange(c0, c1), w)[None, :]
+        # mirrored pixels beyond the frame edge only feed the filters, they are not the
+        # particle's own
+        tile[y + max(-r0, 0):y + r1 - r0 - max(r1 - h, 0),
+             x + max(-c0, 0):x + c1 - c0 - max(c1 - w, 0)] = lab
+    thick = _thickness_map(image, labels, rows, cols)
+    if thick is None:
+        return excess, z
     smooth = ndi.gaussian_filter(thick, sigma)
-    own = labels > 0
+    own = (labels[rows, cols] == tile) & (tile > 0)
     if masks:
-        # a shared lens is thick by nature (two particles), and blur and smoothing carry it a
-        # few pixels further: judge split particles on their own pixels clear of it
-        reach = int(np.ceil(2 + 2 * sigma))
-        own &= ~ndi.maximum_filter(cover >= 2, size=2 * reach + 1)
+        cover = np.zeros(labels.shape, np.uint8)
+        for r0, c0, m in masks.values():
+            cover[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] += m
+        own &= ~ndi.maximum_filter(cover[rows, cols] >= 2, size=2 * reach + 1)
     peak = np.full(n + 1, -np.inf)
-    np.maximum.at(peak, labels[own], smooth[own])
+    np.maximum.at(peak, tile[own], smooth[own])
     with np.errstate(invalid="ignore", divide="ignore"):
         q = np.where((radius >= 1.5) & np.isfinite(peak), peak / (2 * radius), np.nan)
     ref = np.flatnonzero(reference[:n + 1] & np.isfinite(q))
