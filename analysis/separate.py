@@ -307,6 +307,9 @@ def _roundness(labels, areas):
         return np.where(perimeter > 0, 4 * np.pi * areas / perimeter ** 2, 0.0)
 
 
+_CROSS = ndi.generate_binary_structure(2, 1)  # ndi.label's default, built once
+
+
 def _markers(mask, depth):
     """Ultimate erosion of convex shapes: [(marker mask, erosion steps)] for one region."""
     markers = []
@@ -317,7 +320,7 @@ def _markers(mask, depth):
         while True:
             s += 1
             core = piece & (depth > s)
-            lab, n = ndi.label(core)
+            lab, n = ndi.label(core, _CROSS)
             if n == 0:  # eroded away without becoming convex: its last remnant is the marker
                 markers.append((piece, s - 1))
                 break
