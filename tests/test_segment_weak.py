@@ -55,6 +55,65 @@ def test_polystyrene_at_low_dose_is_found():
     assert abs(np.median(errors)) <= 0.04
 
 
+_MEAN_STAGES = ((5.0, -5.0), (-12.0, 7.0), (20.0, 14.0))
+
+
+def _isolated_ratios(sample, *, size=1024):
+    """measured/true ECD of isolated truth particles matched one-to-one (mutual nearest
+    centres within 0.35 ECD) with particles that segment → separate (as the pipeline runs
+    them) did not split; ECD from the label's area, as ``measure`` gives ``ecd_nm``."""
+    from particlewatch.analysis.separate import separate
+
+    ratios = []
+    for i, stage in enumerate(_MEAN_STAGES):
+        scope = SimScope(sample, seed=1 + i, size_px=size)
+        scope.move_stage(*stage)
+        scope.set_defocus(scope.true_focus_um())
+        frame = scope.snap()
+        sep = separate(segment(frame.image, frame.pixel_nm), frame.pixel_nm, image=frame.image)
+        labels = sep.labels
+        n = int(labels.max()) + 1
+        area = np.bincount(labels.ravel(), minlength=n).astype(float)
+        ids = np.flatnonzero(area[1:] > 0) + 1
+        yy, xx = np.indices(labels.shape)
+        cy = np.bincount(labels.ravel(), yy.ravel(), n)[ids] / area[ids]
+        cx = np.bincount(labels.ravel(), xx.ravel(), n)[ids] / area[ids]
+        ecd = 2 * np.sqrt(area[ids] / np.pi) * frame.pixel_nm
+        split = np.array([i < len(sep.separated) and bool(sep.separated[i]) for i in ids])
+        truth = frame.truth["particles"]
+        txy = np.array([[p["x_px"], p["y_px"]] for p in truth])
+        d = np.hypot(cx[:, None] - txy[None, :, 0], cy[:, None] - txy[None, :, 1])
+        nearest = np.argmin(d, axis=1)
+        for j, p in enumerate(truth):
+            if p["touches_edge"] or p["overlaps"]:
+                continue
+            k = int(np.argmin(d[:, j]))
+            if d[k, j] <= 0.35 * p["ecd_nm"] / frame.pixel_nm and nearest[k] == j \
+                    and not split[k]:
+                ratios.append(ecd[k] / p["ecd_nm"])
+    return np.array(ratios)
+
+
+# The population statistics use the MEAN size of particles that stood alone (issue #5), so
+# a low tail (partly detected particles, outlines pulled inside faint edges) biases them even
+# when the median is right. Floor of the 5th percentile: per-particle scatter of an unbiased
+# edge is ~2-3% on these frames (noise, film mottle), which puts the 5th percentile near
+# 1 - 1.645 * 0.03 = 0.95; at 0.92 a particle has lost 15% of its area, which edge noise
+# does not do but a core-only or partial detection does.
+@pytest.mark.parametrize("sample", [
+    pytest.param("ps50", marks=pytest.mark.xfail(
+        strict=True, reason="issue #4/#5: isolated PS50 still ~2% small on average on "
+        "sparse frames (heavy auto-smoothing), 5th percentile ~0.89")),
+    "silica-capsules",
+])
+def test_isolated_mean_size_and_low_tail(sample):
+    ratios = _isolated_ratios(sample)
+    assert ratios.size >= 150
+    assert abs(ratios.mean() - 1.0) <= 0.015
+    assert abs(np.median(ratios) - 1.0) <= 0.015
+    assert np.percentile(ratios, 5) >= 0.92
+
+
 def test_real_haadf_dm4_is_sensible():
     import ncempy.io
 
