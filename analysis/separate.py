@@ -116,7 +116,11 @@ def _boundary_points(mask):
 
 
 def _notch_depth(mask):
-    pts = _boundary_points(mask)
+    return _hull_depth(_boundary_points(mask))
+
+
+def _hull_depth(pts):
+    """Largest distance of ``pts`` inside their convex hull."""
     if len(pts) < 4:
         return 0.0
     try:
@@ -135,8 +139,14 @@ _DIRS = np.stack([np.cos(_ANGLES), np.sin(_ANGLES)])
 def _is_convex(mask, area, *, px, frac):
     if area < 12:  # too few pixels for a notch deeper than the pixelation
         return True
+    return _is_convex_pts(_boundary_points(mask), area, px=px, frac=frac)
+
+
+def _is_convex_pts(pts, area, *, px, frac):
+    """:func:`_is_convex` from the region's boundary points ``pts``."""
+    if area < 12:
+        return True
     limit = max(px, frac * np.sqrt(area / np.pi))
-    pts = _boundary_points(mask)
     if len(pts) < 4:
         return True
     # Cheap bounds before any hull. Upper: the gap to the support line in 64 directions is
@@ -148,7 +158,7 @@ def _is_convex(mask, area, *, px, frac):
     # point deep inside that polygon is at least as deep inside the hull (a clear notch).
     if _support_depth(pts, proj.argmax(axis=0)) > limit:
         return False
-    return _notch_depth(mask) <= limit
+    return _hull_depth(pts) <= limit
 
 
 def _support_depth(pts, idx):
@@ -308,48 +318,113 @@ def _roundness(labels, areas):
 
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # ndi.label's default, built once
+# 4-connected within each erosion level and not at all between levels: one ndi.label call
+# labels every level of a region's erosion at once
+_LEVELS = np.zeros((3, 3, 3), bool)
+_LEVELS[1] = _CROSS
+
+
+def _erosion_tree(depth):
+    """Connected pieces of every erosion level ``depth > s`` (s = 1, 2, ...) of one region.
+
+    Returns the level stack's labels (``lab[s - 1]`` is level ``s``, ids unique over all
+    levels and in raster order within each), each id's bounding slices, pixel count, count
+    of pixels at least half a step deeper than its level, and the ids of the pieces it holds
+    one level deeper, in raster order.
+    """
+    top = int(np.ceil(depth.max())) - 1  # deepest level that is not empty
+    levels = np.arange(1, top + 1, dtype=float)[:, None, None]
+    lab, n = ndi.label(depth > levels, _LEVELS)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    deep = np.bincount(lab[depth >= levels + 0.5], minlength=n + 1)
+    parent = np.zeros(n + 1, np.intp)
+    inner = lab[1:] > 0
+    parent[lab[1:][inner]] = lab[:-1][inner]
+    kids = [[] for _ in range(n + 1)]
+    for k in range(1, n + 1):
+        kids[parent[k]].append(k)  # parent 0: the pieces of level 1
+    return lab, ndi.find_objects(lab), sizes, deep, kids
+
+
+def _pieces_convex(lab, objects, ids, area, *, px, frac):
+    """Convexity test of the union of the level pieces ``ids`` on their bounding box.
+
+    The boundary points come out in frame order and frame coordinates, exactly those of the
+    whole-crop mask, at the cost of the box.
+    """
+    if area < 12:
+        return True
+    boxes = [objects[k - 1] for k in ids]
+    level = boxes[0][0].start
+    # a free margin of one pixel where the crop has it (no padding needed)
+    r0 = max(min(b[1].start for b in boxes) - 1, 0)
+    r1 = max(b[1].stop for b in boxes) + 1
+    c0 = max(min(b[2].start for b in boxes) - 1, 0)
+    c1 = max(b[2].stop for b in boxes) + 1
+    sub = lab[level, r0:r1, c0:c1]
+    mask = sub == ids[0] if len(ids) == 1 else np.isin(sub, ids)
+    pts = _boundary_points(mask)
+    pts += (r0, c0)
+    return _is_convex_pts(pts, area, px=px, frac=frac)
 
 
 def _markers(mask, depth):
-    """Ultimate erosion of convex shapes: [(marker mask, erosion steps)] for one region."""
-    markers = []
-    todo = [(mask, 0)]  # non-convex pieces still to erode, with the steps taken so far
+    """Ultimate erosion of convex shapes for one region.
+
+    Returns ``[(marker mask, erosion steps, (row slice, col slice) of the marker)]``.
+    """
+    if depth.max() <= 1:  # gone at the first step: the region itself is its ultimate remnant
+        return [(mask, 0, (slice(0, mask.shape[0]), slice(0, mask.shape[1])))]
+    lab, objects, sizes, deep, kids = _erosion_tree(depth)
+    found = []
+    # a piece is the list of its ids at its level; non-convex ones still to erode, with the
+    # steps taken so far (None: the whole region, before the first step)
+    todo = [(None, 0)]
     while todo:
         piece, s = todo.pop()
         tested, gap = s, 1
         while True:
             s += 1
-            core = piece & (depth > s)
-            lab, n = ndi.label(core, _CROSS)
+            core = kids[0] if piece is None else sorted(k for p in piece for k in kids[p])
+            n = len(core)
             if n == 0:  # eroded away without becoming convex: its last remnant is the marker
-                markers.append((piece, s - 1))
+                found.append((piece, s - 1))
                 break
             if n > 1:
                 # Pixels left on a ragged digital saddle (one or two, or barely deeper than the
                 # cut) are crumbs, not particles.
-                # (counts per piece by bincount: ndi.maximum sorts the crop, a third of the
-                # time of the whole search)
-                sizes = np.bincount(lab.ravel(), minlength=n + 1)
-                deep = np.bincount(lab[core & (depth >= s + 0.5)], minlength=n + 1)
-                real = [k for k in range(1, n + 1) if deep[k] and sizes[k] > 2]
+                real = [k for k in core if deep[k] and sizes[k] > 2]
                 if len(real) <= 1:
-                    piece = lab == real[0] if real else core
+                    piece = real if real else core
                     continue
-                for child in (lab == k for k in real):
-                    if _is_convex(child, child.sum(), px=_SPLIT_NOTCH_PX,
-                                  frac=_SPLIT_NOTCH_FRAC):
-                        markers.append((child, s))
+                for k in real:
+                    if _pieces_convex(lab, objects, [k], int(sizes[k]), px=_SPLIT_NOTCH_PX,
+                                      frac=_SPLIT_NOTCH_FRAC):
+                        found.append(([k], s))
                     else:
-                        todo.append((child, s))
+                        todo.append(([k], s))
                 break
             piece = core
             # Between splits a notch keeps its depth while the piece shrinks, so it only turns
             # convex when a small dent erodes away: test on a doubling schedule.
             if s >= tested + gap:
-                if _is_convex(core, core.sum(), px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
-                    markers.append((core, s))
+                if _pieces_convex(lab, objects, core, int(sizes[core].sum()),
+                                  px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
+                    found.append((core, s))
                     break
                 tested, gap = s, 2 * gap
+    markers = []
+    for piece, steps in found:
+        if piece is None:
+            markers.append((mask, steps, (slice(0, mask.shape[0]), slice(0, mask.shape[1]))))
+            continue
+        # a marker's pieces lie on the level of its steps
+        level = lab[steps - 1]
+        boxes = [objects[k - 1] for k in piece]
+        box = (slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
+               slice(min(b[2].start for b in boxes), max(b[2].stop for b in boxes)))
+        marker = level == piece[0] if len(piece) == 1 else np.isin(level, piece)
+        markers.append((marker, steps, box))
     return markers
 
 
@@ -363,25 +438,29 @@ def _split_region(mask, *, min_marker_px):
     markers = _markers(mask, depth)
     several = len(markers) > 1
     seeds = np.zeros(mask.shape, np.int32)
-    for i, (marker, _) in enumerate(markers):
+    for i, (marker, _, _) in enumerate(markers):
         seeds[marker] = i + 1
     share = segmentation.watershed(-depth, seeds, mask=mask) if several else None
     grown = []
-    for i, (marker, steps) in enumerate(markers):
-        piece, score = _regrow(marker, steps, mask)
+    for i, (marker, steps, box) in enumerate(markers):
+        extra = 0.0
         if several:
             # The marker of a split still holds a tail towards the neck that regrowth bulges
             # into the neighbour: erode it 0.3 of its remaining depth more (whole steps,
             # regrown by as many), a larger opening that leaves a round particle as it is ...
-            inner = ndi.distance_transform_edt(np.pad(marker, 1))[1:-1, 1:-1]
+            inner = np.zeros(mask.shape)
+            inner[box] = ndi.distance_transform_edt(np.pad(marker[box], 1))[1:-1, 1:-1]
             extra = np.floor(0.3 * (inner.max() - 1.0))
-            if extra >= 1:
-                small, small_score = _regrow(inner > extra, steps + extra, mask)
-                # ... but rounds corners off: in its own share of the region (watershed on
-                # the depth) the particle keeps the plain regrowth
-                own = share == i + 1
-                piece = small | (piece & own)
-                score = np.where(own, score, small_score)
+        # every pixel regrowth can reach lies within steps (+ extra) of the marker's box
+        reach = _grow_box(box, steps + extra, mask.shape)
+        piece, score = _regrow(marker, steps, mask, reach)
+        if extra >= 1:
+            small, small_score = _regrow(inner > extra, steps + extra, mask, reach)
+            # ... but rounds corners off: in its own share of the region (watershed on
+            # the depth) the particle keeps the plain regrowth
+            own = share == i + 1
+            piece = small | (piece & own)
+            score = np.where(own, score, small_score)
         if piece.sum() >= min_marker_px:
             grown.append((piece, score))
     pieces, scores, rejected = [], [], False
@@ -404,9 +483,22 @@ def _split_region(mask, *, min_marker_px):
     return pieces, owner, rejected
 
 
-def _regrow(marker, steps, mask):
-    """Dilate ``marker`` back by ``steps`` inside ``mask``: (piece, score = steps - distance)."""
-    score = steps + 0.01 - ndi.distance_transform_edt(~marker)  # + 0.01: keep those at steps
+def _grow_box(box, by, shape):
+    """``box`` widened by ``by`` pixels (and one more), clipped to ``shape``."""
+    m = int(np.ceil(by)) + 1
+    return (slice(max(box[0].start - m, 0), min(box[0].stop + m, shape[0])),
+            slice(max(box[1].start - m, 0), min(box[1].stop + m, shape[1])))
+
+
+def _regrow(marker, steps, mask, box):
+    """Dilate ``marker`` back by ``steps`` inside ``mask``: (piece, score = steps - distance).
+
+    ``box`` holds the marker and every pixel within ``steps`` of it; the distance map is taken
+    there only (exact: all the marker's pixels are inside), the score is -inf outside.
+    """
+    score = np.full(mask.shape, -np.inf)
+    # + 0.01: keep those at steps
+    score[box] = steps + 0.01 - ndi.distance_transform_edt(~marker[box])
     return (score > 0) & mask, score
 
 
