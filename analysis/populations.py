@@ -64,6 +64,14 @@ _SOLIDITY_RESOLUTION = 0.01  # smallest solidity spread an outline measurement r
 _MIN_ISOLATED = 100
 _MIN_ISOLATED_SHARE = 0.2
 _REG_COVAR = 1e-3         # on unit-variance features: floors a component's sd at ~0.03
+# What an outline measurement resolves, per feature (unscaled units): two outline methods
+# differ by this much on the same particle (isolated particles come from the segmented edge,
+# pieces split from a touching group from a rebuilt outline: aspect 1.015 vs 1.001,
+# circularity 0.997 vs 0.999 for the same spheres), and pixelation and noise differ between
+# frames. A population tighter than this in a feature (monodisperse spheres: circularity
+# 0.997 ± 0.001) would otherwise call a particle measured by the other method an outlier.
+# It is added in quadrature to every component's spread before merging and classifying.
+_FEATURE_RESOLUTION = {"log_ecd": 0.02, "log_aspect_ratio": 0.02, "circularity": 0.02}
 # Two groups must also differ by an amount that matters physically, not only statistically:
 # measured outlines of one population grow a broad tail of slightly elongated, slightly
 # off-size particles (pixelation of small particles, unsplit doublets) that a mixture can
@@ -354,9 +362,11 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         rows = np.sort(rng.choice(rows, fit_sample, replace=False))
     Xv = X[rows]
     center = np.median(Xv, axis=0) if len(Xv) else np.zeros(X.shape[1])
-    scale = Xv.std(axis=0) if len(Xv) > 1 else np.ones(X.shape[1])
-    # a constant feature carries nothing; scale 1 keeps it harmless
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    scale = Xv.std(axis=0) if len(Xv) > 1 else np.zeros(X.shape[1])
+    # unit variance, but never finer than the measurement resolves: a feature in which the
+    # whole sample is tighter than that (circularity of monodisperse spheres) would stretch
+    # measurement-method differences into distances (density methods have no other guard)
+    scale = np.hypot(scale, _resolution(names, 1.0))
     Z = (Xv - center) / scale
     cutoff = float(sps.chi2.isf(outlier_p, X.shape[1]))
     model = PopulationModel(features=names, center=center, scale=scale, cutoff=cutoff,
@@ -373,6 +383,7 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
             weights, means, covs = _best_gmm(Z, k_lo, k_hi, seed, warm=warm)
         else:
             weights, means, covs = _best_kmeans(Z, max(k_lo, 2), k_hi, seed)
+        covs = covs + np.diag(_resolution(names, scale) ** 2)[None]
         # a population needs a few tens of particles too: a small early sample otherwise
         # yields spurious little components in the tails
         floor = max(min_fraction, _MIN_GROUP / len(Z))
@@ -404,6 +415,11 @@ def _fit(table, *, method, max_populations, seed, min_fraction, outlier_p, fit_s
         model.solidity_floors = np.array([solidity_floor(solidity[fitted == g])
                                           for g in range(model.n_populations)])
     return model
+
+
+def _resolution(names, scale):
+    """Measurement resolution of each feature in scaled units (see _FEATURE_RESOLUTION)."""
+    return np.array([_FEATURE_RESOLUTION[n] for n in names]) / scale
 
 
 def _validate_options(method, max_populations, min_fraction, outlier_p):
@@ -670,7 +686,7 @@ def _classify(Z, weights, means, chols, group, cutoff):
 
 def _density_clusters(Z, method, *, seed, min_fraction):
     """Density clusters of ``Z`` (rows ``picked``), the radius within which a point joins one."""
-    from sklearn.cluster import DBSCAN, OPTICS
+    from sklearn.cluster import DBSCAN, OPTICS, cluster_optics_dbscan
     from sklearn.neighbors import NearestNeighbors
 
     rng = np.random.default_rng(seed)
@@ -681,17 +697,29 @@ def _density_clusters(Z, method, *, seed, min_fraction):
     min_samples = max(5, 2 * Z.shape[1])
     dist, _ = NearestNeighbors(n_neighbors=min_samples).fit(Z).kneighbors(Z)
     kdist = dist[:, -1]
+    # a cluster needs min_fraction of the particles, as a mixture component does: DBSCAN's
+    # little dense knots in a population's tail are outliers, not populations
+    min_cluster = max(min_samples, int(min_fraction * len(Z)))
     if method == "dbscan":
-        # twice the typical k-distance: dense cores connect, sparse bridges between
-        # populations (and tails, which become outliers) do not
-        eps = float(2.0 * np.median(kdist))
+        # the k-distance 95% of the particles reach: a population's tail stays attached to
+        # its core (2× the median left 6-15% of a monodisperse sample out), while the sparse
+        # gap between two populations, and scattered debris, do not connect
+        eps = float(np.quantile(kdist, 0.95))
         labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(Z)
         radius = eps
     else:
-        min_cluster = max(min_samples, int(min_fraction * len(Z)))
-        labels = OPTICS(min_samples=min_samples, min_cluster_size=min_cluster,
-                        xi=0.05).fit_predict(Z)
-        radius = float(np.quantile(kdist, 0.95))
+        # clusters cut from the reachability plot at the level 95% of the particles reach.
+        # (The ξ-steepness clusters, OPTICS.labels_, are the leaves of the cluster
+        # hierarchy: dense cores inside one population, which split a monodisperse sample
+        # and left 60-90% of the particles unassigned.)
+        optics = OPTICS(min_samples=min_samples, min_cluster_size=min_cluster).fit(Z)
+        reach = optics.reachability_[np.isfinite(optics.reachability_)]
+        radius = float(np.quantile(reach, 0.95)) if reach.size else float(np.max(kdist))
+        labels = cluster_optics_dbscan(reachability=optics.reachability_,
+                                       core_distances=optics.core_distances_,
+                                       ordering=optics.ordering_, eps=radius)
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    labels = np.where(np.isin(labels, ids[counts < min_cluster]), -1, labels)
     return labels, radius, picked
 
 

@@ -12,6 +12,8 @@ touching the frame edge, per true population):
   population, and its fraction (fraction basis) vs the true number fraction;
 * ``out``: outlier share of all particles, and separately of the particles that stood alone
   (``iso``) and of those split from touching groups (``split``);
+* ``truth (alone)``: the true mean and fraction of the particles that touch no other (what
+  sizes or fractions taken from isolated particles can at best give);
 * ``moved``: particles (already added) whose population id changed from one frame's update
   to the next, summed over the session, with ``Δ±1``: changes to or from outlier;
 * the issue's "done when" verdicts: ps-bimodal two populations, means within 2%, fractions
@@ -30,7 +32,10 @@ Usage::
 
     python bench/populations_accuracy.py [--samples au10,ps-bimodal] [--detectors bf,haadf]
         [--frames 10] [--size 2048] [--methods auto,kmeans,dbscan,optics] [--seed 1]
-        [--precision 0.01]
+        [--precision 0.01] [--tables KEY]
+
+``--tables KEY`` evaluates tables analysed earlier (to compare populations/statistics
+changes on the same tables while the analysis sources change).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def tables_key():
 def frame(sample, detector, index, *, size, seed):
     """One cached in-focus record frame: (image, pixel_nm, truth arrays)."""
     path = WORK / "frames" / f"{sample}-{detector}-{size}-s{seed}" / f"frame_{index:03d}.npz"
-    if not path.exists():
+    if not path.exists() or "alone" not in np.load(path).files:
         scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
         x0, y0, x1, y1 = scope.stage_limits_um
         rng = np.random.default_rng([seed, index])
@@ -90,10 +95,11 @@ def frame(sample, detector, index, *, size, seed):
             feret_max_nm=np.array([p["feret_max_nm"] for p in parts], float),
             feret_min_nm=np.array([p["feret_min_nm"] for p in parts], float),
             population=np.array([p["population"] for p in parts], int),
-            touches_edge=np.array([bool(p["touches_edge"]) for p in parts], bool))
+            touches_edge=np.array([bool(p["touches_edge"]) for p in parts], bool),
+            alone=np.array([not p["overlaps"] for p in parts], bool))
     z = np.load(path)
     truth = {k: z[k] for k in ("ecd_nm", "feret_max_nm", "feret_min_nm", "population",
-                               "touches_edge")}
+                               "touches_edge", "alone")}
     return z["image"], float(z["pixel_nm"]), truth
 
 
@@ -115,11 +121,15 @@ def truth_populations(truths):
     ecd = np.concatenate([t["ecd_nm"][~t["touches_edge"]] for t in truths])
     aspect = np.concatenate([(t["feret_max_nm"] / t["feret_min_nm"])[~t["touches_edge"]]
                              for t in truths])
+    alone = np.concatenate([t["alone"][~t["touches_edge"]] for t in truths])
     out = []
     for i in range(int(pop.max()) + 1 if pop.size else 0):
         sel = pop == i
         out.append({"mean": ecd[sel].mean(), "log_aspect": np.log(aspect[sel]).mean(),
-                    "fraction": sel.mean(), "n": int(sel.sum())})
+                    "fraction": sel.mean(), "n": int(sel.sum()),
+                    # what sizes from particles that stood alone can at best give
+                    "mean_alone": ecd[sel & alone].mean() if (sel & alone).any() else np.nan,
+                    "fraction_alone": (sel & alone).sum() / max(alone.sum(), 1)})
     return out
 
 
@@ -202,6 +212,9 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
         else:
             line += (f"\n    P{p['id']} {p['shape'] or '?':<9} n={p['n']:6d} "
                      f"mean {p['mean_ecd_nm']:7.2f} nm (?)  f {p['fraction']:.3f}")
+    line += "\n    truth (alone): " + ", ".join(
+        f"{t['mean_alone']:.2f} nm ({t['mean_alone'] / t['mean'] - 1:+.2%}) "
+        f"f {t['fraction_alone']:.3f}" for t in truth)
     for i, t in enumerate(truth):
         if i not in matched:
             line += f"\n    truth population {i} ({t['mean']:.1f} nm, f {t['fraction']:.3f})" \
@@ -221,8 +234,11 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", type=float, default=0.01)
+    parser.add_argument("--tables", default=None,
+                        help="analysed tables of this key (printed by an earlier run) "
+                             "instead of the current analysis sources' hash")
     args = parser.parse_args(argv)
-    key = tables_key()
+    key = args.tables or tables_key()
     print(f"analysis tables key {key}; {args.frames} frames of {args.size}² per sample, "
           f"seed {args.seed}", flush=True)
     for sample in args.samples.split(","):
