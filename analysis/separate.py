@@ -328,54 +328,62 @@ def _erosion_tree(depth):
     """Connected pieces of every erosion level ``depth > s`` (s = 1, 2, ...) of one region.
 
     Returns the level stack's labels (``lab[s - 1]`` is level ``s``, ids unique over all
-    levels and in raster order within each), each id's bounding slices, pixel count, count
-    of pixels at least half a step deeper than its level, and the ids of the pieces it holds
-    one level deeper, in raster order.
+    levels and in raster order within each), the bounding box of each level (a function of
+    ``s``) and the ids of the pieces each id holds one level deeper, in raster order (index
+    0: the pieces of level 1).
     """
-    top = int(np.ceil(depth.max())) - 1  # deepest level that is not empty
-    levels = np.arange(1, top + 1, dtype=float)[:, None, None]
-    lab, n = ndi.label(depth > levels, _LEVELS)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    deep = np.bincount(lab[depth >= levels + 0.5], minlength=n + 1)
+    # the number of levels a pixel is in: depth > s for s <= ceil(depth) - 1 (small integers
+    # compare faster than the float depth, over the whole stack)
+    count = (np.ceil(depth) - 1).astype(np.int16)
+    levels = np.arange(1, int(count.max()) + 1, dtype=np.int16)[:, None, None]
+    stack = count >= levels
+    lab, n = ndi.label(stack, _LEVELS)
     parent = np.zeros(n + 1, np.intp)
-    inner = lab[1:] > 0
-    parent[lab[1:][inner]] = lab[:-1][inner]
+    parent[lab[1:][stack[1:]]] = lab[:-1][stack[1:]]
     kids = [[] for _ in range(n + 1)]
     for k in range(1, n + 1):
-        kids[parent[k]].append(k)  # parent 0: the pieces of level 1
-    return lab, ndi.find_objects(lab), sizes, deep, kids
+        kids[parent[k]].append(k)
+    rows, cols = count.max(axis=1), count.max(axis=0)
+
+    def box(s):
+        """Level ``s``'s bounding box with a free pixel around it where the crop has one."""
+        r, c = np.flatnonzero(rows >= s), np.flatnonzero(cols >= s)
+        return (slice(max(r[0] - 1, 0), r[-1] + 2), slice(max(c[0] - 1, 0), c[-1] + 2))
+
+    return lab, box, kids
 
 
-def _pieces_convex(lab, objects, ids, area, *, px, frac):
-    """Convexity test of the union of the level pieces ``ids`` on their bounding box.
+def _level_pieces(lab, box, s, ids):
+    """Mask of the pieces ``ids`` of level ``s`` on that level's box, and the box."""
+    b = box(s)
+    sub = lab[s - 1][b]
+    return (sub == ids[0] if len(ids) == 1 else np.isin(sub, ids)), b
 
-    The boundary points come out in frame order and frame coordinates, exactly those of the
+
+def _pieces_convex(lab, box, s, ids, *, px, frac):
+    """Convexity test of the union of the level-``s`` pieces ``ids`` on their level's box.
+
+    The boundary points come out in crop order and crop coordinates, exactly those of the
     whole-crop mask, at the cost of the box.
     """
+    mask, b = _level_pieces(lab, box, s, ids)
+    area = int(np.count_nonzero(mask))
     if area < 12:
         return True
-    boxes = [objects[k - 1] for k in ids]
-    level = boxes[0][0].start
-    # a free margin of one pixel where the crop has it (no padding needed)
-    r0 = max(min(b[1].start for b in boxes) - 1, 0)
-    r1 = max(b[1].stop for b in boxes) + 1
-    c0 = max(min(b[2].start for b in boxes) - 1, 0)
-    c1 = max(b[2].stop for b in boxes) + 1
-    sub = lab[level, r0:r1, c0:c1]
-    mask = sub == ids[0] if len(ids) == 1 else np.isin(sub, ids)
     pts = _boundary_points(mask)
-    pts += (r0, c0)
+    pts += (b[0].start, b[1].start)
     return _is_convex_pts(pts, area, px=px, frac=frac)
 
 
 def _markers(mask, depth):
     """Ultimate erosion of convex shapes for one region.
 
-    Returns ``[(marker mask, erosion steps, (row slice, col slice) of the marker)]``.
+    Returns ``[(marker mask, erosion steps, (row slice, col slice) holding the marker)]``.
     """
+    whole = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
     if depth.max() <= 1:  # gone at the first step: the region itself is its ultimate remnant
-        return [(mask, 0, (slice(0, mask.shape[0]), slice(0, mask.shape[1])))]
-    lab, objects, sizes, deep, kids = _erosion_tree(depth)
+        return [(mask, 0, whole)]
+    lab, box, kids = _erosion_tree(depth)
     found = []
     # a piece is the list of its ids at its level; non-convex ones still to erode, with the
     # steps taken so far (None: the whole region, before the first step)
@@ -393,12 +401,16 @@ def _markers(mask, depth):
             if n > 1:
                 # Pixels left on a ragged digital saddle (one or two, or barely deeper than the
                 # cut) are crumbs, not particles.
-                real = [k for k in core if deep[k] and sizes[k] > 2]
+                real = []
+                for k in core:
+                    m, b = _level_pieces(lab, box, s, [k])
+                    if np.count_nonzero(m) > 2 and np.any(depth[b][m] >= s + 0.5):
+                        real.append(k)
                 if len(real) <= 1:
                     piece = real if real else core
                     continue
                 for k in real:
-                    if _pieces_convex(lab, objects, [k], int(sizes[k]), px=_SPLIT_NOTCH_PX,
+                    if _pieces_convex(lab, box, s, [k], px=_SPLIT_NOTCH_PX,
                                       frac=_SPLIT_NOTCH_FRAC):
                         found.append(([k], s))
                     else:
@@ -408,23 +420,24 @@ def _markers(mask, depth):
             # Between splits a notch keeps its depth while the piece shrinks, so it only turns
             # convex when a small dent erodes away: test on a doubling schedule.
             if s >= tested + gap:
-                if _pieces_convex(lab, objects, core, int(sizes[core].sum()),
-                                  px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
+                if _pieces_convex(lab, box, s, core, px=_SPLIT_NOTCH_PX,
+                                  frac=_SPLIT_NOTCH_FRAC):
                     found.append((core, s))
                     break
                 tested, gap = s, 2 * gap
     markers = []
     for piece, steps in found:
         if piece is None:
-            markers.append((mask, steps, (slice(0, mask.shape[0]), slice(0, mask.shape[1]))))
+            markers.append((mask, steps, whole))
             continue
         # a marker's pieces lie on the level of its steps
-        level = lab[steps - 1]
-        boxes = [objects[k - 1] for k in piece]
-        box = (slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
-               slice(min(b[2].start for b in boxes), max(b[2].stop for b in boxes)))
-        marker = level == piece[0] if len(piece) == 1 else np.isin(level, piece)
-        markers.append((marker, steps, box))
+        m, b = _level_pieces(lab, box, steps, piece)
+        r, c = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        r0, c0 = b[0].start, b[1].start
+        marker = np.zeros(mask.shape, bool)
+        marker[b] = m
+        markers.append((marker, steps, (slice(r0 + r[0], r0 + r[-1] + 1),
+                                        slice(c0 + c[0], c0 + c[-1] + 1))))
     return markers
 
 
@@ -602,12 +615,19 @@ def _inscribed_radii(labels, slices, masks, n):
     touching labels are cut); particles in ``masks`` take their full extent's radius. One
     distance transform on a mosaic of the particles' boxes (1 px margin).
     """
-    h, w = labels.shape
-    boxes, owner = [], []
+    boxes, owner, full = [], [], {}
     for k, sl in enumerate(slices):
         lab = k + 1
         if lab in masks:
+            # on the mask's own box (a split particle's mask may span its whole group):
+            # the background ring around the box holds every pixel's nearest background
             r0, c0, m = masks[lab]
+            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            if not rows.size:
+                continue
+            m = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            r0, c0 = r0 + rows[0], c0 + cols[0]
+            full[lab] = m
             boxes.append((r0 - 1, c0 - 1, r0 + m.shape[0] + 1, c0 + m.shape[1] + 1))
         elif sl is not None:
             boxes.append((sl[0].start - 1, sl[1].start - 1, sl[0].stop + 1, sl[1].stop + 1))
@@ -624,8 +644,8 @@ def _inscribed_radii(labels, slices, masks, n):
     for lab, (r0, c0, r1, c1), (y, x) in zip(owner, boxes, corners):
         view = (slice(y, y + r1 - r0), slice(x, x + c1 - c0))
         tile[view] = lab
-        if lab in masks:
-            inside[y + 1:y + r1 - r0 - 1, x + 1:x + c1 - c0 - 1] = masks[lab][2]
+        if lab in full:
+            inside[y + 1:y + r1 - r0 - 1, x + 1:x + c1 - c0 - 1] = full[lab]
             continue
         # the box with its 1 px margin, from the frame padded by 1 (outside is background)
         crop = lp[r0 + 1:r1 + 1, c0 + 1:c1 + 1]
