@@ -174,7 +174,7 @@ def solidity_floor(solidity):
     Examples
     --------
     >>> round(solidity_floor([0.98, 0.99, 0.99, 1.0]), 4)
-    0.9475
+    0.9575
     """
     solidity = np.asarray(solidity, dtype=float)
     solidity = solidity[np.isfinite(solidity)]
