@@ -105,7 +105,7 @@ def notch_depth(mask):
 
 def _boundary_points(mask):
     edge = mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
-    p = np.pad(mask, 1) if edge else mask  # crops usually have a free margin already
+    p = _pad1(mask) if edge else mask  # crops usually have a free margin already
     if not edge:
         inner = np.zeros_like(mask)
         inner[1:-1, 1:-1] = (p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2]
@@ -113,6 +113,13 @@ def _boundary_points(mask):
         return np.argwhere(mask & ~inner).astype(float)
     inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
     return np.argwhere(mask & ~inner).astype(float)
+
+
+def _pad1(a):
+    """``a`` with a one-pixel frame of zeros (``np.pad``'s result, without its overhead)."""
+    p = np.zeros((a.shape[0] + 2, a.shape[1] + 2), a.dtype)
+    p[1:-1, 1:-1] = a
+    return p
 
 
 def _notch_depth(mask):
@@ -344,11 +351,14 @@ def _erosion_tree(depth):
     for k in range(1, n + 1):
         kids[parent[k]].append(k)
     rows, cols = count.max(axis=1), count.max(axis=0)
+    boxes = {}
 
     def box(s):
         """Level ``s``'s bounding box with a free pixel around it where the crop has one."""
-        r, c = np.flatnonzero(rows >= s), np.flatnonzero(cols >= s)
-        return (slice(max(r[0] - 1, 0), r[-1] + 2), slice(max(c[0] - 1, 0), c[-1] + 2))
+        if s not in boxes:
+            r, c = np.flatnonzero(rows >= s), np.flatnonzero(cols >= s)
+            boxes[s] = (slice(max(r[0] - 1, 0), r[-1] + 2), slice(max(c[0] - 1, 0), c[-1] + 2))
+        return boxes[s]
 
     return lab, box, kids
 
@@ -401,11 +411,16 @@ def _markers(mask, depth):
             if n > 1:
                 # Pixels left on a ragged digital saddle (one or two, or barely deeper than the
                 # cut) are crumbs, not particles.
-                real = []
-                for k in core:
-                    m, b = _level_pieces(lab, box, s, [k])
-                    if np.count_nonzero(m) > 2 and np.any(depth[b][m] >= s + 0.5):
-                        real.append(k)
+                # (one pass over the level's box: ids of one level are consecutive)
+                b = box(s)
+                sub = lab[s - 1][b]
+                ids = sub[sub > 0] - core[0]
+                inside = (ids >= 0) & (ids < core[-1] - core[0] + 1)
+                width = core[-1] - core[0] + 1
+                sizes = np.bincount(ids[inside], minlength=width)
+                deep = np.bincount(ids[inside & (depth[b][sub > 0] >= s + 0.5)],
+                                   minlength=width)
+                real = [k for k in core if deep[k - core[0]] and sizes[k - core[0]] > 2]
                 if len(real) <= 1:
                     piece = real if real else core
                     continue
@@ -462,7 +477,7 @@ def _split_region(mask, *, min_marker_px):
             # into the neighbour: erode it 0.3 of its remaining depth more (whole steps,
             # regrown by as many), a larger opening that leaves a round particle as it is ...
             inner = np.zeros(mask.shape)
-            inner[box] = ndi.distance_transform_edt(np.pad(marker[box], 1))[1:-1, 1:-1]
+            inner[box] = ndi.distance_transform_edt(_pad1(marker[box]))[1:-1, 1:-1]
             extra = np.floor(0.3 * (inner.max() - 1.0))
         # every pixel regrowth can reach lies within steps (+ extra) of the marker's box
         reach = _grow_box(box, steps + extra, mask.shape)
@@ -474,12 +489,17 @@ def _split_region(mask, *, min_marker_px):
             own = share == i + 1
             piece = small | (piece & own)
             score = np.where(own, score, small_score)
-        if piece.sum() >= min_marker_px:
-            grown.append((piece, score))
+        if np.count_nonzero(piece[reach]) >= min_marker_px:
+            grown.append((piece, score, reach))
     pieces, scores, rejected = [], [], False
-    for piece, score in grown:
-        area = int(piece.sum())
-        if not _is_convex(piece, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
+    for piece, score, reach in grown:
+        # on the box regrowth stays in (the same boundary points, in crop coordinates)
+        sub = piece[reach]
+        area = int(np.count_nonzero(sub))
+        pts = _boundary_points(sub) if area >= 12 else None
+        if pts is not None:
+            pts += (reach[0].start, reach[1].start)
+        if not _is_convex_pts(pts, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
             rejected = True
             continue
         pieces.append(piece)
