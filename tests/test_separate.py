@@ -264,3 +264,76 @@ def test_fewer_merged_groups_measured_as_one_in_simulated_frames(sample, detecto
     # leaves 10-13%; the thickness check must remove a clear share of them
     assert with_image[0] / with_image[1] <= 0.75 * shape_only[0] / shape_only[1]
     assert lost <= max(1, 0.01 * isolated)
+
+
+def _markers_step_by_step(mask, depth):
+    """The UECS erosion search one erosion step and one ``ndi.label`` at a time.
+
+    The definition :func:`separate` implements on a stack of all erosion levels at once
+    (kept here to check that the two agree marker for marker).
+    """
+    from scipy import ndimage as ndi
+
+    from particlewatch.analysis.separate import _is_convex
+
+    def convex(m):
+        return _is_convex(m, int(m.sum()), px=1.5, frac=0.1)
+
+    markers, todo = [], [(mask, 0)]
+    while todo:
+        piece, s = todo.pop()
+        tested, gap = s, 1
+        while True:
+            s += 1
+            core = piece & (depth > s)
+            lab, n = ndi.label(core)
+            if n == 0:
+                markers.append((piece, s - 1))
+                break
+            if n > 1:
+                sizes = np.bincount(lab.ravel(), minlength=n + 1)
+                deep = np.bincount(lab[core & (depth >= s + 0.5)], minlength=n + 1)
+                real = [k for k in range(1, n + 1) if deep[k] and sizes[k] > 2]
+                if len(real) <= 1:
+                    piece = lab == real[0] if real else core
+                    continue
+                for child in (lab == k for k in real):
+                    (markers if convex(child) else todo).append((child, s))
+                break
+            piece = core
+            if s >= tested + gap:
+                if convex(core):
+                    markers.append((core, s))
+                    break
+                tested, gap = s, 2 * gap
+    return markers
+
+
+def test_erosion_search_on_level_stack_matches_step_by_step():
+    from scipy import ndimage as ndi
+
+    from particlewatch.analysis.separate import _markers
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:160, :160]
+    checked = 0
+    for _ in range(25):
+        # clusters of 2-5 overlapping discs of mixed sizes, with ragged (noisy) outlines
+        k = rng.integers(2, 6)
+        centres = 80 + rng.normal(0, 18, (k, 2))
+        radii = rng.uniform(6, 22, k)
+        d = np.min([np.hypot(yy - cy, xx - cx) - r for (cy, cx), r in zip(centres, radii)],
+                   axis=0)
+        lab, n = ndi.label(d + rng.normal(0, 0.6, d.shape) < 0)
+        if n == 0:
+            continue
+        region = lab == 1 + np.argmax(np.bincount(lab.ravel())[1:])
+        depth = ndi.distance_transform_edt(region)
+        fast = _markers(region, depth)
+        slow = _markers_step_by_step(region, depth)
+        assert len(fast) == len(slow)
+        for (m, steps, box), (m_ref, steps_ref) in zip(fast, slow):
+            assert steps == steps_ref and np.array_equal(m, m_ref)
+            assert m[box].sum() == m.sum()  # the box holds the whole marker
+        checked += len(slow) > 1
+    assert checked >= 5  # most clusters really split
