@@ -563,13 +563,18 @@ def _thickness_map(image, labels, rows, cols):
     h, w = labels.shape
     hb, wb = -(-h // b), -(-w // b)
     pad = ((0, hb * b - h), (0, wb * b - w))
+
+    def blocks(a):  # a as (hb, b, wb, b) blocks, padded with zeros (no copy when it fits)
+        return (np.pad(a, pad) if pad[0][1] or pad[1][1] else a).reshape(hb, b, wb, b)
+
     finite = np.isfinite(image)
-    fg = np.pad(labels > 0, pad).reshape(hb, b, wb, b).any(axis=(1, 3))
-    good = np.pad(finite, pad, constant_values=False).reshape(hb, b, wb, b).all(axis=(1, 3))
+    # (reduced one block axis at a time, the last one first: contiguous, several times faster)
+    fg = blocks(labels > 0).any(axis=3).any(axis=1)
+    good = blocks(finite).all(axis=3).all(axis=1)
     clear = good & ~ndi.maximum_filter(fg, size=3, mode="nearest")
     if not clear.any():
         return None
-    means = np.pad(np.where(finite, image, 0.0), pad).reshape(hb, b, wb, b).mean(axis=(1, 3))
+    means = blocks(np.where(finite, image, 0.0)).mean(axis=(1, 3))
     areas = np.bincount(labels.ravel())[1:]
     radius = np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
     sigma = max(2.0, 2.0 * radius / b)
