@@ -28,7 +28,7 @@ import functools
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage as ndi, sparse, spatial
+from scipy import ndimage as ndi, sparse, spatial, special
 from scipy.sparse import csgraph
 from skimage import filters, segmentation
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
@@ -48,7 +48,7 @@ THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
 _MIN_SIDE_PX = 16  # below this a frame cannot hold a measurable, non-border particle
 _LOW_SIGMAS = 3.0  # hysteresis outline level, in units of the background spread
 _SEED_SIGMAS = (5.0, 8.0)  # the seed level (threshold method) is clipped to this range
-_TARGET_SNR = 16.0  # contrast over smoothed noise that the denoising width aims for
+_TARGET_SNR = 16.0  # the fainter particles' peak over smoothed noise, the denoising target
 _STATS_PX = 512 * 512  # background statistics from at most about this many pixels
 
 
@@ -614,20 +614,49 @@ def _noise_sigma(image):
 
 
 def _auto_sigma(oriented):
-    """Gaussian denoising width: 1 px at high dose, more as shot noise approaches contrast."""
+    """Gaussian denoising width: 1 px at high dose, more as shot noise approaches contrast.
+
+    The contrast is that of the fainter particles' own peaks (:func:`_peak_contrast`), so
+    the width depends on the noise and on what the particles look like, not on how many
+    of them the frame holds (a frame-wide percentile falls into the background on a sparse
+    frame and asks for far more smoothing than its particles need, and a crowd of strong
+    particles asks for too little for the faint ones beside them).
+    """
     noise = _noise_sigma(oriented)
     if noise <= 0:
         return 1.0
-    # Contrast scale: the particle tail of the (block-averaged) frame.
-    factor = _downsample_factor(oriented.shape, target_px=512)
-    small = _block_mean(oriented, factor)
-    small = ndi.gaussian_filter(small, 1.0)
-    p50, p995 = np.percentile(small, [50, 99.5])
-    contrast = max(float(p995 - p50), 1e-12)
+    contrast = _peak_contrast(oriented)
+    if contrast is None:  # no clear particle: the frame's bright tail is all there is
+        factor = _downsample_factor(oriented.shape, target_px=512)
+        small = ndi.gaussian_filter(_block_mean(oriented, factor), 1.0)
+        p50, p995 = np.percentile(small, [50, 99.5])
+        contrast = max(float(p995 - p50), 1e-12)
     snr = contrast / noise
-    # After a Gaussian of width s the noise falls by 2*sqrt(pi)*s; aim for SNR ≈ 8 there.
+    # After a Gaussian of width s the noise falls by 2*sqrt(pi)*s.
     sigma = _TARGET_SNR / (2.0 * np.sqrt(np.pi) * snr)
     return float(np.clip(sigma, 1.0, 4.0))
+
+
+_PEAK_SIGMAS = 6.0  # a particle's peak stands this many background spreads out (not noise)
+_PEAK_QUANTILE = 25.0  # one width serves the frame: it is chosen for the fainter quarter
+
+
+def _peak_contrast(oriented):
+    """Contrast of the fainter particles: a low percentile of the heights of the local
+    maxima that stand clearly out of the background, on a copy smoothed to about 2 px
+    whatever the frame size (block means, then a Gaussian); None when fewer than three do.
+    """
+    factor = _downsample_factor(oriented.shape, target_px=512)
+    small = ndi.gaussian_filter(_block_mean(oriented, factor), max(2.0 / factor, 0.5))
+    centre, spread = _background_stats(small.ravel())
+    if not spread > 0:
+        return None
+    peaks = (small == ndi.maximum_filter(small, size=5)) & \
+        (small > centre + _PEAK_SIGMAS * spread)
+    heights = small[peaks] - centre
+    if heights.size < 3:
+        return None
+    return float(np.percentile(heights, _PEAK_QUANTILE))
 
 
 # -- clean-up -------------------------------------------------------------------------------
@@ -867,7 +896,8 @@ def _blurred_profiles(rho_q, sigma_key):
     depth = -grid
     curved = np.sqrt(np.clip(2 * rho * depth - depth ** 2, 0.0, None))
     curved[depth > rho] = rho
-    step = np.where(depth > 0, rho, 0.0)
+    # the step's edge exactly at 0 (half height on the sample there), as the level assumes
+    step = np.where(depth > 0, rho, 0.0) + np.where(np.abs(depth) < _FINE_PX / 2, rho / 2, 0.0)
     out = np.empty((2, len(sigma_key), len(grid)))
     for k, base in enumerate((curved, step)):
         for j, sg in enumerate(sigma_key):
@@ -895,14 +925,15 @@ def _rho_classes(rho):
     return np.where(rho < 6.0, fine, coarse)
 
 
-def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals, turn):
+def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals, turn, shell):
     """Least-squares fit of one radius class's profiles against every (kind, sigma, shift)
     model; return, per particle and (kind, sigma), the residual, best shift, level at the
     true edge and background.
 
-    The level is the 1-D model's value ``totals² · turn`` (px) outside its edge
-    (:func:`_curvature_offset`; ``turn`` = π / perimeter per particle), which is where the
-    smoothed frame, blurred in two dimensions, has the value it has at the true edge."""
+    The level is the value the smoothed frame (blur ``totals``, in two dimensions) has at
+    the true edge: that of the edge model bent round a disc of the particle's mean radius
+    of curvature, perimeter / 2π (``turn`` = π / perimeter per particle; see
+    :func:`_disc_edge_level`), hollow where ``shell`` (px, per particle) is positive."""
     sw, sy, syy = stats
     models = _edge_models(float(rq), xs, shifts, sigmas)
     shape = models.shape[:2]
@@ -925,14 +956,18 @@ def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals, turn):
 
     a_k = pick(a)
     b_k = (sy[:, None, None] - a_k * pick(swm)) / sw[:, None, None]
-    grid = np.arange(0.0, _MAX_CURVE_PX + 1e-9, 0.05)
-    edge = _edge_models(float(rq), grid, np.array([0.0]), totals)[:, :, 0, :]
-    at = np.minimum(turn[:, None] * totals[None, :] ** 2, _MAX_CURVE_PX) / 0.05
-    k0 = np.minimum(at.astype(int), grid.size - 2)
-    t = at - k0
-    cols = np.arange(totals.size)[None, :]
-    level = edge[:, cols, k0] * (1 - t) + edge[:, cols, k0 + 1] * t  # (kind, particle, sigma)
-    return pick(r), shifts[je], a_k * np.moveaxis(level, 0, 1) + b_k, b_k
+    level = np.empty((len(sw), 2, totals.size))
+    # curved edges (spheres, rods): the model bent round the mean radius of curvature
+    rcq = _rho_classes(np.maximum(0.5 / np.maximum(turn, 1e-6), float(rq)))
+    shq = np.round(np.clip(shell, 0.0, float(rq)) * 2) / 2  # 0.5 px classes
+    for rc, sh in set(zip(rcq.tolist(), shq.tolist())):
+        level[(rcq == rc) & (shq == sh), 0] = [
+            _disc_edge_level(float(rq), float(rc), float(t), sh) for t in totals]
+    # flat edges (cubes): their curvature sits in the corners, where a disc of the mean
+    # radius is no model; the blurred step a first-order offset σ²·turn outside its edge
+    offset = np.minimum(turn[:, None] * totals[None, :] ** 2, _MAX_CURVE_PX)
+    level[:, 1] = float(rq) * 0.5 * special.erfc(offset / (np.sqrt(2.0) * totals[None, :]))
+    return pick(r), shifts[je], a_k * level + b_k, b_k
 
 
 def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
@@ -949,7 +984,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     cannot tell them apart, and most particles are round). The model's value at the true
     edge, once blurred like the smoothed frame (extra width ``sigma``) and corrected for the
     curvature of the outline (``turn`` = π / perimeter per particle, px⁻¹; see
-    :func:`_curvature_offset`), is the level to threshold at (NaN where no model fits); the shift (px) is where the edge is from the
+    :func:`_disc_edge_level`), is the level to threshold at (NaN where no model fits); the shift (px) is where the edge is from the
     current outline, the background the model's level far outside.
     """
     n = counts.shape[0]
@@ -960,6 +995,8 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     with np.errstate(invalid="ignore", divide="ignore"):
         syy = np.where(counts > 0, sums ** 2 / np.maximum(counts, 1), 0.0).sum(1)
     nbins = (counts > 0).sum(1)
+    hollow_rows = np.zeros(n, bool) if curved is None else np.asarray(curved, bool)
+    inner_x = xs[np.argmax(counts > 0, axis=1)]
     usable = nbins >= 8
     shift = np.zeros(n)
     sigmas = _SIGMAS
@@ -973,10 +1010,16 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         level_at = np.full((n,) + shape, np.nan)
         base_at = np.full((n,) + shape, np.nan)
         classes = _rho_classes(rho + shift)
+        # a hollow particle's shell: from its edge in to the peak of its profile (where the
+        # fit's profile begins, :func:`_cut_hollow`)
+        shell = np.zeros(n)
+        for j in np.flatnonzero(hollow_rows):
+            shell[j] = _shell_from_peak(float(classes[j]), float(shift[j] - inner_x[j]),
+                                        round(float(np.hypot(sigmas[0], _HOLLOW_SMOOTH_PX)), 1))
         for rq in np.unique(classes[usable]):
             g = np.flatnonzero(usable & (classes == rq))
             out = _fit_class(xs, counts[g], sums[g], (sw[g], sy[g], syy[g]), rq, shifts,
-                             sigmas, totals, turn[g])
+                             sigmas, totals, turn[g], shell[g])
             resid[g], best_shift[g], level_at[g], base_at[g] = out
         # noise per particle from its best fit; χ² of every (kind, sigma) in those units
         rmin = resid.reshape(n, -1).min(1)
@@ -999,24 +1042,74 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         ok &= np.isfinite(resid[rows, kind, js])
         level = np.where(ok, level_at[rows, kind, js], np.nan)
         base = np.where(ok, base_at[rows, kind, js], 0.0)
-        sigmas = sigmas[js:js + 1]
+        sigmas = np.array([_vertex(sigmas, frame_chi, js)])
     return level, shift, base, float(sigmas[0])
 
 
-_MAX_CURVE_PX = 2.0  # px, cap of the curvature offset (tiny, ragged outlines)
+_RADIAL_STEP_PX = 0.05  # px, quadrature step of the radial blur
+def _vertex(x, y, k):
+    """The minimum of the parabola through the points ``k - 1, k, k + 1`` of ``y`` over
+    ``x`` (rounded to 0.05, kept between the neighbours of ``x[k]``); ``x[k]`` at an end.
+
+    The frame's blur is chosen on a coarse grid of widths (0.3 px steps or more) whose
+    χ² sum is smooth: the vertex gives the width between grid points, where the nearest
+    grid point alone jumps by a whole step (and the level with it) on a small change."""
+    if k == 0 or k == len(x) - 1 or not np.all(np.isfinite(y[k - 1:k + 2])):
+        return float(x[k])
+    (x0, x1, x2), (y0, y1, y2) = x[k - 1:k + 2], y[k - 1:k + 2]
+    # Lagrange form on uneven steps: vertex of the interpolating parabola
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    v = x1 - 0.5 * num / den if den != 0 else x1
+    return round(float(np.round(np.clip(v, x0, x2) / 0.05) * 0.05), 2)
+
+
+_MAX_CURVE_PX = 2.0  # px, cap of a flat edge's curvature offset (tiny, ragged outlines)
+
+
+@functools.lru_cache(maxsize=4096)
+def _disc_edge_level(rho, rc, total, shell=0.0):
+    """Value at the edge of the curved edge model bent round a disc of radius
+    ``rc`` (px), after a two-dimensional Gaussian blur of width ``total`` (px); unit
+    amplitude as in :func:`_blurred_profiles` (thickness ``rho`` far inside).
+
+    A blur in two dimensions lowers a particle's value at its edge where the outline
+    curves (the iso-contour through the edge moves inward by about σ²·κ/2, κ the
+    curvature), which a profile model in one dimension (signed distance to the outline)
+    does not know. Any simple closed outline turns by 2π, so its mean radius of curvature
+    is perimeter / 2π; for a disc of that radius the blurred value at its edge follows
+    exactly from the radial (Hankel) form of the Gaussian, a Rice kernel:
+    g(r) = ∫ f(r') r'/σ² · exp(−(r − r')²/2σ²) · I0e(r·r'/σ²) dr'. Exact for spheres and
+    discs; for rods and cubes it keeps the correction right to first order, where a
+    first-order offset alone leaves round particles ~1% small at σ/r ≈ 0.4.
+
+    A hollow sphere (capsule; ``shell`` > 0, px) is the sphere less a concentric one
+    ``shell`` smaller: its hole lowers the blurred edge once the blur reaches it.
+    """
+    s2 = total * total
+    lo = max(0.0, rc - 7.0 * total)
+    rp = np.arange(lo, rc + _RADIAL_STEP_PX / 2, _RADIAL_STEP_PX)
+    depth = rc - rp
+    curved = np.sqrt(np.clip(2 * rho * depth - depth ** 2, 0.0, None))
+    curved[depth > rho] = rho
+    if shell > 0:
+        inner = depth - shell
+        curved -= np.sqrt(np.clip(2 * (rho - shell) * inner - inner ** 2, 0.0, None))
+        curved[inner > rho - shell] -= rho - shell
+    kernel = rp / s2 * np.exp(-(rc - rp) ** 2 / (2 * s2)) * special.i0e(rc * rp / s2)
+    kernel[[0, -1]] *= 0.5  # trapezoid rule
+    kernel *= _RADIAL_STEP_PX
+    # deeper than 7 widths inside, the kernel is below e^-24: left out
+    return float(curved @ kernel)
 
 
 def _turn(labels, n):
     """π / perimeter (px⁻¹) of each label 1..n, the perimeter from the label's horizontal and
     vertical boundary crossings (π/4 of their count: exact on average over orientations).
 
-    A Gaussian blur of width σ (in two dimensions) lowers a particle's value at its edge
-    where the outline curves: the iso-contour through the edge of a straight profile moves
-    inward by σ²·κ/2 (κ the outline's curvature), which a profile model in one dimension
-    (signed distance to the outline) does not know. Any simple closed outline turns by 2π,
-    so its mean curvature is 2π / perimeter, and the contour of the blurred frame at the 1-D
-    model's value a distance σ²·π / perimeter outside the edge encloses the true area (to
-    first order, whatever the shape: discs, rods, cubes)."""
+    π / perimeter is half the outline's mean curvature (any simple closed outline turns by
+    2π), which sets how much a two-dimensional blur lowers the particle's value at its edge
+    (:func:`_disc_edge_level`)."""
     crossings = np.zeros(n + 1)
     for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
         edge = a != b
@@ -1029,22 +1122,66 @@ def _turn(labels, n):
     return np.pi / np.maximum(perimeter, 1.0)
 
 
-_HOLLOW_DROP = 0.5  # a particle whose centre is fainter than this share of its peak is hollow
+# a particle whose centre is fainter than this share of its brightest ring is hollow: a
+# solid sphere's, rod's or cube's centre is at least as thick as any ring inside its
+# outline, a capsule's with a shell up to half its radius under ~0.6 of its ring's peak
+_HOLLOW_DROP = 0.75
 
 
-def _hollow(lab, signed, values, rho):
+def _ring_peak(xs, counts, sums):
+    """Per particle, the highest mean over a ring of its inside (the edge profile binned by
+    signed distance, lightly smoothed): averaged along the whole outline, so noise hardly
+    lifts it, where a maximum over single pixels rises with the noise."""
+    w = counts * (xs < 0)[None, :]
+    num = ndi.gaussian_filter1d(sums * (xs < 0)[None, :], 2.0, axis=1, mode="constant")
+    den = ndi.gaussian_filter1d(w, 2.0, axis=1, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # bins of a few pixels only (the very centre) are too noisy to be the peak
+        mean = np.where(den > 0.05 * w.max(1, keepdims=True), num / den, -np.inf)
+    return mean.max(1)
+
+
+def _hollow(lab, signed, values, rho, ring_peak):
     """Which particles are hollow (capsules): their deepest pixels (the centre) are far
-    fainter than the particle's brightest ones; solid spheres, rods and cubes are thickest
-    there in projection. ``lab``, ``signed`` and ``values`` (smoothed frame) are given for
-    every pixel inside a particle (``lab`` > 0), ``rho`` per particle."""
+    fainter than their brightest ring (``ring_peak``, :func:`_ring_peak`); solid spheres,
+    rods and cubes are thickest there in projection. ``lab``, ``signed`` and ``values``
+    (smoothed frame) are given for every pixel inside a particle (``lab`` > 0), ``rho``
+    per particle."""
     n = rho.size
     deep = -signed >= (rho - 1.5)[lab - 1]
     area = np.maximum(np.bincount(lab[deep], minlength=n + 1)[1:], 1)
     centre = np.bincount(lab[deep], weights=values[deep], minlength=n + 1)[1:] / area
-    peak = np.full(n + 1, -np.inf)
-    np.maximum.at(peak, lab, values.astype(np.float64))
-    peak = peak[1:]
-    return (peak > 0) & (centre < _HOLLOW_DROP * peak) & (rho >= 4.0)
+    return (ring_peak > 0) & (centre < _HOLLOW_DROP * ring_peak) & (rho >= 4.0)
+
+
+_HOLLOW_SMOOTH_PX = 1.0  # px, smoothing of the mean profile whose peak marks the hole
+
+
+@functools.lru_cache(maxsize=1024)
+def _shell_depths(rho_q, width):
+    """Shell thicknesses (px, 0.25 px steps up to ``rho_q``) and the depth inside the edge
+    at which each one's projected profile peaks once blurred by ``width`` (px): the cusp at
+    the hole's rim is steep inside and gentle outside, so blur moves the peak outward."""
+    grid = np.arange(0.0, rho_q + 3.0 * width, _FINE_PX)
+    # up to 3/4 of the radius: thicker shells leave too small a hole to peak at its rim
+    shells = np.arange(0.5, max(0.75 * rho_q, 0.75), 0.25)
+    depths = np.empty(shells.size)
+    for i, t in enumerate(shells):
+        outer = np.sqrt(np.clip(2 * rho_q * grid - grid ** 2, 0.0, None))
+        inner = grid - t
+        prof = outer - np.sqrt(np.clip(2 * (rho_q - t) * inner - inner ** 2, 0.0, None))
+        prof = np.concatenate([np.zeros(int(4 * width / _FINE_PX) + 1), prof])
+        prof = ndi.gaussian_filter1d(prof, width / _FINE_PX, mode="nearest")
+        depths[i] = (np.argmax(prof) - int(4 * width / _FINE_PX) - 1) * _FINE_PX
+    return shells, depths
+
+
+def _shell_from_peak(rho_q, peak_depth, width):
+    """Shell thickness (px) of a hollow particle whose smoothed profile peaks
+    ``peak_depth`` px inside its edge (:func:`_shell_depths`)."""
+    shells, depths = _shell_depths(rho_q, width)
+    order = np.argsort(depths, kind="stable")
+    return float(np.interp(peak_depth, depths[order], shells[order]))
 
 
 def _cut_hollow(xs, counts, sums, hollow):
@@ -1064,8 +1201,8 @@ def _cut_hollow(xs, counts, sums, hollow):
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(c > 0, sm / np.maximum(c, 1e-12), 0.0)
     w = (c > 0).astype(float)
-    num = ndi.gaussian_filter1d(mean * w, 4.0, axis=1, mode="nearest")
-    den = ndi.gaussian_filter1d(w, 4.0, axis=1, mode="nearest")
+    num = ndi.gaussian_filter1d(mean * w, _HOLLOW_SMOOTH_PX / _BIN_PX, axis=1, mode="nearest")
+    den = ndi.gaussian_filter1d(w, _HOLLOW_SMOOTH_PX / _BIN_PX, axis=1, mode="nearest")
     with np.errstate(invalid="ignore", divide="ignore"):
         prof = np.where((den > 0.2) & (xs[None, :] < 0) & (c > 0), num / den, -np.inf)
     k_peak = np.argmax(prof, axis=1)
@@ -1161,7 +1298,8 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
                        minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
     xs = lo + (np.arange(nb) + 0.5) * _BIN_PX
     inside = signed < 0
-    hollow = _hollow(owner[inside], signed[inside], sm[inside], rho)
+    hollow = _hollow(owner[inside], signed[inside], sm[inside], rho,
+                     _ring_peak(xs, counts, sums))
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
         level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow,

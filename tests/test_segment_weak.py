@@ -100,12 +100,7 @@ def _isolated_ratios(sample, *, size=1024):
 # edge is ~2-3% on these frames (noise, film mottle), which puts the 5th percentile near
 # 1 - 1.645 * 0.03 = 0.95; at 0.92 a particle has lost 15% of its area, which edge noise
 # does not do but a core-only or partial detection does.
-@pytest.mark.parametrize("sample", [
-    pytest.param("ps50", marks=pytest.mark.xfail(
-        strict=True, reason="issue #4/#5: isolated PS50 still ~2% small on average on "
-        "sparse frames (heavy auto-smoothing), 5th percentile ~0.89")),
-    "silica-capsules",
-])
+@pytest.mark.parametrize("sample", ["ps50", "silica-capsules"])
 def test_isolated_mean_size_and_low_tail(sample):
     ratios = _isolated_ratios(sample)
     assert ratios.size >= 150
