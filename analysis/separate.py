@@ -465,10 +465,7 @@ def _split_region(mask, *, min_marker_px):
     depth = ndi.distance_transform_edt(mask)
     markers = _markers(mask, depth)
     several = len(markers) > 1
-    seeds = np.zeros(mask.shape, np.int32)
-    for i, (marker, _, _) in enumerate(markers):
-        seeds[marker] = i + 1
-    share = segmentation.watershed(-depth, seeds, mask=mask) if several else None
+    share = None
     grown = []
     for i, (marker, steps, box) in enumerate(markers):
         extra = 0.0
@@ -476,16 +473,23 @@ def _split_region(mask, *, min_marker_px):
             # The marker of a split still holds a tail towards the neck that regrowth bulges
             # into the neighbour: erode it 0.3 of its remaining depth more (whole steps,
             # regrown by as many), a larger opening that leaves a round particle as it is ...
-            inner = np.zeros(mask.shape)
-            inner[box] = ndi.distance_transform_edt(_pad1(marker[box]))[1:-1, 1:-1]
+            inner = ndi.distance_transform_edt(_pad1(marker[box]))[1:-1, 1:-1]
             extra = np.floor(0.3 * (inner.max() - 1.0))
         # every pixel regrowth can reach lies within steps (+ extra) of the marker's box
         reach = _grow_box(box, steps + extra, mask.shape)
         piece, score = _regrow(marker, steps, mask, reach)
         if extra >= 1:
-            small, small_score = _regrow(inner > extra, steps + extra, mask, reach)
+            core = np.zeros(mask.shape, bool)
+            core[box] = inner > extra
+            small, small_score = _regrow(core, steps + extra, mask, reach)
             # ... but rounds corners off: in its own share of the region (watershed on
-            # the depth) the particle keeps the plain regrowth
+            # the depth) the particle keeps the plain regrowth (the watershed only when a
+            # marker needs it: small markers have no extra steps)
+            if share is None:
+                seeds = np.zeros(mask.shape, np.int32)
+                for k, (m, _, _) in enumerate(markers):
+                    seeds[m] = k + 1
+                share = segmentation.watershed(-depth, seeds, mask=mask)
             own = share == i + 1
             piece = small | (piece & own)
             score = np.where(own, score, small_score)
