@@ -345,6 +345,12 @@ def _erosion_tree(depth):
     levels = np.arange(1, int(count.max()) + 1, dtype=np.int16)[:, None, None]
     stack = count >= levels
     lab, n = ndi.label(stack, _LEVELS)
+    # outline pixels of every level at once: pieces of one level never touch (they would be
+    # one piece), so a pixel is on its piece's outline when a 4-neighbour is off the level;
+    # the crop's edge counts as off (as _boundary_points pads)
+    edge = stack.copy()
+    edge[:, 1:-1, 1:-1] &= ~(stack[:, :-2, 1:-1] & stack[:, 2:, 1:-1] & stack[:, 1:-1, :-2]
+                             & stack[:, 1:-1, 2:])
     parent = np.zeros(n + 1, np.intp)
     parent[lab[1:][stack[1:]]] = lab[:-1][stack[1:]]
     kids = [[] for _ in range(n + 1)]
@@ -360,7 +366,7 @@ def _erosion_tree(depth):
             boxes[s] = (slice(max(r[0] - 1, 0), r[-1] + 2), slice(max(c[0] - 1, 0), c[-1] + 2))
         return boxes[s]
 
-    return lab, box, kids
+    return lab, edge, box, kids
 
 
 def _level_pieces(lab, box, s, ids):
@@ -370,17 +376,17 @@ def _level_pieces(lab, box, s, ids):
     return (sub == ids[0] if len(ids) == 1 else np.isin(sub, ids)), b
 
 
-def _pieces_convex(lab, box, s, ids, *, px, frac):
+def _pieces_convex(lab, edge, box, s, ids, *, px, frac):
     """Convexity test of the union of the level-``s`` pieces ``ids`` on their level's box.
 
-    The boundary points come out in crop order and crop coordinates, exactly those of the
-    whole-crop mask, at the cost of the box.
+    The boundary points (from the level's outline pixels) come out in crop order and crop
+    coordinates, exactly those of the whole-crop mask, at the cost of the box.
     """
     mask, b = _level_pieces(lab, box, s, ids)
     area = int(np.count_nonzero(mask))
     if area < 12:
         return True
-    pts = _boundary_points(mask)
+    pts = np.argwhere(mask & edge[s - 1][b]).astype(float)
     pts += (b[0].start, b[1].start)
     return _is_convex_pts(pts, area, px=px, frac=frac)
 
@@ -393,7 +399,7 @@ def _markers(mask, depth):
     whole = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
     if depth.max() <= 1:  # gone at the first step: the region itself is its ultimate remnant
         return [(mask, 0, whole)]
-    lab, box, kids = _erosion_tree(depth)
+    lab, edge, box, kids = _erosion_tree(depth)
     found = []
     # a piece is the list of its ids at its level; non-convex ones still to erode, with the
     # steps taken so far (None: the whole region, before the first step)
@@ -425,7 +431,7 @@ def _markers(mask, depth):
                     piece = real if real else core
                     continue
                 for k in real:
-                    if _pieces_convex(lab, box, s, [k], px=_SPLIT_NOTCH_PX,
+                    if _pieces_convex(lab, edge, box, s, [k], px=_SPLIT_NOTCH_PX,
                                       frac=_SPLIT_NOTCH_FRAC):
                         found.append(([k], s))
                     else:
@@ -435,7 +441,7 @@ def _markers(mask, depth):
             # Between splits a notch keeps its depth while the piece shrinks, so it only turns
             # convex when a small dent erodes away: test on a doubling schedule.
             if s >= tested + gap:
-                if _pieces_convex(lab, box, s, core, px=_SPLIT_NOTCH_PX,
+                if _pieces_convex(lab, edge, box, s, core, px=_SPLIT_NOTCH_PX,
                                   frac=_SPLIT_NOTCH_FRAC):
                     found.append((core, s))
                     break
