@@ -1016,6 +1016,11 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         for j in np.flatnonzero(hollow_rows):
             shell[j] = _shell_from_peak(float(classes[j]), float(shift[j] - inner_x[j]),
                                         round(float(np.hypot(sigmas[0], _HOLLOW_SMOOTH_PX)), 1))
+        if hollow_rows.sum() >= 3:
+            # one particle's profile peak is noisy, and a thin shell lowers the level far
+            # more than a thick one raises it: the frame's median (capsules of one batch
+            # share a shell thickness) where there are several
+            shell[hollow_rows] = np.median(shell[hollow_rows])
         for rq in np.unique(classes[usable]):
             g = np.flatnonzero(usable & (classes == rq))
             out = _fit_class(xs, counts[g], sums[g], (sw[g], sy[g], syy[g]), rq, shifts,

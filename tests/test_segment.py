@@ -199,3 +199,51 @@ def test_simulated_particles_close_to_the_border_are_kept():
     assert near >= 2
     assert found == near
     assert np.all(np.abs(errors) < 0.05)
+
+
+@pytest.mark.parametrize("radius, blur", [(6.0, 2.0), (10.0, 3.0), (15.0, 1.0)])
+def test_edge_level_of_a_blurred_sphere_is_exact(radius, blur):
+    from scipy import ndimage as ndi
+
+    from particlewatch.analysis.segment import _disc_edge_level
+
+    # brute force: a projected sphere (half-thickness, as the edge models) on a fine grid,
+    # blurred in two dimensions, read at its edge
+    h = 0.05
+    n = int((radius + 8 * blur) / h) * 2 + 1
+    x = (np.arange(n) - n // 2) * h
+    yy, xx = np.meshgrid(x, x, sparse=True)
+    sphere = np.sqrt(np.clip(radius ** 2 - xx ** 2 - yy ** 2, 0.0, None))
+    row = ndi.gaussian_filter(sphere, blur / h)[n // 2]
+    assert _disc_edge_level(radius, radius, blur) == pytest.approx(
+        np.interp(radius, x, row), rel=2e-3)
+
+
+def test_hollow_sphere_edge_is_lower_than_a_solid_one():
+    from particlewatch.analysis.segment import _disc_edge_level, _shell_from_peak
+
+    solid = _disc_edge_level(14.0, 14.0, 2.5)
+    assert _disc_edge_level(14.0, 14.0, 2.5, 3.0) < solid
+    # a thicker shell lowers it less; sharp (no blur reaching the hole): as solid
+    assert _disc_edge_level(14.0, 14.0, 2.5, 3.0) < _disc_edge_level(14.0, 14.0, 2.5, 6.0)
+    assert _disc_edge_level(14.0, 14.0, 0.5, 6.0) == pytest.approx(
+        _disc_edge_level(14.0, 14.0, 0.5), rel=1e-3)
+    # blur moves a shell's profile peak outward; the inversion undoes it
+    assert _shell_from_peak(14.0, 3.9, 1.3) > 3.9
+
+
+def test_smoothing_does_not_depend_on_how_crowded_the_frame_is():
+    from particlewatch.analysis import segment as seg
+
+    # the same polystyrene sample, a sparse and a crowded field (the simulator's seeds 1
+    # and 3 differ several-fold in particle count): the width must follow the particles'
+    # contrast and the noise, not how much of the frame they cover
+    widths, counts = [], []
+    for seed, stage in ((1, (5.0, -5.0)), (3, (20.0, 14.0))):
+        frame = _frame("ps50", seed=seed, size=512, stage=stage)
+        img, valid = seg._validate_image(frame.image, frame.pixel_nm, "auto")
+        oriented = seg._oriented(img, valid, polarity="auto", flatten=True)
+        widths.append(seg._auto_sigma(oriented))
+        counts.append(len(frame.truth["particles"]))
+    assert max(counts) >= 2 * min(counts)
+    assert max(widths) <= 1.35 * min(widths)  # the 99.5th percentile gave 2x
