@@ -437,10 +437,16 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 seen = record_has_particles(
                     frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
                     threshold_sigma=segments.threshold_sigma,
-                    min_size_nm=segments.min_size_nm, polarity=segments.polarity) > 0
+                    min_size_nm=segments.min_size_nm, polarity=segments.polarity,
+                    margin=segments.overlap / 2) > 0
                 calibration.add(survey_occupied=seg.has_particles, record_occupied=seen)
-                # A survey-empty check frame is data only if particles are in it.
-                keep = seg.has_particles or seen
+                # A survey-empty check frame is data if particles are anywhere in it (its
+                # border band, not counted against the survey, included).
+                keep = seg.has_particles or seen or record_has_particles(
+                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+                    threshold_sigma=segments.threshold_sigma,
+                    min_size_nm=segments.min_size_nm, polarity=segments.polarity,
+                    margin=0.0) > 0
                 yield Report(check_fields())
             if not keep:
                 skipped += 1

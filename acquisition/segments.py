@@ -260,7 +260,7 @@ def _flatten_illumination(a: np.ndarray, *, blocks: int = 16) -> np.ndarray:
 
 def record_has_particles(image, pixel_nm: float, *, bin_px: int = 4,
                          threshold_sigma: float = 5.0, min_size_nm: float = 2.0,
-                         polarity: str = "auto") -> int:
+                         polarity: str = "auto", margin: float = 0.05) -> int:
     """Count particles in a record frame quickly: the reference for the survey check.
 
     The frame is binned ``bin_px`` × ``bin_px`` (a record frame resolves its smallest
@@ -280,6 +280,12 @@ def record_has_particles(image, pixel_nm: float, *, bin_px: int = 4,
         Binning factor.
     threshold_sigma, min_size_nm, polarity
         As in :func:`particle_mask`.
+    margin : float
+        Peaks closer to the frame's border than this fraction of its size (and at least 2
+        binned pixels; 0: none) are not counted: a particle cut by the border peaks there, and one
+        centred outside belongs to the neighbouring segment (segments overlap, so with
+        ``margin`` = half their overlap every point of the survey is in one segment's
+        counted part).
 
     Returns
     -------
@@ -299,7 +305,10 @@ def record_has_particles(image, pixel_nm: float, *, bin_px: int = 4,
     _, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * bin_px,
                              polarity=polarity, threshold_sigma=threshold_sigma,
                              min_size_nm=min_size_nm)
-    return int(len(peaks))
+    shape = np.asarray(binned.shape)
+    edge = np.maximum(2 if margin > 0 else 0, np.floor(margin * shape)).astype(int)
+    inside = np.all((peaks >= edge) & (peaks < shape - edge), axis=1)
+    return int(inside.sum())
 
 
 def miss_rate_upper_bound(missed: int, checked: int, *, confidence: float = 0.95) -> float:

@@ -11,10 +11,15 @@ every sample and both detectors: the share of occupied segments skipped (a segme
 occupied when a particle's centre lies in it; this must be 0) and the share of empty ones
 skipped (should be most), over survey positions spread across the grid (a third anywhere,
 a third in sparse areas, a third at medium density), with the survey taken up to 0.3 µm
-from true focus as the running plan would.
+from true focus as the running plan would (the survey detector alone), and then over whole
+runs of the acquisition plan (``--run-tiles`` survey tiles per run, one run from a sparse
+and one from a medium-density start): occupied segments skipped, empty segments skipped and
+the self-calibrating check's final state (``calibrating``, ``on`` or ``off``) with its
+counts.
 
     python bench/acquisition.py [--sample au10] [--frames 30] [--size 2048] [--autostem]
     python bench/acquisition.py --segments [--positions 100] [--size 512] [--dose-factor 0.25]
+        [--run-tiles 12] [--detector bf]
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from particlewatch.acquisition.backends import SimulatedMicroscope
-from particlewatch.acquisition.plans import FocusSettings, Move, Save, SetMode, Snap, autofocus
-from particlewatch.acquisition.runner import FrameWriter, frame_name, plan_tiles, run_acquisition, run_plan
-from particlewatch.acquisition.segments import check_segments
+from particlewatch.acquisition.plans import (FocusSettings, Move, Report, Save, SegmentSettings,
+                                             SetMode, Snap, acquire_area, autofocus)
+from particlewatch.acquisition.runner import (FrameWriter, execute, frame_name, plan_tiles,
+                                              run_acquisition, run_plan)
+from particlewatch.acquisition.segments import check_segments, segment_grid
 from particlewatch.simulators.render import FrameGeometry
 from particlewatch.simulators.samples import SAMPLES
 from particlewatch.simulators.scope import SimScope
@@ -152,6 +159,107 @@ def segment_rates(sample, detector, *, positions=100, size=512, seed=0, dose_fac
     return counts
 
 
+def _run_area(scope, side_um, rng, kind):
+    """An area whose centre is sparse (kind 1), of medium density (kind 2) or anywhere."""
+    for _ in range(20000):
+        x, y = rng.uniform(-45, 45, 2)
+        d = scope.specimen.density(x, y)
+        if (kind == 0 or scope.sample.empty or (kind == 1 and 0 < d < 0.15)
+                or (kind == 2 and 0.15 <= d < 0.6)):
+            return (x - side_um / 2, y - side_um / 2, x + side_um / 2, y + side_um / 2)
+    raise RuntimeError("no such area")
+
+
+def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_factor=1.0,
+                segments=SegmentSettings()):
+    """One acquisition run (the real plan, frames not written) judged per segment by truth.
+
+    Every survey segment of every visited tile is occupied when a particle's centre lies in
+    its stage rectangle; it was acquired when a frame was saved at its centre.
+
+    Returns
+    -------
+    dict
+        ``occupied``, ``missed`` (occupied, no frame), ``empty``, ``skipped`` (empty, no
+        frame), ``recorded`` (record images taken), ``saved``, ``check`` (the plan's
+        ``segment_check`` summary or None), ``wall_s``.
+    """
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+    if dose_factor != 1.0:
+        scope = SimScope(sample, seed=seed, size_px=size, detector=detector,
+                         dose=scope.dose * dose_factor)
+    micro = SimulatedMicroscope(scope)
+    rng = np.random.default_rng([seed, 7, kind])
+    survey_um = micro.field_of_view_um("survey")[0]
+    tiles_list, record, _ = plan_tiles(micro, _run_area(scope, 2.6 * survey_um, rng, kind))
+    surveys, saved = [], []
+    counts = dict(recorded=0)
+
+    def handle(command):
+        match command:
+            case Snap(purpose="survey"):
+                frame = execute(micro, command)
+                surveys.append(frame)
+                return True, frame
+            case Snap(purpose="record"):
+                counts["recorded"] += 1
+                return False, None
+            case Save(frame=frame):
+                saved.append((frame.stage_x_um, frame.stage_y_um))
+                return True, None
+        return False, None
+
+    t0 = time.perf_counter()
+    result = run_plan(acquire_area(tiles_list[:tiles], record_field_um=record,
+                                   segments=segments, start_defocus_um=micro.defocus(),
+                                   limits_um=micro.stage_limits_um), micro, handle=handle)
+    wall = time.perf_counter() - t0
+    out = dict(occupied=0, missed=0, empty=0, skipped=0, recorded=counts["recorded"],
+               saved=len(saved), check=result["segment_check"], wall_s=wall)
+    saved_xy = np.asarray(saved).reshape(-1, 2)
+    half_nm = record[0] * 500.0
+    for survey in surveys:
+        for _, _, r0, r1, c0, c1 in segment_grid(survey.image.shape, survey.pixel_nm,
+                                                 segment_um=record):
+            rows, cols = survey.image.shape
+            x = survey.stage_x_um + ((c0 + c1) / 2 - cols / 2) * survey.pixel_nm / 1000.0
+            y = survey.stage_y_um + ((r0 + r1) / 2 - rows / 2) * survey.pixel_nm / 1000.0
+            if not (micro.stage_limits_um[0] <= x <= micro.stage_limits_um[2]
+                    and micro.stage_limits_um[1] <= y <= micro.stage_limits_um[3]):
+                continue
+            table = scope.specimen.particles_in(x * 1000 - half_nm, y * 1000 - half_nm,
+                                                x * 1000 + half_nm, y * 1000 + half_nm)
+            occupied = len(table["x_nm"]) > 0
+            acquired = bool(len(saved_xy)) and bool(np.any(
+                np.hypot(saved_xy[:, 0] - x, saved_xy[:, 1] - y) < record[0] / 4))
+            out["occupied"] += occupied
+            out["missed"] += occupied and not acquired
+            out["empty"] += not occupied
+            out["skipped"] += (not occupied) and not acquired
+    return out
+
+
+def print_segment_runs(args) -> None:
+    print(f"\nwhole runs of the plan (self-calibrating check): {args.run_tiles} tiles per run, "
+          f"{args.size} px, seed {args.seed}, dose x{args.dose_factor:g}")
+    print(f"{'sample':<17}{'det':<7}{'start':<8}{'occupied':>9}{'missed':>8}{'empty':>7}"
+          f"{'skipped %':>10}{'recorded':>9}{'check':>13}  counts (occupied checked / "
+          f"missed / survey-empty checked / spot checks)")
+    detectors = (args.detector,) if args.detector else ("bf", "haadf")
+    for sample in SAMPLES:
+        for detector in detectors:
+            for kind, name in ((1, "sparse"), (2, "medium")):
+                r = segment_run(sample, detector, tiles=args.run_tiles, size=args.size,
+                                seed=args.seed, kind=kind, dose_factor=args.dose_factor)
+                skip = 100.0 * r["skipped"] / r["empty"] if r["empty"] else float("nan")
+                c = r["check"] or {}
+                print(f"{sample:<17}{detector:<7}{name:<8}{r['occupied']:>9}{r['missed']:>8}"
+                      f"{r['empty']:>7}{skip:>10.1f}{r['recorded']:>9}"
+                      f"{c.get('state', '-'):>13}  {c.get('occupied_checked')} / "
+                      f"{c.get('missed')} / {c.get('empty_checked')} / {c.get('spot_checks')}",
+                      flush=True)
+
+
 def print_segment_rates(args) -> None:
     print(f"segment check vs truth: {args.positions} surveys per row, {args.size} px, "
           f"seed {args.seed}, dose x{args.dose_factor:g}")
@@ -184,10 +292,18 @@ def main(argv=None) -> int:
                         help="survey positions per sample and detector (--segments)")
     parser.add_argument("--dose-factor", type=float, default=1.0,
                         help="survey dose relative to the sample's default (--segments)")
+    parser.add_argument("--run-tiles", type=int, default=12,
+                        help="survey tiles per whole run (--segments)")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="skip the per-survey table (--segments)")
+    parser.add_argument("--detector", choices=("bf", "haadf"), default=None,
+                        help="only this detector in the whole-run table (--segments)")
     args = parser.parse_args(argv)
     if args.segments:
         args.size = args.size or 512  # segments are judged per survey; 512 px keeps it quick
-        print_segment_rates(args)
+        if not args.runs_only:
+            print_segment_rates(args)
+        print_segment_runs(args)
         return 0
     args.size = args.size or 2048
     with tempfile.TemporaryDirectory() as tmp:
