@@ -770,8 +770,12 @@ def thickness_excess(labels, image, *, reference, masks=None):
     tile = np.zeros(shape, np.int32)
     h, w = labels.shape
     for lab, (r0, c0, r1, c1), (y, x) in zip(tiles, boxes, corners):
-        rows[y:y + r1 - r0, x:x + c1 - c0] = _reflect(np.arange(r0, r1), h)[:, None]
-        cols[y:y + r1 - r0, x:x + c1 - c0] = _reflect(np.arange(c0, c1), w)[None, :]
+        rr, cc = np.arange(r0, r1), np.arange(c0, c1)
+        # (mirrored only where the box with its margin leaves the frame)
+        rows[y:y + r1 - r0, x:x + c1 - c0] = (rr if r0 >= 0 and r1 <= h
+                                              else _reflect(rr, h))[:, None]
+        cols[y:y + r1 - r0, x:x + c1 - c0] = (cc if c0 >= 0 and c1 <= w
+                                              else _reflect(cc, w))[None, :]
         # mirrored pixels beyond the frame edge only feed the filters, they are not the
         # particle's own
         tile[y + max(-r0, 0):y + r1 - r0 - max(r1 - h, 0),
