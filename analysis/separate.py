@@ -558,7 +558,7 @@ _THICK_NEIGHBOURS = 25  # references on either side in width that make a local r
 _BG_BLOCK = 8
 
 
-def _thickness_map(image, labels, rows, cols):
+def _thickness_map(image, labels, rows, cols, own=None):
     """Projected thickness up to a scale at the pixels ``(rows, cols)``, or None.
 
     Positive for dark and bright particles alike. The background is a normalised convolution
@@ -567,7 +567,9 @@ def _thickness_map(image, labels, rows, cols):
     in thickness). Dark particles (bright-field): the absorbance ``-log(I / background)``, which
     Beer-Lambert makes linear in mass-thickness (the plain contrast saturates for heavy
     particles). Returns None when no background is seen. Only the requested pixels are
-    computed (the particles' neighbourhoods, not the whole frame).
+    computed (the particles' neighbourhoods, not the whole frame). ``own`` (optional) marks
+    the requested pixels that hold every labelled pixel of the frame exactly once: the
+    polarity (median over the particles) is then read from them, not from the whole frame.
     """
     b = _BG_BLOCK
     h, w = labels.shape
@@ -605,10 +607,14 @@ def _thickness_map(image, labels, rows, cols):
         v = image[r, c]
         return (np.where(np.isfinite(v), v, 0.0) - lv) / scale
 
-    fg_rel = rel_at(*np.nonzero(labels))
+    if own is None:
+        fg_rel = rel_at(*np.nonzero(labels))
+        rel = rel_at(rows, cols)
+    else:  # the same values (the median does not depend on their order)
+        rel = rel_at(rows, cols)
+        fg_rel = rel[own]
     if not fg_rel.size:
         return None
-    rel = rel_at(rows, cols)
     if np.median(fg_rel) < 0:
         if np.all(level > 0):  # counts: Beer-Lambert applies
             return -np.log(np.clip(1.0 + rel, 0.02, None))
@@ -780,11 +786,12 @@ def thickness_excess(labels, image, *, reference, masks=None):
         # particle's own
         tile[y + max(-r0, 0):y + r1 - r0 - max(r1 - h, 0),
              x + max(-c0, 0):x + c1 - c0 - max(c1 - w, 0)] = lab
-    thick = _thickness_map(image, labels, rows, cols)
+    # every particle pixel lies in its own box, once
+    own = (labels[rows, cols] == tile) & (tile > 0)
+    thick = _thickness_map(image, labels, rows, cols, own)
     if thick is None:
         return excess, z
     smooth = ndi.gaussian_filter(thick, sigma)
-    own = (labels[rows, cols] == tile) & (tile > 0)
     if masks:
         cover = np.zeros(labels.shape, np.uint8)
         for r0, c0, m in masks.values():
