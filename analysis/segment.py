@@ -82,8 +82,9 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         Subtract a background fitted without the particles (film, uneven illumination).
     refine_edges : bool, optional
         Move each outline to the true edge found by fitting edge models.
-    clear_border : bool, optional
-        Remove particles touching the frame border (they are cropped).
+    clear_border : bool or tuple of 4 bool, optional
+        Remove particles the frame border crops; a tuple ``(top, bottom, left, right)``
+        clears only those sides (a strip of a larger frame: its cut edges are not borders).
 
     Returns
     -------
@@ -127,18 +128,30 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
                                      noise=noise)
     else:
         blur = 1.0
-    if clear_border:
+    sides = _border_sides(clear_border)
+    if any(sides):
         # per particle (seed) before touching ones join: a faint bridge to a cropped
         # neighbour must not take a whole particle away
-        labels = _clear_border(labels)
+        labels = _clear_border(labels, sides)
         labels = _clear_invalid_border(labels, valid)
     labels = _join_overlapping(labels, smooth, float(np.hypot(blur, sigma)))
     labels = _drop_small(labels, min_area)  # first: a dropped sliver must not leave a hole
     labels = _fill_label_holes(labels)
     labels = _drop_insignificant(labels, smooth, spread)
-    if clear_border:
-        labels = _clear_border(labels)
+    if any(sides):
+        labels = _clear_border(labels, sides)
     return _relabel(labels)
+
+
+def _border_sides(clear_border):
+    """``clear_border`` as four flags (top, bottom, left, right)."""
+    if isinstance(clear_border, (bool, np.bool_)):
+        return (bool(clear_border),) * 4
+    sides = tuple(bool(v) for v in clear_border)
+    if len(sides) != 4:
+        raise ValueError(f"clear_border must be a bool or 4 flags (top, bottom, left, right), "
+                         f"not {clear_border!r}")
+    return sides
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -792,8 +805,9 @@ _OVERSHOOT_PX = 1  # rows an outline may overreach a particle's true edge at the
 _FLAT_CONTACT = 0.9
 
 
-def _clear_border(labels):
-    """Remove the labels of particles that the frame border crops.
+def _clear_border(labels, sides=(True, True, True, True)):
+    """Remove the labels of particles that the frame border (the ``sides`` flagged: top,
+    bottom, left, right) crops.
 
     An outline that reaches the border does not prove a cropped particle: a particle whose
     edge lies a pixel or less inside the frame reaches it through blur and noise, with a
@@ -806,11 +820,12 @@ def _clear_border(labels):
     n = int(labels.max())
     if n == 0:
         return labels
-    sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
+    sides_px = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
     touch = np.zeros((4, n + 1), bool)
-    for k, edge in enumerate(sides):
+    for k, edge in enumerate(sides_px):
         touch[k, edge] = True
     touch[:, 0] = False
+    touch &= np.array(sides, bool)[:, None]  # sides not flagged are cuts, not borders
     hits = touch.sum(0)
     drop = hits > 1
     objects = ndi.find_objects(labels)

@@ -22,8 +22,9 @@ The rules that keep every particle counted once:
   Nothing is lost or counted twice silently.
 - What can differ from the whole frame: each crop fits its own background, noise level,
   thresholds and edge models, so with few particles per strip sizes move by a fraction of a
-  percent to a few percent; a touching group that reaches a *real* frame border is dropped
-  whole (the whole-frame segmentation drops only its members on the border).
+  percent to a few percent, and thick (merged) pieces are judged against the strip's own
+  isolated particles, so a few borderline agglomerate calls go either way. Real frame borders
+  are cleared by segment's own rule, as in the whole frame.
 
 The margin: particle size is unknown before the analysis, so the margin comes from the
 frame: ``max(64, side / 16)`` px (:func:`default_margin_px`). A frame taken for size
@@ -35,8 +36,9 @@ whole-frame fallback, never a wrong count.
 Why not :func:`~particlewatch.analysis.pipeline.analyze_image` on the crop: it removes every
 particle that touches the image border, the cut edges included, so a cropped particle would
 vanish without a trace and the fallback above could not be honest. :func:`analyze_crop` runs
-the same stages (segment, separate, measure, size filter) with ``segment(clear_border=False)``
-and then drops what touches a *real* frame border or missing pixels itself.
+the same stages (segment, separate, measure, size filter) with ``segment`` clearing only the
+crop's *real* borders (``clear_border=(top, bottom, left, right)``), and keeps the regions on a
+cut edge to decide ownership and the fallback.
 
 References
 ----------
@@ -361,7 +363,8 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
     _validate_options(pixel_nm, min_size_nm, separate, polarity)
     image = np.asarray(image)
     cut_top, cut_bottom = bool(cut_top), bool(cut_bottom)
-    raw = segment(image, pixel_nm, polarity=polarity, clear_border=False)
+    raw = segment(image, pixel_nm, polarity=polarity,
+                  clear_border=(not cut_top, not cut_bottom, True, True))
     sep = separate_particles(raw, pixel_nm, method=separate, image=image)
     labels = sep.labels
     table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None))
@@ -414,10 +417,12 @@ def _region_edges(raw, image, *, cut_top, cut_bottom):
     n = int(raw.max()) if raw.size else 0
     real = np.zeros(n + 1, bool)
     cut = np.zeros(n + 1, bool)
-    for edge in (raw[:, 0], raw[:, -1]):
-        real[edge] = True
-    (cut if cut_top else real)[raw[0]] = True
-    (cut if cut_bottom else real)[raw[-1]] = True
+    # segment cleared what the real borders crop (a whole particle reaching one by blur
+    # stays, as in the whole frame); only cut edges remain to be judged here
+    if cut_top:
+        cut[raw[0]] = True
+    if cut_bottom:
+        cut[raw[-1]] = True
     invalid = ~np.isfinite(image)
     if invalid.any():  # cropped by missing data, as segment's own border clearing does
         real[raw[ndi.binary_dilation(invalid)]] = True
