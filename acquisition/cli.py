@@ -43,7 +43,9 @@ def summary_line(report: AcquisitionReport) -> str:
     return (f"{report.frames_saved} frames in {report.out_dir} ({report.stop_reason}); "
             f"{report.tiles_visited}/{report.tiles} tiles, {report.skipped_segments} empty "
             f"segments skipped, {report.focus_images} focus images, "
-            f"{report.seconds_per_frame:.1f} instrument s/frame")
+            f"{report.seconds_per_frame:.1f} instrument s/frame"
+            + (f"; {report.segment_check['note']}"
+               if (report.segment_check or {}).get("note") else ""))
 
 
 def main(args) -> int:

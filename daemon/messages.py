@@ -265,7 +265,8 @@ ACQUISITION_FIELDS: dict[str, tuple] = {
     "skipped_segments": (int,), "frames_saved": (int,), "frames_earlier": (int,),
     "focus_images": (int,), "survey_images": (int,), "clock_s": (float,),
     "elapsed_s": (float,), "stop_reason": (str, None), "sample": (str, None),
-    "backend": (str, None), "error": (str, None),
+    "backend": (str, None), "error": (str, None), "segment_check": (str, None),
+    "segment_check_note": (str, None),
 }
 #: Counters in an ``acquisition`` message are at most this (far beyond any real session).
 _MAX_COUNT = 10**9

@@ -296,6 +296,9 @@ def _acquisition_lines(acquisition: Mapping | None, *, stale_s: float | None,
     line.append(f"  focus {_fmt(acquisition.get('defocus_um'), '+.3f')} µm")
     second = Text()
     second.append(f"skipped segments {acquisition.get('skipped_segments', 0)}")
+    check = acquisition.get("segment_check")
+    if check:
+        second.append(f" (check {check})", style="yellow" if check == "off" else "")
     focus_images = acquisition.get("focus_images")
     if focus_images is not None:
         second.append(f"  focus images {focus_images}")
@@ -305,7 +308,11 @@ def _acquisition_lines(acquisition: Mapping | None, *, stale_s: float | None,
     clock = acquisition.get("clock_s")
     if _is_number(clock) and clock > 0:
         second.append(f"  microscope {clock / 60:.1f} min")
-    return [line, second]
+    lines = [line, second]
+    note = acquisition.get("segment_check_note")
+    if note and check == "off":
+        lines.append(Text(str(note), style="dim"))
+    return lines
 
 
 def render_progress(stats: Mapping, acquisition: Mapping | None, *,
