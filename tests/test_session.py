@@ -10,10 +10,10 @@ import pytest
 from particlewatch.session import run_session
 
 # Issue 8 asks for means within 2% and fractions within 3 points of the truth over every
-# particle. Heavily overlapping particles that cannot be split (SCIENCE.md §2) still bias the
-# means upwards by 2–4% on these densely aggregated simulated specimens; these tolerances
-# guard what is reached now (see the issue's note), not the goal.
-MEAN_TOLERANCE = 0.05
+# particle. Means meet it (au10 -0.5%, PS50 -0.5%, PS100 +0.4% on this run's frames). The PS50
+# fraction still comes out 3-4 points low (isolated PS50 particles are found less often than
+# PS100 ones), so the fraction tolerance guards what is reached now, not the goal.
+MEAN_TOLERANCE = 0.02
 FRACTION_TOLERANCE = 0.05
 
 
