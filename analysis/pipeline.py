@@ -290,6 +290,19 @@ def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarit
     return particles, labels, sep
 
 
+def read_frame_into(result, path, *, pixel_nm=None):
+    """Read a frame and copy its pixel size, stage, defocus and reader warnings into
+    ``result`` (a :class:`FrameResult`); raises :class:`FrameError` for a bad frame."""
+    frame = read_frame(path, pixel_nm=pixel_nm)
+    meta = frame.meta
+    result.pixel_nm = frame.pixel_nm
+    result.defocus_um = meta.get("defocus_um")
+    result.stage_x_um = meta.get("stage_x_um")
+    result.stage_y_um = meta.get("stage_y_um")
+    result.warnings = list(meta.get("warnings", []))
+    return frame
+
+
 def analyze_frame(path, *, pixel_nm=None, min_size_nm=None, separate="uecs", polarity="auto",
                   keep_image=True):
     """Analyse one frame file; a bad frame gives ``status="failed"`` with the reason.
@@ -323,13 +336,7 @@ def analyze_frame(path, *, pixel_nm=None, min_size_nm=None, separate="uecs", pol
     path = Path(path)
     result = FrameResult(frame=path.stem, path=str(path), status="failed")
     try:
-        frame = read_frame(path, pixel_nm=pixel_nm)
-        meta = frame.meta
-        result.pixel_nm = frame.pixel_nm
-        result.defocus_um = meta.get("defocus_um")
-        result.stage_x_um = meta.get("stage_x_um")
-        result.stage_y_um = meta.get("stage_y_um")
-        result.warnings = list(meta.get("warnings", []))
+        frame = read_frame_into(result, path, pixel_nm=pixel_nm)
         particles, labels, sep = analyze_image(frame.image, frame.pixel_nm,
                                                min_size_nm=min_size_nm, separate=separate,
                                                polarity=polarity)

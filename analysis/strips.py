@@ -55,9 +55,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from .io import FrameError, read_frame
+from .io import FrameError
 from .measure import measure
-from .pipeline import RESULT_COLUMNS, FrameResult, _validate_options
+from .pipeline import RESULT_COLUMNS, FrameResult, _validate_options, read_frame_into
 from .segment import segment
 from .separate import separate as separate_particles
 
@@ -464,13 +464,7 @@ def analyze_strip(path, strip, *, pixel_nm=None, min_size_nm=None, separate="uec
     result = FrameResult(frame=path.stem, path=str(path), status="failed")
     too_small = None
     try:
-        frame = read_frame(path, pixel_nm=pixel_nm)
-        meta = frame.meta
-        result.pixel_nm = frame.pixel_nm
-        result.defocus_um = meta.get("defocus_um")
-        result.stage_x_um = meta.get("stage_x_um")
-        result.stage_y_um = meta.get("stage_y_um")
-        result.warnings = list(meta.get("warnings", []))
+        frame = read_frame_into(result, path, pixel_nm=pixel_nm)
         if tuple(frame.image.shape) != tuple(strip.shape):
             raise FrameError(path, f"image is {frame.image.shape[1]} x {frame.image.shape[0]} "
                                    f"px, the strip plan was made for {strip.shape[1]} x "

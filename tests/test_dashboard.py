@@ -279,7 +279,8 @@ def test_acquisition_message_round_trip_and_missing_state():
     assert "focus" not in built  # the runner's other keys are not sent
     decoded = messages.decode(messages.encode(built), max_bytes=messages.MAX_ACQUISITION_BYTES)
     checked = messages.validate_acquisition(decoded)
-    assert checked["tile"] == 7 and checked["sample"] == "au10" and checked["elapsed_s"] == 3.0
+    expected = {"tile": 7, "sample": "au10", "elapsed_s": 3.0}
+    assert {key: checked[key] for key in expected} == expected
     with pytest.raises(messages.MessageError, match="lacks 'state'"):
         messages.validate_acquisition({"type": "acquisition", "tile": 1})
     big = {"schema_version": 1, "type": "acquisition", "state": "x" * 9000}
