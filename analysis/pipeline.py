@@ -303,6 +303,17 @@ def read_frame_into(result, path, *, pixel_nm=None):
     return frame
 
 
+def failure_reason(path, exc, *, what=None):
+    """One line saying why analysing ``path`` (or ``what`` of it, e.g. ``"strip 2"``) failed."""
+    if isinstance(exc, FrameError):
+        return str(exc)
+    part = f" of {what}" if what else ""
+    if isinstance(exc, MemoryError):
+        return f"{path}: out of memory analysing {what or 'the frame'}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{path}: analysis{part} failed: {type(exc).__name__}: {text}"
+
+
 def analyze_frame(path, *, pixel_nm=None, min_size_nm=None, separate="uecs", polarity="auto",
                   keep_image=True):
     """Analyse one frame file; a bad frame gives ``status="failed"`` with the reason.
@@ -340,13 +351,8 @@ def analyze_frame(path, *, pixel_nm=None, min_size_nm=None, separate="uecs", pol
         particles, labels, sep = analyze_image(frame.image, frame.pixel_nm,
                                                min_size_nm=min_size_nm, separate=separate,
                                                polarity=polarity)
-    except FrameError as exc:
-        result.reason = str(exc)
-    except MemoryError:
-        result.reason = f"{path}: out of memory analysing the frame"
     except Exception as exc:  # a frame the stages cannot handle must not stop the batch
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        result.reason = f"{path}: analysis failed: {type(exc).__name__}: {text}"
+        result.reason = failure_reason(path, exc)
     else:
         result.status = "ok"
         result.particles = particles

@@ -57,7 +57,8 @@ from scipy.spatial import cKDTree
 
 from .io import FrameError
 from .measure import measure
-from .pipeline import RESULT_COLUMNS, FrameResult, _validate_options, read_frame_into
+from .pipeline import (RESULT_COLUMNS, FrameResult, _validate_options, failure_reason,
+                       read_frame_into)
 from .segment import segment
 from .separate import separate as separate_particles
 
@@ -473,14 +474,8 @@ def analyze_strip(path, strip, *, pixel_nm=None, min_size_nm=None, separate="uec
         particles, on_cut, boxes, boxes_on_cut, cut_rows = analyze_crop(
             crop, frame.pixel_nm, cut_top=strip.cut_top, cut_bottom=strip.cut_bottom,
             min_size_nm=min_size_nm, separate=separate, polarity=polarity)
-    except FrameError as exc:
-        result.reason = str(exc)
-    except MemoryError:
-        result.reason = f"{path}: out of memory analysing strip {strip.index}"
     except Exception as exc:  # a strip the stages cannot handle must not stop the worker
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        result.reason = f"{path}: analysis of strip {strip.index} failed: " \
-                        f"{type(exc).__name__}: {text}"
+        result.reason = failure_reason(path, exc, what=f"strip {strip.index}")
     else:
         y = np.asarray(particles["y_px"], dtype=float) + strip.crop0
         owned = (y >= strip.row0) & (y < strip.row1)

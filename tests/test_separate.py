@@ -119,6 +119,17 @@ def _at(lab, p):
     return int(lab[r, c])
 
 
+def _isolated_regions(raw, truth):
+    """Labels of segmented regions holding exactly one true particle, which overlaps none and
+    is not cut by the frame edge."""
+    parts = truth["particles"]
+    holders = np.bincount([_at(raw, p) for p in parts], minlength=int(raw.max()) + 1)
+    for p in parts:
+        k = _at(raw, p)
+        if not (p["overlaps"] or p["touches_edge"] or k == 0 or holders[k] != 1):
+            yield k
+
+
 def _pairs(truth):
     parts = truth["particles"]
     return [(i, p["overlaps"][0]) for i, p in enumerate(parts)
@@ -152,12 +163,7 @@ def test_isolated_particles_are_not_cut(sample):
     isolated = cut = lost = 0
     for image, px, raw, truth in _frames(sample, 1, size=768):
         s = separate(raw, px, image=image)
-        parts = truth["particles"]
-        holders = np.bincount([_at(raw, p) for p in parts], minlength=int(raw.max()) + 1)
-        for p in parts:
-            k = _at(raw, p)
-            if p["overlaps"] or p["touches_edge"] or k == 0 or holders[k] != 1:
-                continue
+        for k in _isolated_regions(raw, truth):
             isolated += 1
             pieces = np.unique(s.labels[raw == k])
             cut += np.count_nonzero(pieces) > 1
@@ -251,12 +257,7 @@ def test_fewer_merged_groups_measured_as_one_in_simulated_frames(sample, detecto
         s = separate(raw, px, image=image)
         with_image = with_image + multi_rate(s, truth)
         shape_only = shape_only + multi_rate(separate(raw, px), truth)
-        parts = truth["particles"]
-        holders = np.bincount([_at(raw, p) for p in parts], minlength=int(raw.max()) + 1)
-        for p in parts:
-            k = _at(raw, p)
-            if p["overlaps"] or p["touches_edge"] or k == 0 or holders[k] != 1:
-                continue
+        for k in _isolated_regions(raw, truth):
             isolated += 1
             lost += not np.any(s.labels[raw == k])
     assert isolated >= 50
