@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage import morphology, segmentation
+from skimage.measure import CircleModel
 from ._checks import check_pixel_nm
 
 __all__ = ["separate", "Separation", "notch_depth", "METHODS"]
@@ -42,6 +43,20 @@ _REJECT_NOTCH_FRAC = 0.2
 # A split whose pieces leave more than this fraction of the region uncovered is rejected
 # (ragged outlines of weak-contrast particles leave up to ~10-20%: they stay particles).
 _UNEXPLAINED_FRAC = 0.4
+# Unexplained parts of a split region thinner than this (px, inscribed radius) are slivers.
+_REST_DEPTH_PX = 2.0
+# Circle fits to free outlines (see _fit_disc): points within max(px, frac × radius) of the
+# circle are on it; a fit needs this many points, this fraction of them on it, an arc of at
+# least this span, and this fraction of its disc inside the region.
+_FIT_TOL_PX = 1.0
+_FIT_TOL_FRAC = 0.04
+_FIT_MIN_POINTS = 10
+_FIT_INLIERS = 0.6
+_FIT_MIN_SPAN_DEG = 150.0
+_FIT_INSIDE = 0.9
+_FIT_TRIALS = 48
+# a refit disc may leave at most this fraction of what its piece alone explained
+_FIT_LEFT = 0.04
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
 _SKIP_ROUNDNESS = 0.9
 
@@ -293,7 +308,7 @@ def _uecs(labels, *, min_marker_px):
             plain.append(True)
             next_label += 1
             continue
-        pieces, owner, rejected = _split_region(mask, min_marker_px=min_marker_px)
+        pieces, owner, rest = _split_region(mask, min_marker_px=min_marker_px)
         for i, piece in enumerate(pieces):
             view[owner == i] = next_label
             separated.append(len(pieces) > 1)
@@ -301,8 +316,8 @@ def _uecs(labels, *, min_marker_px):
             if not np.array_equal(piece, owner == i):
                 masks[next_label] = (r0, c0, piece)
             next_label += 1
-        if rejected or not pieces:
-            boxes.append((r0, c0, r1, c1))
+        # every pixel is explained by a particle or lies in an agglomerate's box
+        boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
     return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks),
             np.array(plain, bool))
 
@@ -466,7 +481,8 @@ def _split_region(mask, *, min_marker_px):
     """Regrow UECS markers inside ``mask``.
 
     Returns the accepted pieces (full extents, may overlap), the owner map (index of the piece
-    each pixel is deepest in, -1 for none) and whether any piece was rejected as non-convex.
+    each pixel is deepest in, -1 for none) and the boxes ``(row0, col0, row1, col1)`` of what
+    no piece explains (the whole region when it is an agglomerate).
     """
     depth = ndi.distance_transform_edt(mask)
     markers = _markers(mask, depth)
@@ -501,7 +517,7 @@ def _split_region(mask, *, min_marker_px):
             score = np.where(own, score, small_score)
         if np.count_nonzero(piece[reach]) >= min_marker_px:
             grown.append((piece, score, reach))
-    pieces, scores, rejected = [], [], False
+    pieces, scores = [], []
     for piece, score, reach in grown:
         # on the box regrowth stays in (the same boundary points, in crop coordinates)
         sub = piece[reach]
@@ -509,21 +525,164 @@ def _split_region(mask, *, min_marker_px):
         pts = _boundary_points(sub) if area >= 12 else None
         if pts is not None:
             pts += (reach[0].start, reach[1].start)
-        if not _is_convex_pts(pts, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
-            rejected = True
-            continue
-        pieces.append(piece)
-        scores.append(np.where(piece, score, -np.inf))
+        # a piece still clearly not convex is not one particle: its pixels stay unexplained
+        if _is_convex_pts(pts, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
+            pieces.append(piece)
+            scores.append(np.where(piece, score, -np.inf))
+    pieces, scores = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
+    whole = [(0, 0) + mask.shape]
     if not pieces:
-        return [], np.full(mask.shape, -1), True
+        return [], np.full(mask.shape, -1), whole
     # Pieces that leave much of the region unexplained (the crossing of two rods erodes to
     # one small convex core) are not its particles: the region is an agglomerate.
-    uncovered = int(np.count_nonzero(mask & ~np.any(pieces, axis=0)))
+    covered = np.any(pieces, axis=0)
+    uncovered = int(np.count_nonzero(mask & ~covered))
     if uncovered > max(min_marker_px, _UNEXPLAINED_FRAC * np.count_nonzero(mask)):
-        return [], np.full(mask.shape, -1), True
+        return [], np.full(mask.shape, -1), whole
     scores = np.stack(scores)
     owner = np.where(np.isfinite(scores).any(axis=0), np.argmax(scores, axis=0), -1)
-    return pieces, owner, rejected
+    return pieces, owner, _unexplained_boxes(mask & ~covered, min_marker_px)
+
+
+def _unexplained_boxes(rest, min_marker_px):
+    """Boxes ``(row0, col0, row1, col1)`` of the parts of ``rest`` that could hold a particle.
+
+    A part counts when it is at least ``min_marker_px`` pixels and more than
+    ``_REST_DEPTH_PX`` thick: thinner slivers are the pixelation and blur left between
+    regrown pieces and a ragged outline, not a particle.
+    """
+    if not rest.any():
+        return []
+    lab, n = ndi.label(rest)
+    depth = ndi.distance_transform_edt(rest)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    deepest = ndi.maximum(depth, lab, np.arange(1, n + 1))
+    boxes = []
+    for k, sl in enumerate(ndi.find_objects(lab)):
+        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > _REST_DEPTH_PX:
+            boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+    return boxes
+
+
+def _explain(mask, pieces, scores, *, min_marker_px):
+    """Round particles' full extents from their free outline; particles UECS left out.
+
+    UECS regrowth guesses where overlapping particles end inside their shared area and it
+    misses a particle whose neck blur has filled in (a small sphere on a large one erodes
+    away inside the large one's marker). Where a piece's free outline (the region's
+    boundary pixels it owns) is a circle, the disc fitted to it is the particle's full
+    extent; a substantial part of the region that no piece covers then gets a disc fitted to
+    its own free outline. Shapes that are not round (cubes, rods) fail the fit and keep
+    their UECS piece; what stays unexplained is reported by the caller.
+
+    Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside).
+    """
+    covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
+    if not _unexplained_boxes(mask & ~covered, min_marker_px):
+        return pieces, scores  # UECS explained the region: its pieces stand
+    pts = np.argwhere(mask & ~ndi.binary_erosion(mask))  # the region's outline pixels
+    pieces, scores = list(pieces), list(scores)
+    if pieces:
+        owner = np.argmax(np.stack(scores), axis=0)
+        owned_by = owner[pts[:, 0], pts[:, 1]]
+        covered_by_any = covered[pts[:, 0], pts[:, 1]]
+    for i in range(len(pieces)):
+        disc = _fit_disc(pts[covered_by_any & (owned_by == i)], mask)
+        if disc is None:
+            continue
+        piece, score = disc
+        own = pieces[i] & (owner == i)
+        # the disc stands for this piece: what the piece alone explained, the disc explains
+        # too (a circle inside a cube leaves its corners: not the particle's shape)
+        others = np.any([q for k, q in enumerate(pieces) if k != i], axis=0) if len(
+            pieces) > 1 else np.zeros(mask.shape, bool)
+        left = np.count_nonzero(own & ~piece & ~others)
+        if own.any() and left <= _FIT_LEFT * np.count_nonzero(own):
+            pieces[i], scores[i] = piece, score
+    covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
+    rest = mask & ~covered
+    for box in _unexplained_boxes(rest, min_marker_px):
+        r0, c0, r1, c1 = box
+        part = np.zeros(mask.shape, bool)
+        part[r0:r1, c0:c1] = rest[r0:r1, c0:c1]
+        # the part's own free outline, with a few pixels either side where its arc runs on
+        near = ndi.binary_dilation(part, iterations=2)
+        disc = _fit_disc(pts[near[pts[:, 0], pts[:, 1]]], mask)
+        if disc is None:
+            continue
+        piece, score = disc
+        new = np.count_nonzero(piece & ~covered)
+        if (np.count_nonzero(piece) >= min_marker_px and new >= 0.3 * np.count_nonzero(piece)
+                and np.count_nonzero(piece & part) >= 0.6 * np.count_nonzero(part)):
+            pieces.append(piece)
+            scores.append(score)
+            covered |= piece
+    return pieces, scores
+
+
+def _fit_disc(pts, mask):
+    """The disc whose circle runs through most of the outline points ``pts``, or None.
+
+    A consensus over circles through point triples (a few dozen, vectorised: RANSAC's
+    idea at a fraction of ``skimage.measure.ransac``'s cost on these small sets) picks the
+    points of one circle; ``CircleModel`` refines on them. Accepted when most points lie on
+    it, they span a good part of it, and the disc lies inside the region ``mask`` (a circle
+    through a true outline does). Returns ``(disc & mask, score)``, score the depth inside
+    the disc (-inf outside it).
+    """
+    n = len(pts)
+    if n < _FIT_MIN_POINTS:
+        return None
+    p = pts.astype(float)
+    rng = np.random.default_rng(n)  # deterministic for given points
+    a, b, c = (p[rng.integers(0, n, _FIT_TRIALS)] for _ in range(3))
+    d = 2 * (a[:, 0] * (b[:, 1] - c[:, 1]) + b[:, 0] * (c[:, 1] - a[:, 1])
+             + c[:, 0] * (a[:, 1] - b[:, 1]))
+    ok = np.abs(d) > 1e-9
+    if not ok.any():
+        return None
+    a, b, c, d = a[ok], b[ok], c[ok], d[ok]
+    sa, sb, sc = (np.sum(v * v, axis=1) for v in (a, b, c))
+    uy = (sa * (b[:, 1] - c[:, 1]) + sb * (c[:, 1] - a[:, 1]) + sc * (a[:, 1] - b[:, 1])) / d
+    ux = (sa * (c[:, 0] - b[:, 0]) + sb * (a[:, 0] - c[:, 0]) + sc * (b[:, 0] - a[:, 0])) / d
+    r = np.hypot(a[:, 0] - uy, a[:, 1] - ux)
+    dist = np.hypot(p[:, 0][None] - uy[:, None], p[:, 1][None] - ux[:, None])
+    tol = np.maximum(_FIT_TOL_PX, _FIT_TOL_FRAC * r)[:, None]
+    votes = (np.abs(dist - r[:, None]) < tol).sum(axis=1)
+    best = int(np.argmax(votes))
+    inl = np.abs(dist[best] - r[best]) < tol[best, 0]
+    if inl.sum() < _FIT_MIN_POINTS:
+        return None
+    model = CircleModel.from_estimate(p[inl])
+    if not model:
+        return None
+    (cy, cx), radius = model.center, float(model.radius)
+    res = np.abs(np.hypot(p[:, 0] - cy, p[:, 1] - cx) - radius)
+    inl = res < max(_FIT_TOL_PX, _FIT_TOL_FRAC * radius)
+    if inl.mean() < _FIT_INLIERS or radius < 2:
+        return None
+    # the points must go round: the widest angular gap between them at most 360° - span
+    ang = np.sort(np.arctan2(p[inl, 0] - cy, p[inl, 1] - cx))
+    gap = np.max(np.diff(np.r_[ang, ang[0] + 2 * np.pi]))
+    if gap > 2 * np.pi - np.deg2rad(_FIT_MIN_SPAN_DEG):
+        return None
+    # boundary pixel centres lie half a pixel inside the edge on average
+    rr = radius + 0.5
+    r0, r1 = max(int(cy - rr) - 1, 0), min(int(cy + rr) + 2, mask.shape[0])
+    c0, c1 = max(int(cx - rr) - 1, 0), min(int(cx + rr) + 2, mask.shape[1])
+    if r0 >= r1 or c0 >= c1:
+        return None
+    yy, xx = np.ogrid[r0:r1, c0:c1]
+    inside = rr - np.hypot(yy - cy, xx - cx)
+    disc = inside > 0
+    n_disc = np.count_nonzero(disc)
+    if not n_disc or np.count_nonzero(disc & mask[r0:r1, c0:c1]) < _FIT_INSIDE * n_disc:
+        return None
+    piece = np.zeros(mask.shape, bool)
+    piece[r0:r1, c0:c1] = disc & mask[r0:r1, c0:c1]
+    score = np.full(mask.shape, -np.inf)
+    score[r0:r1, c0:c1] = np.where(piece[r0:r1, c0:c1], inside, -np.inf)
+    return piece, score
 
 
 def _grow_box(box, by, shape):
