@@ -224,6 +224,48 @@ class FocusModel:
         coef, _, rank, _ = np.linalg.lstsq(a, p[:, 2], rcond=None)
         return coef if rank == 3 else None
 
+    def _plane_points(self) -> np.ndarray | None:
+        """The recent points a plane is fitted to, or None when they do not fix a plane."""
+        recent = np.asarray(self._points[-12:], dtype=np.float64)
+        if len(recent) < 3:
+            return None
+        xy = recent[:, :2] - recent[:, :2].mean(axis=0)
+        if np.linalg.svd(xy, compute_uv=False)[-1] <= 1e-9:
+            return None  # collinear: the slope across the line is unknown
+        return recent
+
+    def uncertainty_um(self, x_um: float, y_um: float, *, measurement_sd_um: float,
+                       max_slope: float) -> float:
+        """How far the prediction at ``(x_um, y_um)`` may be from the truth (about 1 sd).
+
+        Before a plane is fixed (fewer than three non-collinear points) the nearest
+        measurement is used, so its error plus the steepest expected focus slope times the
+        distance; with a plane, the measurement error scaled by the fit's leverage at the
+        point (large when extrapolating beyond points that are close together).
+
+        Parameters
+        ----------
+        x_um, y_um : float
+        measurement_sd_um : float
+            Scatter of one focus measurement.
+        max_slope : float
+            Steepest focus change per stage distance (µm/µm) a specimen is assumed to have.
+
+        Returns
+        -------
+        float
+            Infinite before the first measurement.
+        """
+        if not self._points:
+            return math.inf
+        recent = self._plane_points()
+        if recent is None:
+            return measurement_sd_um + max_slope * self.distance(x_um, y_um)
+        a = np.column_stack([np.ones(len(recent)), recent[:, 0], recent[:, 1]])
+        q = np.array([1.0, x_um, y_um])
+        leverage = float(q @ np.linalg.pinv(a.T @ a) @ q)
+        return measurement_sd_um * math.sqrt(1.0 + leverage)
+
     def predict(self, x_um: float, y_um: float) -> float | None:
         """Predicted best focus at ``(x_um, y_um)``, or None before any measurement.
 

@@ -9,6 +9,7 @@ answering its commands, as bluesky does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Mapping, Sequence
@@ -17,7 +18,8 @@ import numpy as np
 
 from .focus import FocusModel, fit_gaussian, noise_floor, parabola_vertex, sharpness
 from .protocol import Frame, validate_mode
-from .segments import Segment, SegmentCheckCalibration, check_segments, record_has_particles
+from .segments import (Segment, SegmentCheckCalibration, check_segments, focus_window,
+                       record_has_particles, record_particle_peaks)
 from .tiling import Tile
 
 
@@ -105,8 +107,17 @@ class FocusSettings:
         A sweep whose sharpness never exceeds ``empty_factor`` × the noise floor is an empty
         area.
     refocus_distance_um : float
-        Measure focus again when the nearest measurement is farther than this (a 3 mrad
-        specimen tilt moves focus by 12 nm over 4 µm).
+        Measure focus again when the nearest measurement is farther than this, however
+        well the focus model predicts (bending and ripples of the film).
+    tolerance_um : float
+        Measure focus again where the focus model's uncertainty
+        (:meth:`~.focus.FocusModel.uncertainty_um`) exceeds this; a fraction of the depth
+        of field.
+    measurement_sd_um : float
+        Assumed scatter of one focus measurement (for the model's uncertainty).
+    max_slope : float
+        Steepest focus slope (µm per µm of stage travel; 0.01 = 10 mrad of specimen tilt)
+        assumed before three measurements fix a plane.
     """
 
     span_um: float = 1.2
@@ -117,6 +128,9 @@ class FocusSettings:
     radius_px: float = 6.0
     empty_factor: float = 6.0
     refocus_distance_um: float = 4.0
+    tolerance_um: float = 0.02
+    measurement_sd_um: float = 0.008
+    max_slope: float = 0.01
 
     def __post_init__(self):
         if not 4 <= self.steps <= 15:
@@ -125,6 +139,25 @@ class FocusSettings:
             raise ValueError(f"span_um must be > 0, got {self.span_um}")
         if self.quick_steps != 3:
             raise ValueError(f"quick_steps must be 3, got {self.quick_steps}")
+        if not 0 <= self.measurement_sd_um < self.tolerance_um:
+            raise ValueError(f"measurement_sd_um ({self.measurement_sd_um}) must be in "
+                             f"[0, tolerance_um ({self.tolerance_um}))")
+
+    @property
+    def reach_um(self) -> float:
+        """How far one measurement is trusted before a plane is fixed: where
+        ``measurement_sd_um + max_slope × distance`` reaches ``tolerance_um``."""
+        if self.max_slope <= 0:
+            return self.refocus_distance_um
+        return min(self.refocus_distance_um,
+                   (self.tolerance_um - self.measurement_sd_um) / self.max_slope)
+
+    def needs_focus(self, model: FocusModel, x_um: float, y_um: float) -> bool:
+        """Whether focus must be measured before recording at ``(x_um, y_um)``."""
+        if model.distance(x_um, y_um) > self.refocus_distance_um:
+            return True
+        return model.uncertainty_um(x_um, y_um, measurement_sd_um=self.measurement_sd_um,
+                                    max_slope=self.max_slope) > self.tolerance_um
 
 
 @dataclass(frozen=True)
@@ -145,20 +178,22 @@ class FocusResult:
     sweeps: tuple = field(default=(), repr=False)
 
 
-def _sweep(center: float, span: float, steps: int, metric) -> Plan:
+def _sweep(center: float, span: float, steps: int, metric, window=None) -> Plan:
     defoci = np.linspace(center - span / 2, center + span / 2, steps)
     values = []
     shape = None
     for d in defoci:
         yield SetDefocus(float(d))
         frame = yield Snap("focus")
-        shape = frame.image.shape
-        values.append(metric(frame.image))
+        image = frame.image if window is None else frame.image[window]
+        shape = image.shape
+        values.append(metric(image))
     return defoci, np.asarray(values), shape
 
 
 def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings(),
-              metric: Callable[[np.ndarray], float] | None = None) -> Plan:
+              metric: Callable[[np.ndarray], float] | None = None,
+              window: tuple[slice, slice] | None = None) -> Plan:
     """Find best focus by defocus sweeps, autocorrelation sharpness and a Gaussian fit.
 
     Each round takes ``settings.steps`` images evenly over ``span`` around ``center``, fits
@@ -181,6 +216,9 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     settings : FocusSettings
     metric : callable, optional
         ``image -> sharpness``; default :func:`~.focus.sharpness` with ``settings.radius_px``.
+    window : (slice, slice), optional
+        Measure sharpness on this part of each image only (where the particles are, see
+        :func:`~.segments.focus_window`); the noise floor is that of the window.
 
     Returns
     -------
@@ -193,7 +231,7 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     sweeps = []
     best_d, best_s = center, -math.inf
     for _ in range(settings.max_rounds):
-        defoci, values, shape = yield from _sweep(center, span, settings.steps, metric)
+        defoci, values, shape = yield from _sweep(center, span, settings.steps, metric, window)
         images += len(defoci)
         sweeps.append((tuple(defoci.tolist()), tuple(values.tolist())))
         i_max = int(np.argmax(values))
@@ -229,7 +267,8 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
 
 
 def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings = FocusSettings(),
-                metric: Callable[[np.ndarray], float] | None = None) -> Plan:
+                metric: Callable[[np.ndarray], float] | None = None,
+                window: tuple[slice, slice] | None = None) -> Plan:
     """Check a predicted focus with three images and correct it, or fall back to a sweep.
 
     Images at ``predicted - step``, ``predicted``, ``predicted + step``; a Gaussian is a
@@ -243,7 +282,7 @@ def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings 
         ``method`` is ``"quick"`` when three images sufficed.
     """
     metric = metric or (lambda image: sharpness(image, radius_px=settings.radius_px))
-    defoci, values, shape = yield from _sweep(predicted_um, 2 * step_um, 3, metric)
+    defoci, values, shape = yield from _sweep(predicted_um, 2 * step_um, 3, metric, window)
     floor = noise_floor(shape)
     i_max = int(np.argmax(values))
     if i_max == 1 and values.min() > settings.empty_factor * floor:
@@ -251,7 +290,8 @@ def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings 
         if vertex is not None and abs(vertex - predicted_um) <= step_um:
             yield SetDefocus(vertex)
             return FocusResult(vertex, "ok", 3, float(step_um), "quick")
-    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings, metric=metric)
+    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings, metric=metric,
+                                  window=window)
     return FocusResult(result.defocus_um, result.status, result.images + 3, result.width_um,
                        "quick+sweep", result.sweeps)
 
@@ -296,15 +336,28 @@ def _inside(x_um: float, y_um: float, limits_um) -> bool:
 
 
 def _focus_here(x_um: float, y_um: float, model: FocusModel, width_um: float | None,
-                settings: FocusSettings) -> Plan:
+                settings: FocusSettings, *, fallback_um: float = 0.0, window=None) -> Plan:
     predicted = model.predict(x_um, y_um)
     if predicted is not None and width_um:
         step = settings.quick_step_um or width_um
-        result = yield from quick_focus(predicted_um=predicted, step_um=step, settings=settings)
+        result = yield from quick_focus(predicted_um=predicted, step_um=step, settings=settings,
+                                        window=window)
     else:
-        result = yield from autofocus(center_um=predicted if predicted is not None else 0.0,
-                                      settings=settings)
+        result = yield from autofocus(center_um=predicted if predicted is not None
+                                      else fallback_um, settings=settings, window=window)
     return result
+
+
+def _log_focus(result: FocusResult, x_um: float, y_um: float, model: FocusModel,
+               width_um: float | None, focus_log: list) -> float | None:
+    """Add a focus measurement to the model and the log; return the sharpness width to use
+    for quick checks from now on."""
+    focus_log.append((x_um, y_um, result.defocus_um, result.status, result.images))
+    if result.status == "ok":
+        model.add(x_um, y_um, result.defocus_um)
+        if result.method == "sweep" and math.isfinite(result.width_um):
+            return result.width_um
+    return width_um
 
 
 def _already_done(xy, done_um, record_field_um) -> bool:
@@ -358,6 +411,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     width_um: float | None = None
     skipped = acquired = focus_images = visited = 0
     focus_log = []
+    unfocusable: list[tuple[float, float]] = []
     calibration = segments.calibration()
 
     def check_fields() -> dict:
@@ -400,37 +454,58 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         tried: set[int] = set()  # focus sites that came out empty in this tile
         for seg in chosen:
             x, y = centre[id(seg)]
-            if model.distance(x, y) > focus.refocus_distance_um:
-                yield Report({"state": "focusing"})
-                near = [s for s in chosen if id(s) not in tried and math.dist(
-                    centre[id(s)], (x, y)) <= focus.refocus_distance_um / 2]
-                # Survey-occupied sites first (most particles first); survey-empty ones
-                # only as a fallback, where an autofocus may find nothing to focus on.
+            if focus.needs_focus(model, x, y):
+                # Survey-occupied sites nearby first, most particles first.
+                near = [s for s in chosen if id(s) not in tried and s.has_particles
+                        and math.dist(centre[id(s)], (x, y)) <= min(focus.reach_um, focus.refocus_distance_um / 2)]
                 for site in sorted(near, key=lambda s: -s.particles)[:2]:
+                    yield Report({"state": "focusing"})
                     fx, fy = centre[id(site)]
                     yield Move(fx, fy)
                     result = yield from _focus_here(fx, fy, model, width_um, focus)
                     focus_images += result.images
-                    entry = (fx, fy, result.defocus_um, result.status, result.images)
-                    focus_log.append(entry)
-                    yield Report({"focus": entry, "defocus_um": result.defocus_um})
+                    width_um = _log_focus(result, fx, fy, model, width_um, focus_log)
+                    yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                     if result.status == "ok":
-                        model.add(fx, fy, result.defocus_um)
-                        if result.method == "sweep" and math.isfinite(result.width_um):
-                            width_um = result.width_um
                         break
                     tried.add(id(site))
-            if not len(model):
-                # No focus measured anywhere yet: recording blind would waste the frame.
-                skipped += 1
-                yield Report({"skipped_segments": skipped})
-                continue
             yield Report({"state": "recording"})
             yield Move(x, y)
-            best = model.predict(x, y) + target_defocus_um
+            guess = model.predict(x, y) if len(model) else start_defocus_um
+            best = (guess if guess is not None else 0.0) + target_defocus_um
             yield SetDefocus(best)
             yield Report({"defocus_um": best})
             frame = yield Snap("record")
+            peaks = np.zeros((0, 2), int)
+            # where focusing on a record's particles failed (too few, too faint), trying
+            # again close by would fail the same way: those records keep the best guess
+            if focus.needs_focus(model, x, y) and not any(
+                    math.dist((x, y), p) < focus.refocus_distance_um / 2 for p in unfocusable):
+                peaks = record_particle_peaks(
+                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+                    threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
+                    polarity=segments.polarity, margin=0.0)
+            if len(peaks):
+                # Focus was not known here (the survey showed nothing to focus on nearby, or
+                # focusing there failed): this record, taken at the best guess, shows
+                # particles, so focus on them and record again. A record that shows nothing
+                # needs no focus: it is judged as it is, and no segment is ever left out for
+                # want of focus.
+                yield Report({"state": "focusing"})
+                result = yield from _focus_here(
+                    x, y, model, width_um, focus, fallback_um=best - target_defocus_um,
+                    window=focus_window(frame.image.shape, peaks))
+                result = dataclasses.replace(result, images=result.images + 1)  # + the probe
+                focus_images += result.images
+                width_um = _log_focus(result, x, y, model, width_um, focus_log)
+                yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
+                if result.status == "ok":
+                    best = model.predict(x, y) + target_defocus_um
+                    yield SetDefocus(best)
+                    yield Report({"state": "recording", "defocus_um": best})
+                    frame = yield Snap("record")
+                else:  # the probe, out of focus but with particles, is kept as the record
+                    unfocusable.append((x, y))
             keep = True
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.

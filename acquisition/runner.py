@@ -391,7 +391,10 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
             case Report(fields=f):
                 f = dict(f)
                 if "focus" in f:
-                    focus_log.append(f.pop("focus"))
+                    entry = f.pop("focus")
+                    focus_log.append(entry)
+                    # images spent on this measurement, a discarded probe record included
+                    state["focus_images"] += int(entry[4])
                 if "segment_check_counts" in f:
                     check_counts.clear()
                     check_counts.update(f.pop("segment_check_counts"))
@@ -425,9 +428,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                 return True, path
             case Snap(purpose=purpose):
                 frame = execute(scope, command)
-                key = {"focus": "focus_images", "survey": "survey_images"}.get(purpose)
-                if key:
-                    state[key] += 1
+                if purpose == "survey":
+                    state["survey_images"] += 1
                 return True, frame
             case Move(x_um=x, y_um=y):
                 execute(scope, command)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ from particlewatch.acquisition.plans import (FocusSettings, Move, Report, Save, 
                                              SetMode, Snap, acquire_area, autofocus)
 from particlewatch.acquisition.runner import (FrameWriter, execute, frame_name, plan_tiles,
                                               run_acquisition, run_plan)
-from particlewatch.acquisition.segments import check_segments, segment_grid
+from particlewatch.acquisition.segments import (check_segments, record_has_particles,
+                                                 segment_grid)
 from particlewatch.simulators.render import FrameGeometry
 from particlewatch.simulators.samples import SAMPLES
 from particlewatch.simulators.scope import SimScope
@@ -171,18 +173,28 @@ def _run_area(scope, side_um, rng, kind):
 
 
 def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_factor=1.0,
-                segments=SegmentSettings()):
+                segments=SegmentSettings(), focus=FocusSettings()):
     """One acquisition run (the real plan, frames not written) judged per segment by truth.
 
     Every survey segment of every visited tile is occupied when a particle's centre lies in
-    its stage rectangle; it was acquired when a frame was saved at its centre.
+    its stage rectangle; it was acquired when a frame was saved at its centre. A missed
+    occupied segment is put down to one cause: ``survey`` (the survey called it empty and
+    skipping left it out), ``record_check`` (it was recorded, but the record check saw
+    nothing and the frame was not saved) or ``no_focus`` (never recorded although the survey
+    saw particles: no focus had been found). Every record frame's check verdict is also
+    compared with the truth of its counted part (``false_alarms``: the check saw particles
+    in a survey-empty segment whose counted part holds none).
 
     Returns
     -------
     dict
-        ``occupied``, ``missed`` (occupied, no frame), ``empty``, ``skipped`` (empty, no
-        frame), ``recorded`` (record images taken), ``saved``, ``check`` (the plan's
-        ``segment_check`` summary or None), ``wall_s``.
+        ``occupied``, ``missed``, ``causes`` (dict), ``empty``, ``skipped`` (empty, no
+        frame), ``recorded`` (record images taken), ``saved``, ``focus_images``,
+        ``focus_err_um`` (best-focus error of every saved frame, from the truth),
+        ``dof_um``, ``instrument_s``, ``check`` (the plan's ``segment_check`` summary or
+        None), ``calibrated_after`` (segments compared when skipping went on; None if it
+        never did), ``off_after`` (the same when it went off), ``false_alarms``,
+        ``disagreements`` (survey-empty, record check saw particles), ``wall_s``.
     """
     scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
     if dose_factor != 1.0:
@@ -192,8 +204,17 @@ def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_fa
     rng = np.random.default_rng([seed, 7, kind])
     survey_um = micro.field_of_view_um("survey")[0]
     tiles_list, record, _ = plan_tiles(micro, _run_area(scope, 2.6 * survey_um, rng, kind))
-    surveys, saved = [], []
-    counts = dict(recorded=0)
+    surveys, saved, recorded_xy, errors = [], [], [], []
+    counts = dict(recorded=0, focus_images=0, calibrated_after=None, off_after=None,
+                  false_alarms=0, disagreements=0)
+    margin = segments.overlap / 2
+
+    def counted_truth(frame) -> bool:
+        """Whether a particle centre lies in the record frame's counted part."""
+        rows, cols = frame.image.shape
+        edge_r, edge_c = max(margin * rows, 8), max(margin * cols, 8)
+        return any(edge_c <= p["x_px"] < cols - edge_c and edge_r <= p["y_px"] < rows - edge_r
+                   for p in frame.truth["particles"])
 
     def handle(command):
         match command:
@@ -202,62 +223,122 @@ def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_fa
                 surveys.append(frame)
                 return True, frame
             case Snap(purpose="record"):
+                frame = execute(micro, command)
                 counts["recorded"] += 1
+                recorded_xy.append((frame.stage_x_um, frame.stage_y_um, frame))
+                return True, frame
+            case Snap(purpose="focus"):
+                counts["focus_images"] += 1
                 return False, None
             case Save(frame=frame):
                 saved.append((frame.stage_x_um, frame.stage_y_um))
+                errors.append(frame.defocus_um - scope.true_focus_um(frame.stage_x_um,
+                                                                    frame.stage_y_um))
                 return True, None
+            case Report(fields=f) if "segment_check_counts" in f:
+                c = f["segment_check_counts"]
+                judged = c["occupied_checked"] + c["empty_checked"]
+                if f["segment_check"] == "on" and counts["calibrated_after"] is None:
+                    counts["calibrated_after"] = judged
+                if f["segment_check"] == "off" and counts["off_after"] is None:
+                    counts["off_after"] = judged
         return False, None
 
-    t0 = time.perf_counter()
-    result = run_plan(acquire_area(tiles_list[:tiles], record_field_um=record,
+    clock0, t0 = scope.clock_s, time.perf_counter()
+    result = run_plan(acquire_area(tiles_list[:tiles], record_field_um=record, focus=focus,
                                    segments=segments, start_defocus_um=micro.defocus(),
                                    limits_um=micro.stage_limits_um), micro, handle=handle)
     wall = time.perf_counter() - t0
     out = dict(occupied=0, missed=0, empty=0, skipped=0, recorded=counts["recorded"],
-               saved=len(saved), check=result["segment_check"], wall_s=wall)
+               saved=len(saved), check=result["segment_check"], wall_s=wall,
+               causes={"survey": 0, "record_check": 0, "no_focus": 0},
+               focus_images=counts["focus_images"], focus_err_um=np.asarray(errors),
+               dof_um=scope.depth_of_field_um, instrument_s=scope.clock_s - clock0,
+               calibrated_after=counts["calibrated_after"], off_after=counts["off_after"])
     saved_xy = np.asarray(saved).reshape(-1, 2)
+    rec_xy = np.asarray([(x, y) for x, y, _ in recorded_xy]).reshape(-1, 2)
     half_nm = record[0] * 500.0
+    limits = micro.stage_limits_um
     for survey in surveys:
-        for _, _, r0, r1, c0, c1 in segment_grid(survey.image.shape, survey.pixel_nm,
-                                                 segment_um=record):
-            rows, cols = survey.image.shape
-            x = survey.stage_x_um + ((c0 + c1) / 2 - cols / 2) * survey.pixel_nm / 1000.0
-            y = survey.stage_y_um + ((r0 + r1) / 2 - rows / 2) * survey.pixel_nm / 1000.0
-            if not (micro.stage_limits_um[0] <= x <= micro.stage_limits_um[2]
-                    and micro.stage_limits_um[1] <= y <= micro.stage_limits_um[3]):
+        verdicts = check_segments(survey.image, survey.pixel_nm, segment_um=record,
+                                  overlap=segments.overlap,
+                                  threshold_sigma=segments.threshold_sigma,
+                                  min_size_nm=segments.min_size_nm, polarity=segments.polarity)
+        rows, cols = survey.image.shape
+        for seg in verdicts:
+            x = survey.stage_x_um + seg.dx_um
+            y = survey.stage_y_um + seg.dy_um
+            if not (limits[0] <= x <= limits[2] and limits[1] <= y <= limits[3]):
                 continue
             table = scope.specimen.particles_in(x * 1000 - half_nm, y * 1000 - half_nm,
                                                 x * 1000 + half_nm, y * 1000 + half_nm)
-            occupied = len(table["x_nm"]) > 0
+            # particles_in gives every particle whose bounding box meets the rectangle; a
+            # segment is occupied by the particles centred in it (one that only grazes its
+            # edge is centred in, and judged with, a neighbouring segment)
+            occupied = bool(np.any((np.abs(table["x_nm"] - x * 1000) <= half_nm)
+                                   & (np.abs(table["y_nm"] - y * 1000) <= half_nm)))
+            near = record[0] / 4
             acquired = bool(len(saved_xy)) and bool(np.any(
-                np.hypot(saved_xy[:, 0] - x, saved_xy[:, 1] - y) < record[0] / 4))
+                np.hypot(saved_xy[:, 0] - x, saved_xy[:, 1] - y) < near))
+            was_recorded = bool(len(rec_xy)) and bool(np.any(
+                np.hypot(rec_xy[:, 0] - x, rec_xy[:, 1] - y) < near))
             out["occupied"] += occupied
-            out["missed"] += occupied and not acquired
             out["empty"] += not occupied
             out["skipped"] += (not occupied) and not acquired
+            if occupied and not acquired:
+                out["missed"] += 1
+                cause = ("record_check" if was_recorded else
+                         "no_focus" if seg.has_particles else "survey")
+                out["causes"][cause] += 1
+            if was_recorded and not seg.has_particles:
+                frame = next(f for fx, fy, f in recorded_xy if math.hypot(fx - x, fy - y) < near)
+                seen = record_has_particles(frame.image, frame.pixel_nm,
+                                            bin_px=segments.record_bin_px,
+                                            threshold_sigma=segments.threshold_sigma,
+                                            min_size_nm=segments.min_size_nm,
+                                            polarity=segments.polarity, margin=margin) > 0
+                if seen:
+                    counts["disagreements"] += 1
+                    counts["false_alarms"] += not counted_truth(frame)
+    out["false_alarms"] = counts["false_alarms"]
+    out["disagreements"] = counts["disagreements"]
     return out
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def print_segment_runs(args) -> None:
     print(f"\nwhole runs of the plan (self-calibrating check): {args.run_tiles} tiles per run, "
-          f"{args.size} px, seed {args.seed}, dose x{args.dose_factor:g}")
-    print(f"{'sample':<17}{'det':<7}{'start':<8}{'occupied':>9}{'missed':>8}{'empty':>7}"
-          f"{'skipped %':>10}{'recorded':>9}{'check':>13}  counts (occupied checked / "
-          f"missed / survey-empty checked / spot checks)")
+          f"{args.size} px, seed {args.seed}, dose x{args.dose_factor:g}; focus within DOF: "
+          f"|defocus - true focus| <= depth of field for saved frames; s/frame from the "
+          f"simulator's time model (autoSTEM: {AUTOSTEM_S_PER_FRAME:g} s, "
+          f"{AUTOSTEM_FOCUS_IMAGES} focus images per frame)")
+    print(f"{'sample':<16}{'det':<6}{'start':<7}{'occ':>5}{'miss':>5} {'(sur/rec/foc)':<14}"
+          f"{'empty':>6}{'skip%':>7}{'saved':>6}{'foc/fr':>7}{'inDOF%':>7}{'|err|p90':>9}"
+          f"{'s/fr':>6}{'check':>12}{'calib':>6}{'off@':>5}{'disag':>6}{'false':>6}")
     detectors = (args.detector,) if args.detector else ("bf", "haadf")
-    for sample in SAMPLES:
+    samples = args.samples.split(",") if args.samples else list(SAMPLES)
+    for sample in samples:
         for detector in detectors:
             for kind, name in ((1, "sparse"), (2, "medium")):
                 r = segment_run(sample, detector, tiles=args.run_tiles, size=args.size,
                                 seed=args.seed, kind=kind, dose_factor=args.dose_factor)
                 skip = 100.0 * r["skipped"] / r["empty"] if r["empty"] else float("nan")
                 c = r["check"] or {}
-                print(f"{sample:<17}{detector:<7}{name:<8}{r['occupied']:>9}{r['missed']:>8}"
-                      f"{r['empty']:>7}{skip:>10.1f}{r['recorded']:>9}"
-                      f"{c.get('state', '-'):>13}  {c.get('occupied_checked')} / "
-                      f"{c.get('missed')} / {c.get('empty_checked')} / {c.get('spot_checks')}",
-                      flush=True)
+                n = r["saved"]
+                err = np.abs(r["focus_err_um"])
+                in_dof = 100.0 * np.mean(err <= r["dof_um"]) if n else float("nan")
+                p90 = 1000 * np.percentile(err, 90) if n else float("nan")
+                causes = "/".join(str(r["causes"][k]) for k in ("survey", "record_check",
+                                                                "no_focus"))
+                print(f"{sample:<16}{detector:<6}{name:<7}{r['occupied']:>5}{r['missed']:>5} "
+                      f"{'(' + causes + ')':<14}{r['empty']:>6}{skip:>7.1f}{n:>6}"
+                      f"{r['focus_images'] / max(n, 1):>7.2f}{in_dof:>7.1f}{p90:>7.0f}nm"
+                      f"{r['instrument_s'] / max(n, 1):>6.1f}{c.get('state', '-'):>12}"
+                      f"{_fmt(r['calibrated_after'], 'd'):>6}{_fmt(r['off_after'], 'd'):>5}"
+                      f"{r['disagreements']:>6}{r['false_alarms']:>6}", flush=True)
 
 
 def print_segment_rates(args) -> None:
@@ -296,6 +377,8 @@ def main(argv=None) -> int:
                         help="survey tiles per whole run (--segments)")
     parser.add_argument("--runs-only", action="store_true",
                         help="skip the per-survey table (--segments)")
+    parser.add_argument("--samples", default=None,
+                        help="comma-separated samples for the whole-run table (--segments)")
     parser.add_argument("--detector", choices=("bf", "haadf"), default=None,
                         help="only this detector in the whole-run table (--segments)")
     args = parser.parse_args(argv)
