@@ -55,8 +55,6 @@ _FIT_INLIERS = 0.6
 _FIT_MIN_SPAN_DEG = 150.0
 _FIT_INSIDE = 0.9
 _FIT_TRIALS = 48
-# a refit disc may leave at most this fraction of what its piece alone explained
-_FIT_LEFT = 0.04
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
 _SKIP_ROUNDNESS = 0.9
 
@@ -529,7 +527,7 @@ def _split_region(mask, *, min_marker_px):
         if _is_convex_pts(pts, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
             pieces.append(piece)
             scores.append(np.where(piece, score, -np.inf))
-    pieces, scores = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
+    pieces, scores, rest = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
     whole = [(0, 0) + mask.shape]
     if not pieces:
         return [], np.full(mask.shape, -1), whole
@@ -541,7 +539,7 @@ def _split_region(mask, *, min_marker_px):
         return [], np.full(mask.shape, -1), whole
     scores = np.stack(scores)
     owner = np.where(np.isfinite(scores).any(axis=0), np.argmax(scores, axis=0), -1)
-    return pieces, owner, _unexplained_boxes(mask & ~covered, min_marker_px)
+    return pieces, owner, rest
 
 
 def _unexplained_boxes(rest, min_marker_px):
@@ -551,8 +549,12 @@ def _unexplained_boxes(rest, min_marker_px):
     ``_REST_DEPTH_PX`` thick: thinner slivers are the pixelation and blur left between
     regrown pieces and a ragged outline, not a particle.
     """
-    if not rest.any():
+    rows, cols = np.flatnonzero(rest.any(axis=1)), np.flatnonzero(rest.any(axis=0))
+    if rows.size == 0 or np.count_nonzero(rest) < min_marker_px:
         return []
+    # on the parts' bounding box, with a free pixel around it (depths as on the whole crop)
+    r0, c0 = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
+    rest = rest[r0:rows[-1] + 2, c0:cols[-1] + 2]
     lab, n = ndi.label(rest)
     depth = ndi.distance_transform_edt(rest)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -560,7 +562,8 @@ def _unexplained_boxes(rest, min_marker_px):
     boxes = []
     for k, sl in enumerate(ndi.find_objects(lab)):
         if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > _REST_DEPTH_PX:
-            boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+            boxes.append((r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop,
+                          c0 + sl[1].stop))
     return boxes
 
 
@@ -569,45 +572,30 @@ def _explain(mask, pieces, scores, *, min_marker_px):
 
     UECS regrowth guesses where overlapping particles end inside their shared area and it
     misses a particle whose neck blur has filled in (a small sphere on a large one erodes
-    away inside the large one's marker). Where a piece's free outline (the region's
-    boundary pixels it owns) is a circle, the disc fitted to it is the particle's full
-    extent; a substantial part of the region that no piece covers then gets a disc fitted to
-    its own free outline. Shapes that are not round (cubes, rods) fail the fit and keep
-    their UECS piece; what stays unexplained is reported by the caller.
+    away inside the large one's marker). A substantial part of the region that no piece
+    covers gets the disc fitted to its own free outline (the region's outline pixels on and
+    next to it) when that outline is a circle: the missed particle's full extent. Shapes
+    that are not round (cubes, rods, two particles in one part) fail the fit; what stays
+    unexplained is reported by the caller.
 
-    Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside).
+    Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside)
+    and the boxes of what is still unexplained (:func:`_unexplained_boxes`).
     """
     covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
-    if not _unexplained_boxes(mask & ~covered, min_marker_px):
-        return pieces, scores  # UECS explained the region: its pieces stand
+    rest = mask & ~covered
+    boxes = _unexplained_boxes(rest, min_marker_px)
+    if not boxes:
+        return pieces, scores, []  # UECS explained the region: its pieces stand
     pts = np.argwhere(mask & ~ndi.binary_erosion(mask))  # the region's outline pixels
     pieces, scores = list(pieces), list(scores)
-    if pieces:
-        owner = np.argmax(np.stack(scores), axis=0)
-        owned_by = owner[pts[:, 0], pts[:, 1]]
-        covered_by_any = covered[pts[:, 0], pts[:, 1]]
-    for i in range(len(pieces)):
-        disc = _fit_disc(pts[covered_by_any & (owned_by == i)], mask)
-        if disc is None:
-            continue
-        piece, score = disc
-        own = pieces[i] & (owner == i)
-        # the disc stands for this piece: what the piece alone explained, the disc explains
-        # too (a circle inside a cube leaves its corners: not the particle's shape)
-        others = np.any([q for k, q in enumerate(pieces) if k != i], axis=0) if len(
-            pieces) > 1 else np.zeros(mask.shape, bool)
-        left = np.count_nonzero(own & ~piece & ~others)
-        if own.any() and left <= _FIT_LEFT * np.count_nonzero(own):
-            pieces[i], scores[i] = piece, score
-    covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
-    rest = mask & ~covered
-    for box in _unexplained_boxes(rest, min_marker_px):
-        r0, c0, r1, c1 = box
+    added = False
+    for r0, c0, r1, c1 in boxes:
         part = np.zeros(mask.shape, bool)
         part[r0:r1, c0:c1] = rest[r0:r1, c0:c1]
-        # the part's own free outline, with a few pixels either side where its arc runs on
-        near = ndi.binary_dilation(part, iterations=2)
-        disc = _fit_disc(pts[near[pts[:, 0], pts[:, 1]]], mask)
+        # the part's own free outline, and a few pixels on where its arc runs on
+        near = ((pts[:, 0] >= r0 - 2) & (pts[:, 0] < r1 + 2) & (pts[:, 1] >= c0 - 2)
+                & (pts[:, 1] < c1 + 2))
+        disc = _fit_disc(pts[near], mask)
         if disc is None:
             continue
         piece, score = disc
@@ -617,7 +605,9 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             pieces.append(piece)
             scores.append(score)
             covered |= piece
-    return pieces, scores
+            added = True
+    return pieces, scores, (_unexplained_boxes(mask & ~covered, min_marker_px) if added
+                            else boxes)
 
 
 def _fit_disc(pts, mask):
