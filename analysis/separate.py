@@ -55,6 +55,8 @@ _FIT_INLIERS = 0.6
 _FIT_MIN_SPAN_DEG = 150.0
 _FIT_INSIDE = 0.9
 _FIT_TRIALS = 48
+# the most of an existing piece a disc for a missed particle may cover
+_FIT_MAX_LENS = 0.35
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
 _SKIP_ROUNDNESS = 0.9
 
@@ -542,13 +544,14 @@ def _split_region(mask, *, min_marker_px):
     return pieces, owner, rest
 
 
-def _unexplained_boxes(rest, min_marker_px):
+def _unexplained_boxes(rest, min_marker_px, thick=None):
     """Boxes ``(row0, col0, row1, col1)`` of the parts of ``rest`` that could hold a particle.
 
     A part counts when it is at least ``min_marker_px`` pixels and more than
-    ``_REST_DEPTH_PX`` thick: thinner slivers are the pixelation and blur left between
-    regrown pieces and a ragged outline, not a particle.
+    ``thick`` (default ``_REST_DEPTH_PX``) thick: thinner slivers are the pixelation and blur
+    left between regrown pieces and a ragged outline, not a particle.
     """
+    thick = _REST_DEPTH_PX if thick is None else thick
     rows, cols = np.flatnonzero(rest.any(axis=1)), np.flatnonzero(rest.any(axis=0))
     if rows.size == 0 or np.count_nonzero(rest) < min_marker_px:
         return []
@@ -561,7 +564,7 @@ def _unexplained_boxes(rest, min_marker_px):
     deepest = ndi.maximum(depth, lab, np.arange(1, n + 1))
     boxes = []
     for k, sl in enumerate(ndi.find_objects(lab)):
-        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > _REST_DEPTH_PX:
+        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > thick:
             boxes.append((r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop,
                           c0 + sl[1].stop))
     return boxes
@@ -600,8 +603,16 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             continue
         piece, score = disc
         new = np.count_nonzero(piece & ~covered)
-        if (np.count_nonzero(piece) >= min_marker_px and new >= 0.3 * np.count_nonzero(piece)
-                and np.count_nonzero(piece & part) >= 0.6 * np.count_nonzero(part)):
+        # a missed particle overlaps its neighbours by a lens, never by much of one (a disc
+        # through a rod's end cap that swallows its neighbour is not a particle)
+        lens = max((np.count_nonzero(piece & q) / max(np.count_nonzero(q), 1)
+                    for q in pieces), default=0.0)
+        # and its centre lies outside them (overlaps are shallow lenses)
+        cy, cx = np.round(np.argwhere(piece).mean(axis=0)).astype(int)
+        if (not covered[cy, cx] and np.count_nonzero(piece) >= min_marker_px
+                and new >= 0.3 * np.count_nonzero(piece)
+                and np.count_nonzero(piece & part) >= 0.6 * np.count_nonzero(part)
+                and lens <= _FIT_MAX_LENS):
             pieces.append(piece)
             scores.append(score)
             covered |= piece
