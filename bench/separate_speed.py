@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from particlewatch.analysis.measure import measure
-from particlewatch.analysis.segment import segment
 from particlewatch.analysis.separate import separate
 from particlewatch.simulators.scope import SimScope
 
@@ -35,33 +34,50 @@ WORK = Path(__file__).resolve().parent / "_work" / "separate"
 
 
 def cached_frame(sample, size, seed):
-    """(image, pixel_nm, labels) of the analysis_speed frame, segmented once."""
-    path = WORK / f"speed_{sample}_{size}_{seed}.npz"
+    """(image, pixel_nm, labels) of the analysis_speed frame, segmented once.
+
+    Cached under the simulator's source tag and the labels under segment.py's (see
+    ``separate_accuracy.frame_at``), so either changing re-makes what depends on it.
+    """
+    from separate_accuracy import cached_labels, sim_tag  # bench/ is on the path as a script
+    stem = f"speed_{sample}_{size}_{seed}.sim-{sim_tag()}"
+    path = WORK / f"{stem}.npz"
     if not path.exists():
         WORK.mkdir(parents=True, exist_ok=True)
         scope = SimScope(sample, seed=seed, size_px=size)
         scope.move_stage(3.0, -2.0)
         scope.set_defocus(scope.true_focus_um())
         frame = scope.snap()
-        labels = segment(frame.image, frame.pixel_nm)
-        np.savez_compressed(path, image=frame.image, labels=labels, pixel_nm=frame.pixel_nm)
+        for old in WORK.glob(f"speed_{sample}_{size}_{seed}.*npz"):
+            old.unlink(missing_ok=True)
+        np.savez_compressed(path, image=frame.image, pixel_nm=frame.pixel_nm)
     data = np.load(path)
-    return data["image"], float(data["pixel_nm"]), data["labels"]
+    image, pixel_nm = data["image"], float(data["pixel_nm"])
+    return image, pixel_nm, cached_labels(stem, image, pixel_nm)
+
+
+def module_at(rev, relpath):
+    """The module ``relpath`` (e.g. ``analysis/separate.py``) as it was at git revision ``rev``.
+
+    Loaded as a temporary submodule of the installed package, so its relative imports resolve.
+    """
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:{relpath}"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    stem = Path(relpath).stem
+    path = Path(tempfile.mkdtemp()) / f"{stem}_ref.py"
+    path.write_text(source)
+    package = "particlewatch." + Path(relpath).parent.as_posix().replace("/", ".")
+    spec = importlib.util.spec_from_file_location(f"{package}._{stem}_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def separate_at(rev):
     """``separate`` from ``analysis/separate.py`` at git revision ``rev`` (a temporary module)."""
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:analysis/separate.py"], cwd=root,
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "separate_ref.py"
-    path.write_text(source)
-    # a submodule of the installed package, so its relative imports resolve
-    spec = importlib.util.spec_from_file_location("particlewatch.analysis._separate_ref", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.separate
+    return module_at(rev, "analysis/separate.py").separate
 
 
 def best_times(fn, image, px, labels, method, repeat):
