@@ -100,7 +100,8 @@ def measure(labels, image, pixel_nm, *, masks=None):
         sheet, sheet_image, offsets = _mosaic(masks, image)
         # a mask's outline is refined on the frame itself: where it faces the background the
         # image has an edge, where it crosses a neighbour it has none (see _edge_points)
-        part = _measure_labels(sheet, sheet_image, smooth, frame=(labels, offsets))
+        part = _measure_labels(sheet, sheet_image, smooth,
+                               frame=(labels, offsets, _smooth_noise(smooth, labels)))
         shift = offsets[part["particle_id"]]
         part["y"] = part["y"] + shift[:, 0]
         part["x"] = part["x"] + shift[:, 1]
@@ -270,6 +271,20 @@ def _edge_image(image):
     return out
 
 
+def _smooth_noise(smooth, labels):
+    """Standard deviation of the noise of the smoothed frame, from its background.
+
+    Differences of background pixels 5 px apart along rows (beyond the smoothing kernel's
+    reach, so their noise is independent): σ = MAD·1.4826 / √2. Every 4th row is enough.
+    """
+    a, b = smooth[::4, :-5], smooth[::4, 5:]
+    bg = (labels[::4, :-5] == 0) & (labels[::4, 5:] == 0)
+    d = (a - b)[bg]
+    if d.size < 100:
+        return 0.0
+    return float(1.4826 / np.sqrt(2) * np.median(np.abs(d - np.median(d))))
+
+
 def _edge_points(labels, smooth=None, frame=None):
     """One point per pixel edge between a label and anything else.
 
@@ -311,7 +326,7 @@ def _edge_points(labels, smooth=None, frame=None):
     if frame is None:
         free = pf[outer] == 0
     else:
-        frame_labels, offsets = frame
+        frame_labels, offsets = frame[:2]
         h, w = frame_labels.shape
         fr = ri + offsets[lab, 0].astype(np.intp)
         fc = ci + offsets[lab, 1].astype(np.intp)
@@ -329,10 +344,108 @@ def _edge_points(labels, smooth=None, frame=None):
         level = (np.bincount(lab, np.where(free, vin + vout, 0.0), n)
                  / np.maximum(2 * np.bincount(lab, free, n), 1))
         step = vin - vout
+        reach = None
+        if frame is not None:
+            # a split piece's mask is regrown from an eroded marker, so where it faces no
+            # neighbour it may still stop short of the particle's edge (a cube's corners come
+            # back rounded by the erosion depth): there the outside pixel still lies on the
+            # particle's side of its edge level. Those edges leave the level, and their
+            # points are sought further out (_march_out)
+            sign = np.sign(np.bincount(lab, np.where(free, step, 0.0), n))[lab]
+            # short only where significantly so: the outside pixel lies beyond the level by
+            # more than the smoothed frame's noise allows (z standard deviations). On a faint,
+            # noisy particle (polystyrene, silica at low dose) a pixel beyond the level is
+            # mostly noise, and marching out from it would grow the particle
+            noise = frame[2]
+            short = free & (sign * (vout - level[lab]) > _SHORT_Z * noise)
+            if short.any():
+                good = free & ~short
+                level = (np.bincount(lab, np.where(good, vin + vout, 0.0), n)
+                         / np.maximum(2 * np.bincount(lab, good, n), 1))
+                short &= sign * (vout - level[lab]) > 0
+                reach, found = _march_out(frame_labels, smooth, lab, fr, fc, dr, dc,
+                                          level[lab], sign, short, noise)
+                free = free & (~short | found)
         with np.errstate(invalid="ignore", divide="ignore"):
             f = (vin - level[lab]) / step
         frac = np.where(np.isfinite(f) & free, np.clip(f, 0.0, 1.0), 0.5)
+        if reach is not None:
+            frac = np.where(short & free, reach, frac)
     return lab, ri + frac * dr, ci + frac * dc, free
+
+
+# a split piece's edge is sought beyond its mask only where the outside pixel lies beyond the
+# level by this many standard deviations of the smoothed frame's noise (one-sided 0.13%)
+_SHORT_Z = 3.0
+_DROP_PX = 2  # the image must have fallen clearly below the level this far past the crossing
+_DROP_Z = 3.0  # ... by this many noise standard deviations
+_SIDE_PX = 2  # a ray passing another particle this close (across it) runs along a neck
+_MARCH_PX = 16  # furthest a split piece's edge is sought beyond its mask (px)
+
+
+def _march_out(frame_labels, smooth, lab, fr, fc, dr, dc, level, sign, which, noise):
+    """Where the image crosses the edge level beyond a mask's edge, along the edge's normal.
+
+    For the edges ``which`` (inside pixel at frame ``fr, fc``, outward step ``dr, dc``), the
+    pixel centres 1, 2, … :data:`_MARCH_PX` steps out are scanned until the smoothed frame
+    falls to the particle's edge level (``sign``: +1 bright, -1 dark). The scan gives up
+    where it enters another particle's pixels (a neighbour: the edge there is unknown), passes
+    one within :data:`_SIDE_PX` across the ray (a neck, where both particles' blurred edges
+    hold the image near the level) or leaves the frame. A crossing counts only where it is
+    an edge and not noise: :data:`_DROP_PX` further out the image lies below the level by
+    more than :data:`_DROP_Z` × ``noise`` (the smoothed frame's noise). So a faint particle
+    at low dose, whose edge does not stand out of its noise, is left as its mask has it.
+    Any point of the edge's iso-line is a point of the outline, so an axis-aligned scan is
+    as good as a radial one.
+
+    Returns
+    -------
+    reach : ndarray
+        Distance (in steps from the inside pixel) of the crossing, for every edge (1 where
+        none was sought).
+    found : ndarray of bool
+        ``which`` edges whose crossing was found.
+    """
+    idx = np.flatnonzero(which)
+    reach = np.ones(lab.size)
+    found = np.zeros(lab.size, bool)
+    if idx.size == 0:
+        return reach, found
+    h, w = smooth.shape
+    t = np.arange(1, _MARCH_PX + _DROP_PX + 1)
+    rows = fr[idx, None] + dr[idx, None] * t
+    cols = fc[idx, None] + dc[idx, None] * t
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    rr, cc = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+    mine = lab[idx, None]
+    other = frame_labels[rr, cc]
+    blocked = ~inside | ((other != 0) & (other != mine))
+    # a ray that runs past a neighbour (within _SIDE_PX across it) is in a neck between
+    # two particles, where the blurred edges of both keep the image near the level
+    for side in (-_SIDE_PX, _SIDE_PX):
+        o = frame_labels[np.clip(rr + side * dc[idx, None], 0, h - 1),
+                         np.clip(cc + side * dr[idx, None], 0, w - 1)]
+        blocked |= (o != 0) & (o != mine)
+    v = sign[idx, None] * (smooth[rr, cc].astype(np.float64) - level[idx, None])
+    below = (v <= 0) & ~blocked
+    below[:, _MARCH_PX:] = False
+    # the first step at or below the level, before any blocked one
+    first_below = np.where(below.any(1), below.argmax(1), _MARCH_PX)
+    first_blocked = np.where(blocked.any(1), blocked.argmax(1), _MARCH_PX + _DROP_PX)
+    # an edge, not noise: _DROP_PX beyond the crossing the image has fallen clearly
+    # (significantly against the noise) below the level, and nothing blocks the way there
+    after = np.minimum(first_below + _DROP_PX, t.size - 1)
+    drop = -v[np.arange(idx.size), after] > _DROP_Z * noise
+    ok = (first_below < first_blocked) & (first_below > 0) & drop & (after < first_blocked)
+    j = first_below[ok]
+    k = np.flatnonzero(ok)
+    v0, v1 = v[k, j - 1], v[k, j]
+    # linear between the last pixel above the level (t = j) and the first below (t = j + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.clip(v0 / (v0 - v1), 0.0, 1.0)
+    reach[idx[k]] = t[j - 1] + np.where(np.isfinite(frac), frac, 0.5)
+    found[idx[k]] = True
+    return reach, found
 
 
 def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None):
