@@ -130,3 +130,78 @@ def test_real_haadf_dm4_is_sensible():
     assert image[labels > 0].mean() > np.median(image[labels == 0]) * 1.5
     # the particle cut by the bottom border (centre near row 110, column 38) is not kept
     assert not labels[-1].any()
+
+
+# -- faint particles in crowded frames and at low dose (issue 4 / session recall) ----------
+
+# Stage positions of the ps-bimodal session (seed 0): the crowded corner its serpentine
+# starts in, 3-4x the particles of the bench frames above.
+_CROWDED_STAGES = ((-25.344, -25.344), (-20.224, -25.344), (-15.104, -25.344),
+                   (-25.344, -20.224), (-20.224, -20.224), (-15.104, -20.224))
+
+
+def _recall_precision(frame, labels, *, population=None, gap_diameters=0.0):
+    """Recall of truth particles of ``population`` that overlap nothing, are whole and have
+    no truth neighbour closer (edge to edge) than ``gap_diameters`` of their own diameter;
+    precision of every detection (its centroid inside some truth particle's circumcircle)."""
+    px = frame.truth["pixel_nm"]
+    truth = frame.truth["particles"]
+    txy = np.array([[p["x_px"], p["y_px"]] for p in truth])
+    r = np.array([p["ecd_nm"] / px / 2 for p in truth])
+    rmax = np.array([p["feret_max_nm"] / px / 2 for p in truth])
+    gap = np.hypot(*(txy[:, None, :] - txy[None, :, :]).transpose(2, 0, 1)) - r[:, None] - r
+    np.fill_diagonal(gap, np.inf)
+    wanted = np.array([not p["touches_edge"] and not p["overlaps"]
+                       and (population is None or p["population"] == population)
+                       for p in truth]) & (gap.min(1) >= gap_diameters * 2 * r)
+    n = int(labels.max())
+    if n == 0:
+        return 0, int(wanted.sum()), 0, 0
+    yy, xx = np.indices(labels.shape)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    cy = np.bincount(labels.ravel(), yy.ravel(), n + 1)[1:] / area
+    cx = np.bincount(labels.ravel(), xx.ravel(), n + 1)[1:] / area
+    d = np.hypot(cx[:, None] - txy[None, :, 0], cy[:, None] - txy[None, :, 1])
+    found = (d <= 0.7 * r[None, :]).any(0)
+    true = (d <= rmax[None, :] + 1.0).any(1)
+    return int((found & wanted).sum()), int(wanted.sum()), int(true.sum()), n
+
+
+def test_faint_particles_in_crowded_frames_are_found():
+    # PS50 among 3-4x more PS100 and their touching groups, defocus within the depth of
+    # field either way (as autofocus leaves it): the PS50 that stand apart (no neighbour
+    # within half a diameter) are found as on sparse frames. The frame-level choices (the
+    # denoising width, the background scale, the significance test) followed the PS100 here
+    # and lost one such PS50 in seven.
+    hit = total = true = detected = 0
+    for i, stage in enumerate(_CROWDED_STAGES):
+        scope = SimScope("ps-bimodal", seed=0, size_px=1024)
+        scope.move_stage(*stage)
+        scope.set_defocus(scope.true_focus_um() + (0.02 if i % 2 else -0.02))
+        assert abs(scope.defocus() - scope.true_focus_um()) < scope.depth_of_field_um
+        frame = scope.snap()
+        counts = _recall_precision(frame, segment(frame.image, frame.pixel_nm),
+                                   population=0, gap_diameters=0.5)
+        hit, total, true, detected = (a + b for a, b in zip((hit, total, true, detected),
+                                                             counts))
+    assert total >= 80
+    assert hit / total >= 0.93
+    assert true / detected >= 0.98
+
+
+@pytest.mark.parametrize("sample, recall", [("ps50", 0.965), ("ps-bimodal", 0.95)])
+def test_polystyrene_at_quarter_dose_is_found(sample, recall):
+    # a quarter of the default dose, isolated particles, 4 frames of 1024²
+    hit = total = true = detected = 0
+    for i, stage in enumerate(_STAGES + ((-3.0, -25.0),)):
+        probe = SimScope(sample, seed=1 + i, size_px=1024)
+        scope = SimScope(sample, seed=1 + i, size_px=1024, dose=probe.dose * 0.25)
+        scope.move_stage(*stage)
+        scope.set_defocus(scope.true_focus_um())
+        frame = scope.snap()
+        counts = _recall_precision(frame, segment(frame.image, frame.pixel_nm))
+        hit, total, true, detected = (a + b for a, b in zip((hit, total, true, detected),
+                                                             counts))
+    assert total >= 100
+    assert hit / total >= recall
+    assert true / detected >= 0.98
