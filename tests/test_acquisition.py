@@ -503,3 +503,50 @@ def test_segment_check_calibration_bounds_and_switches():
     assert [cal.record_anyway() for _ in range(6)] == [False, False, True] * 2
     assert cal.add(survey_occupied=False, record_occupied=True) == "off"
     assert cal.record_anyway() and "1 of 60 occupied segments looked empty" in cal.note()
+
+
+# --- focus curve: noise-weighted fit with sanity checks, band sharpness ------------------------
+
+def test_fit_focus_curve_recovers_the_centre_from_noisy_flanks_and_checks_itself():
+    from particlewatch.acquisition.focus import fit_focus_curve, focus_curve
+
+    rng = np.random.default_rng(2)
+    x = np.linspace(-0.6, 0.6, 7) + 0.05  # lopsided around the peak on purpose
+    errors = []
+    for _ in range(20):
+        y = focus_curve(x, 0.013, 0.3, 1.0, 0.1, 0.7) + rng.normal(0, 0.01, x.size)
+        fit = fit_focus_curve(x, y, 0.01)
+        assert fit.ok, fit
+        errors.append((fit.center - 0.013) / fit.center_sd)
+    # the reported standard error is honest: the errors scatter by about one of it
+    assert 0.4 < np.std(errors) < 2.0, errors
+    assert fit_focus_curve(x, 0.5 + rng.normal(0, 0.01, x.size), 0.01).reason == "flat"
+    edge = focus_curve(x, 0.9, 0.3, 1.0, 0.1, 0.7)  # peak beyond the sweep
+    assert fit_focus_curve(x, edge, 0.01).reason == "edge"
+    # with the shape known, three points fix the centre
+    three = np.array([-0.2, 0.0, 0.2])
+    fit = fit_focus_curve(three, focus_curve(three, 0.04, 0.3, 1.0, 0.1, 0.7), 0.005,
+                          width=0.3, power=0.7)
+    assert fit.ok and fit.center == pytest.approx(0.04, abs=1e-4)
+
+
+@pytest.mark.parametrize("sample", ["ps100", "au10"])
+def test_band_sharpness_peaks_at_true_focus_and_estimates_its_noise(sample):
+    from particlewatch.acquisition.focus import band_sharpness
+
+    scope = _scope(sample, seed=2)
+    scope.move_stage(*_populated_positions(scope, 1, seed=2, min_density=0.5)[0])
+    focus = scope.true_focus_um()
+    values = {}
+    for offset in (-0.6, -0.3, 0.0, 0.3, 0.6):
+        scope.set_defocus(focus + offset)
+        values[offset] = [band_sharpness(scope.snap().image) for _ in range(4)]
+    mean = {k: np.mean([v for v, _ in vs]) for k, vs in values.items()}
+    assert max(mean, key=mean.get) == 0.0
+    assert mean[-0.6] < mean[-0.3] < mean[0.0] > mean[0.3] > mean[0.6]
+    measured = np.std([v for v, _ in values[0.0]], ddof=1)
+    estimated = np.mean([sd for _, sd in values[0.0]])
+    assert measured < 3 * estimated
+    blank = np.random.default_rng(0).poisson(100, (SIZE, SIZE))
+    v, sd = band_sharpness(blank)
+    assert abs(v) < 4 * sd
