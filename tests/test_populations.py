@@ -221,6 +221,30 @@ def test_density_methods_leave_outliers_out(method):
     assert (labels[truth == -1] == -1).mean() > 0.5
 
 
+def test_optics_on_thousands_of_particles_keeps_a_small_population():
+    # OPTICS clusters a subsample of a large table and classifies the rest: a population
+    # of 8% must still be found whole, with its own mean and fraction
+    spec = SampleSpec("mix3", "spheres, rods and large spheres", (
+        Population("sphere", "au", 24.0, 2.0, fraction=0.55),
+        Population("rod", "au", 39.0, 3.5, width_nm=12.0, width_sd_nm=1.2, fraction=0.37),
+        Population("sphere", "au", 60.0, 5.0, fraction=0.08)), pixel_nm=0.8,
+        detector="haadf")
+    table, truth = measured_table(spec, 5000, seed=9)
+    labels = find_populations(table, method="optics")
+    ids = sorted(set(labels.tolist()) - {-1})
+    assert len(ids) == 3
+    inliers = labels >= 0
+    for pid in ids:
+        counts = np.bincount(truth[(labels == pid) & (truth >= 0)], minlength=3)
+        true_id = int(counts.argmax())
+        assert counts[true_id] / counts.sum() > 0.97
+        assert abs((labels[inliers] == pid).mean() - spec.populations[true_id].fraction) < 0.03
+        true_mean = table["ecd_nm"][truth == true_id].mean()
+        assert abs(table["ecd_nm"][labels == pid].mean() / true_mean - 1) < 0.02
+    assert (labels[truth == -1] == -1).mean() > 0.8
+    assert (labels[truth >= 0] == -1).mean() < 0.08
+
+
 def test_max_populations_is_respected():
     rng = np.random.default_rng(8)
     d = np.concatenate([rng.normal(m, 0.04 * m, 400) for m in (10, 20, 40, 80)])
