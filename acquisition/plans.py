@@ -16,7 +16,8 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 
-from .focus import FocusModel, fit_gaussian, noise_floor, parabola_vertex, sharpness
+from .focus import (FocusModel, band_sharpness, fit_focus_curve, noise_floor, parabola_vertex,
+                    sharpness_and_noise)
 from .protocol import Frame, validate_mode
 from .segments import (Segment, SegmentCheckCalibration, check_segments, focus_window,
                        record_has_particles, record_particle_peaks)
@@ -92,20 +93,29 @@ class FocusSettings:
     Attributes
     ----------
     span_um : float
-        Defocus range of the first sweep.
+        Defocus range of the first (coarse) sweep.
     steps : int
-        Images per sweep (at most 7 by design).
+        Images of the coarse sweep (5: the fewest that fit the focus curve's five
+        parameters; at least 5).
     max_rounds : int
-        Sweeps before giving up (each shifted or narrowed after the last).
+        Sweeps before giving up (coarse sweeps shifted or widened after the last, and short
+        refining sweeps).
     quick_steps : int
         Images of the quick check around a predicted focus (3).
+    refine_steps : int
+        Images of each refining sweep over the flanks of a peak found but not yet pinned to
+        ``measurement_sd_um`` (weak contrast, low dose, small frames).
     quick_step_um : float or None
-        Spacing of the quick check; None: the width of the last fitted sharpness curve.
+        Spacing of the quick check; None: from the shape of the last fitted focus curve.
     radius_px : float
-        Ring radius of the sharpness metric.
+        Ring radius of the ``"ring"`` sharpness metric.
+    metric : {"band", "ring"}
+        Sharpness measure: ``"band"`` (:func:`~.focus.band_sharpness`, power at the length
+        scales defocus blurs, noise removed; default) or ``"ring"``
+        (:func:`~.focus.sharpness`, the autoSTEM-style autocorrelation peak over a ring).
     empty_factor : float
-        A sweep whose sharpness never exceeds ``empty_factor`` × the noise floor is an empty
-        area.
+        A quick check without a known curve shape needs sharpness above ``empty_factor`` ×
+        its noise in all three images.
     refocus_distance_um : float
         Measure focus again when the nearest measurement is farther than this, however
         well the focus model predicts (bending and ripples of the film).
@@ -114,29 +124,39 @@ class FocusSettings:
         (:meth:`~.focus.FocusModel.uncertainty_um`) exceeds this; a fraction of the depth
         of field.
     measurement_sd_um : float
-        Assumed scatter of one focus measurement (for the model's uncertainty).
+        Precision one focus measurement must reach (the standard error of the fitted
+        centre; refining images are taken until it does), and so the scatter the focus model
+        assumes for it. 0.012 µm is 0.4 of the simulator's 30 nm depth of field (a
+        measurement then lands within the depth of field ~98% of the time); set it to about
+        0.4 × the instrument's depth of field at record magnification.
     max_slope : float
         Steepest focus slope (µm per µm of stage travel; 0.01 = 10 mrad of specimen tilt)
         assumed before three measurements fix a plane.
     """
 
     span_um: float = 1.2
-    steps: int = 7
-    max_rounds: int = 4
+    steps: int = 5
+    max_rounds: int = 5
     quick_steps: int = 3
+    refine_steps: int = 2
     quick_step_um: float | None = None
     radius_px: float = 6.0
+    metric: str = "band"
     empty_factor: float = 6.0
     refocus_distance_um: float = 4.0
     tolerance_um: float = 0.02
-    measurement_sd_um: float = 0.008
+    measurement_sd_um: float = 0.012
     max_slope: float = 0.01
 
     def __post_init__(self):
-        if not 4 <= self.steps <= 15:
-            raise ValueError(f"steps must be between 4 and 15, got {self.steps}")
+        if not 5 <= self.steps <= 15:
+            raise ValueError(f"steps must be between 5 and 15, got {self.steps}")
         if not self.span_um > 0:
             raise ValueError(f"span_um must be > 0, got {self.span_um}")
+        if self.metric not in ("band", "ring"):
+            raise ValueError(f"metric must be 'band' or 'ring', got {self.metric!r}")
+        if not 2 <= self.refine_steps <= 7:
+            raise ValueError(f"refine_steps must be between 2 and 7, got {self.refine_steps}")
         if self.quick_steps != 3:
             raise ValueError(f"quick_steps must be 3, got {self.quick_steps}")
         if not 0 <= self.measurement_sd_um < self.tolerance_um:
@@ -167,7 +187,9 @@ class FocusResult:
     ``status`` is ``"ok"``, ``"empty"`` (no structure to focus on) or ``"failed"`` (no
     trustworthy peak after ``max_rounds`` sweeps); ``defocus_um`` is the best focus found
     (for ``failed``, the sharpest image's defocus; for ``empty``, the starting value).
-    ``images`` counts the images taken; ``width_um`` is the fitted sharpness-curve sigma.
+    ``images`` counts the images taken; ``width_um`` and ``power`` are the fitted focus
+    curve's shape (:func:`~.focus.focus_curve`) and ``center_sd_um`` the standard error of
+    the answer.
     """
 
     defocus_um: float
@@ -176,37 +198,70 @@ class FocusResult:
     width_um: float = math.nan
     method: str = "sweep"
     sweeps: tuple = field(default=(), repr=False)
+    power: float = math.nan
+    center_sd_um: float = math.nan
 
 
-def _sweep(center: float, span: float, steps: int, metric, window=None) -> Plan:
-    defoci = np.linspace(center - span / 2, center + span / 2, steps)
-    values = []
-    shape = None
+def _measure(metric, image) -> tuple[float, float]:
+    """``(sharpness, its noise)``; a metric returning a bare number gets the noise floor."""
+    value = metric(image)
+    if isinstance(value, tuple):
+        return float(value[0]), float(value[1])
+    return float(value), noise_floor(image.shape)
+
+
+def _sweep(defoci, metric, window=None) -> Plan:
+    values, noise = [], []
     for d in defoci:
         yield SetDefocus(float(d))
         frame = yield Snap("focus")
         image = frame.image if window is None else frame.image[window]
-        shape = image.shape
-        values.append(metric(image))
-    return defoci, np.asarray(values), shape
+        v, sd = _measure(metric, np.asarray(image))
+        values.append(v)
+        noise.append(sd)
+    return np.asarray(defoci, dtype=np.float64), np.asarray(values), np.asarray(noise)
+
+
+def _flank_um(width_um: float, power: float) -> float:
+    """Distance from the centre of :func:`~.focus.focus_curve` to its steepest point, where
+    one image says most about where the centre is."""
+    return float(width_um) / math.sqrt(2.0 * float(power) + 1.0)
+
+
+def _flank_offsets(n: int) -> np.ndarray:
+    """``n`` refining positions in units of the flank distance: alternately on the lower
+    and upper flank (a symmetric pair pins the centre, whatever the curve's height)."""
+    return np.resize(np.array([-1.0, 1.0]), n)
+
+
+def _default_metric(settings):
+    if settings.metric == "band":
+        return band_sharpness
+    return lambda image: sharpness_and_noise(image, radius_px=settings.radius_px)
 
 
 def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings(),
               metric: Callable[[np.ndarray], float] | None = None,
-              window: tuple[slice, slice] | None = None) -> Plan:
-    """Find best focus by defocus sweeps, autocorrelation sharpness and a Gaussian fit.
+              window: tuple[slice, slice] | None = None, prior=None) -> Plan:
+    """Find best focus by defocus sweeps, autocorrelation sharpness and a fitted focus curve.
 
-    Each round takes ``settings.steps`` images evenly over ``span`` around ``center``, fits
-    a Gaussian to sharpness vs defocus, then:
+    Each round takes images over a defocus range and fits :func:`~.focus.focus_curve` (a
+    symmetric peak whose flanks fall as a power of the blur width) to *all* images so far,
+    each weighted by its noise (:func:`~.focus.sharpness_and_noise`), then checks the fit
+    (:func:`~.focus.fit_focus_curve`) and:
 
-    - a peak at the sweep edge (the sharpest image is the first or last) shifts the sweep
-      by most of a span that way;
-    - a curve flatter than the sweep (fitted width > span) is taken as "far from focus":
-      the next sweep is three times wider, centred on the sharpest image;
-    - a curve much narrower than the steps (under-sampled) zooms in on the fitted centre;
-    - otherwise the fitted centre is the answer.
+    - ``flat`` (no change above the noise): the first time, sweep three times wider around
+      the same centre (focus may be far away); after that, the area is ``empty`` when no
+      image showed structure above its noise, else the focus ``failed`` (too weak a
+      specimen for these images: the caller keeps what it has rather than judge the area
+      empty);
+    - ``edge`` (the peak is not bracketed): shift by most of a span towards the sharper end;
+    - ``under-sampled`` (peak narrower than the steps): sweep again over ±3 widths;
+    - a trustworthy fit whose centre is known to ``settings.measurement_sd_um``: done;
+    - a trustworthy fit whose centre is not yet that precise (weak contrast, low dose): a
+      short sweep of ``settings.refine_steps`` images over the flanks, where sharpness
+      changes fastest with defocus and so pins the centre best, and fit again.
 
-    A sweep with no sharpness above the noise floor is an empty area (status ``empty``).
     Ends with the defocus set to the answer.
 
     Parameters
@@ -215,85 +270,132 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
         Centre of the first sweep (the current or predicted focus).
     settings : FocusSettings
     metric : callable, optional
-        ``image -> sharpness``; default :func:`~.focus.sharpness` with ``settings.radius_px``.
+        ``image -> sharpness`` or ``image -> (sharpness, noise)``; default
+        :func:`~.focus.sharpness_and_noise` with ``settings.radius_px``. A bare number is
+        given the noise floor of a structureless image as its noise.
     window : (slice, slice), optional
         Measure sharpness on this part of each image only (where the particles are, see
-        :func:`~.segments.focus_window`); the noise floor is that of the window.
+        :func:`~.segments.focus_window`).
+    prior : tuple of arrays, optional
+        ``(defoci, values, noise)`` measured just before at the same place (a quick check's
+        three images), fitted together with the new ones.
 
     Returns
     -------
     FocusResult
         (the generator's return value: ``result = yield from autofocus(...)``)
     """
-    metric = metric or (lambda image: sharpness(image, radius_px=settings.radius_px))
+    metric = metric or _default_metric(settings)
     center, span = float(center_um), float(settings.span_um)
+    xs, ys, sds = ([np.asarray(a, dtype=np.float64) for a in prior] if prior is not None
+                   else [np.zeros(0), np.zeros(0), np.zeros(0)])
     images = 0
     sweeps = []
-    best_d, best_s = center, -math.inf
+    widened = False
+    defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
+    fit = good = None
     for _ in range(settings.max_rounds):
-        defoci, values, shape = yield from _sweep(center, span, settings.steps, metric, window)
-        images += len(defoci)
-        sweeps.append((tuple(defoci.tolist()), tuple(values.tolist())))
-        i_max = int(np.argmax(values))
-        if values[i_max] > best_s:
-            best_d, best_s = float(defoci[i_max]), float(values[i_max])
-        floor = noise_floor(shape)
-        if values.max() < settings.empty_factor * floor and best_s < settings.empty_factor * floor:
-            if len(sweeps) == 1 and values.max() > 2 * floor:
-                # Faint structure, nothing sharp: widen once in case focus is far away.
-                span *= 3
-                continue
-            yield SetDefocus(float(center_um))
-            return FocusResult(float(center_um), "empty", images, sweeps=tuple(sweeps))
-        step = span / (settings.steps - 1)
-        fit = fit_gaussian(defoci, values)
-        if i_max in (0, len(defoci) - 1):
-            direction = -1 if i_max == 0 else 1
-            center = float(defoci[i_max]) + direction * 0.4 * span
+        d, v, sd = yield from _sweep(defoci, metric, window)
+        images += len(d)
+        sweeps.append((tuple(d.tolist()), tuple(v.tolist())))
+        xs, ys, sds = np.r_[xs, d], np.r_[ys, v], np.r_[sds, sd]
+        fit = fit_focus_curve(xs, ys, sds)
+        if fit.ok and (good is None or fit.center_sd <= good.center_sd):
+            good = fit  # a later, noisier look must not throw away a peak already found
+        best_d = float(xs[int(np.argmax(ys))])
+        step = span / (len(defoci) - 1) if len(defoci) > 1 else span
+        if fit.ok and fit.center_sd <= settings.measurement_sd_um:
+            break
+        if fit.ok:
+            # flanks at ±w/sqrt(2p+1) (steepest slope of the curve) carry the most
+            # information on the centre: sample around them, on both sides
+            half = _flank_um(fit.width, fit.power)
+            span = 2 * half
+            defoci = fit.center + half * _flank_offsets(settings.refine_steps)
             continue
-        if not fit.ok or fit.sigma > span:
-            center = float(defoci[i_max])
-            span = span * 3 if fit.ok else span
-            continue
-        if fit.sigma < 0.5 * step or not defoci[0] <= fit.center <= defoci[-1]:
-            # Under-sampled peak: sweep again over +-3 widths of what was seen.
-            center = float(fit.center) if defoci[0] <= fit.center <= defoci[-1] else best_d
-            span = max(6 * max(fit.sigma, step / 4), 2 * step)
-            continue
-        yield SetDefocus(fit.center)
-        return FocusResult(fit.center, "ok", images, fit.sigma, "sweep", tuple(sweeps))
+        if fit.reason == "flat":
+            if widened and good is not None:
+                break
+            if widened and not np.any(ys > 5 * sds):
+                # no image shows structure above its noise: nothing to focus on
+                yield SetDefocus(float(center_um))
+                return FocusResult(float(center_um), "empty", images, sweeps=tuple(sweeps))
+            if widened:
+                break  # structure, but no peak stands out of the noise: failed, not empty
+            widened = True
+            span *= 3
+        elif fit.reason == "edge":
+            lo_x, hi_x = float(d.min()), float(d.max())
+            up = v[np.argmax(d)] > v[np.argmin(d)]
+            center = (hi_x if up else lo_x) + (0.4 if up else -0.4) * span
+        elif fit.reason == "under-sampled":
+            center = fit.center if d.min() <= fit.center <= d.max() else best_d
+            span = max(6 * max(fit.width, step / 4), 2 * step)
+        else:  # the fit itself failed: look again, wider, around the sharpest image
+            center, span = best_d, span * 2
+        defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
+    if good is not None:
+        yield SetDefocus(good.center)
+        return FocusResult(good.center, "ok", images, good.width, "sweep", tuple(sweeps),
+                           good.power, good.center_sd)
+    best_d = float(xs[int(np.argmax(ys))])
     yield SetDefocus(best_d)
     return FocusResult(best_d, "failed", images, sweeps=tuple(sweeps))
 
 
-def quick_focus(*, predicted_um: float, step_um: float, settings: FocusSettings = FocusSettings(),
+def quick_focus(*, predicted_um: float, step_um: float, power: float | None = None,
+                settings: FocusSettings = FocusSettings(),
                 metric: Callable[[np.ndarray], float] | None = None,
                 window: tuple[slice, slice] | None = None) -> Plan:
-    """Check a predicted focus with three images and correct it, or fall back to a sweep.
+    """Check a predicted focus with three images and correct it, or go on to a sweep.
 
-    Images at ``predicted - step``, ``predicted``, ``predicted + step``; a Gaussian is a
-    parabola in ``log(sharpness)``, so its vertex is the corrected focus. If the middle image
-    is not the sharpest (focus lies outside the bracket) or the sharpness is at the noise
-    floor, a full :func:`autofocus` sweep starts from the best of the three.
+    With the focus curve's shape known from an earlier sweep nearby (``step_um`` its width,
+    ``power`` its power: both depend on the optics and the specimen's texture, not on where
+    focus is), three images at the predicted focus and on its two steepest flanks fix the
+    curve's centre, height and offset (:func:`~.focus.fit_focus_curve` with the shape
+    fixed). While the centre is not yet known to ``settings.measurement_sd_um`` (weak
+    contrast, small frames), pairs of images on the flanks of the fitted centre are added,
+    at most two pairs (7 images). Without ``power``, images at ``predicted ±
+    step_um`` and a parabola through ``log(sharpness)`` (a Gaussian's shape). When the images
+    do not bracket the peak (``edge``), show no peak (``flat``) or do not reach the
+    precision, :func:`autofocus` goes on from the sharpest image, reusing them.
 
     Returns
     -------
     FocusResult
-        ``method`` is ``"quick"`` when three images sufficed.
+        ``method`` is ``"quick"`` when no sweep was needed (3 images, or a few more to refine).
     """
-    metric = metric or (lambda image: sharpness(image, radius_px=settings.radius_px))
-    defoci, values, shape = yield from _sweep(predicted_um, 2 * step_um, 3, metric, window)
-    floor = noise_floor(shape)
+    metric = metric or _default_metric(settings)
+    step = _flank_um(step_um, power) if power is not None else float(step_um)
+    defoci, values, noise = yield from _sweep(
+        np.array([predicted_um - step, predicted_um, predicted_um + step]), metric, window)
+    images = 3
+    if power is not None:
+        fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
+        for _ in range(2):  # at most 7 images in all, the issue's budget for a focus
+            if not fit.ok or fit.center_sd <= settings.measurement_sd_um:
+                break
+            d, v, sd = yield from _sweep(fit.center + step * _flank_offsets(
+                settings.refine_steps), metric, window)
+            images += len(d)
+            defoci, values, noise = np.r_[defoci, d], np.r_[values, v], np.r_[noise, sd]
+            fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
+        if fit.ok and fit.center_sd <= settings.measurement_sd_um:
+            yield SetDefocus(fit.center)
+            return FocusResult(fit.center, "ok", images, float(step_um), "quick", (), power,
+                               fit.center_sd)
+    else:
+        i_max = int(np.argmax(values))
+        if i_max == 1 and values.min() > settings.empty_factor * noise.max():
+            vertex = parabola_vertex(defoci, np.log(values))
+            if vertex is not None and abs(vertex - predicted_um) <= step:
+                yield SetDefocus(vertex)
+                return FocusResult(vertex, "ok", 3, float(step_um), "quick")
     i_max = int(np.argmax(values))
-    if i_max == 1 and values.min() > settings.empty_factor * floor:
-        vertex = parabola_vertex(defoci, np.log(values))
-        if vertex is not None and abs(vertex - predicted_um) <= step_um:
-            yield SetDefocus(vertex)
-            return FocusResult(vertex, "ok", 3, float(step_um), "quick")
-    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings, metric=metric,
-                                  window=window)
-    return FocusResult(result.defocus_um, result.status, result.images + 3, result.width_um,
-                       "quick+sweep", result.sweeps)
+    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings,
+                                  metric=metric, window=window,
+                                  prior=(defoci, values, noise))
+    return dataclasses.replace(result, images=result.images + images, method="quick+sweep")
 
 
 # --- the whole acquisition ----------------------------------------------------------------
@@ -335,13 +437,15 @@ def _inside(x_um: float, y_um: float, limits_um) -> bool:
     return x0 <= x_um <= x1 and y0 <= y_um <= y1
 
 
-def _focus_here(x_um: float, y_um: float, model: FocusModel, width_um: float | None,
+def _focus_here(x_um: float, y_um: float, model: FocusModel, shape: tuple | None,
                 settings: FocusSettings, *, fallback_um: float = 0.0, window=None) -> Plan:
     predicted = model.predict(x_um, y_um)
-    if predicted is not None and width_um:
-        step = settings.quick_step_um or width_um
-        result = yield from quick_focus(predicted_um=predicted, step_um=step, settings=settings,
-                                        window=window)
+    if predicted is not None and shape:
+        width, power = shape
+        result = yield from quick_focus(predicted_um=predicted,
+                                        step_um=settings.quick_step_um or width,
+                                        power=None if settings.quick_step_um else power,
+                                        settings=settings, window=window)
     else:
         result = yield from autofocus(center_um=predicted if predicted is not None
                                       else fallback_um, settings=settings, window=window)
@@ -349,15 +453,16 @@ def _focus_here(x_um: float, y_um: float, model: FocusModel, width_um: float | N
 
 
 def _log_focus(result: FocusResult, x_um: float, y_um: float, model: FocusModel,
-               width_um: float | None, focus_log: list) -> float | None:
-    """Add a focus measurement to the model and the log; return the sharpness width to use
-    for quick checks from now on."""
+               shape: tuple | None, focus_log: list) -> tuple | None:
+    """Add a focus measurement to the model and the log; return the focus curve's shape
+    ``(width, power)`` to use for quick checks from now on."""
     focus_log.append((x_um, y_um, result.defocus_um, result.status, result.images))
     if result.status == "ok":
         model.add(x_um, y_um, result.defocus_um)
-        if result.method == "sweep" and math.isfinite(result.width_um):
-            return result.width_um
-    return width_um
+        if result.method != "quick" and math.isfinite(result.width_um) \
+                and math.isfinite(result.power):
+            return (result.width_um, result.power)
+    return shape
 
 
 def _already_done(xy, done_um, record_field_um) -> bool:
@@ -408,11 +513,18 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         (``segment_check``: :meth:`~.segments.SegmentCheckCalibration.summary`, or None).
     """
     model = FocusModel()
-    width_um: float | None = None
+    shape: tuple | None = None  # the last sweep's focus curve (width, power)
     skipped = acquired = focus_images = visited = 0
     focus_log = []
     unfocusable: list[tuple[float, float]] = []
     calibration = segments.calibration()
+    confirmations = 0
+
+    def count_particles(frame: Frame, margin: float) -> int:
+        return record_has_particles(
+            frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+            threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
+            polarity=segments.polarity, margin=margin)
 
     def check_fields() -> dict:
         if calibration is None:
@@ -462,9 +574,9 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     yield Report({"state": "focusing"})
                     fx, fy = centre[id(site)]
                     yield Move(fx, fy)
-                    result = yield from _focus_here(fx, fy, model, width_um, focus)
+                    result = yield from _focus_here(fx, fy, model, shape, focus)
                     focus_images += result.images
-                    width_um = _log_focus(result, fx, fy, model, width_um, focus_log)
+                    shape = _log_focus(result, fx, fy, model, shape, focus_log)
                     yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                     if result.status == "ok":
                         break
@@ -493,11 +605,11 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 # want of focus.
                 yield Report({"state": "focusing"})
                 result = yield from _focus_here(
-                    x, y, model, width_um, focus, fallback_um=best - target_defocus_um,
+                    x, y, model, shape, focus, fallback_um=best - target_defocus_um,
                     window=focus_window(frame.image.shape, peaks))
                 result = dataclasses.replace(result, images=result.images + 1)  # + the probe
                 focus_images += result.images
-                width_um = _log_focus(result, x, y, model, width_um, focus_log)
+                shape = _log_focus(result, x, y, model, shape, focus_log)
                 yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                 if result.status == "ok":
                     best = model.predict(x, y) + target_defocus_um
@@ -506,22 +618,32 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     frame = yield Snap("record")
                 else:  # the probe, out of focus but with particles, is kept as the record
                     unfocusable.append((x, y))
+            # whether this record was taken where focus is known: a weak specimen (PS, silica
+            # in bright field) recorded far from focus can look empty although it is not
+            focused = not focus.needs_focus(model, x, y)
             keep = True
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.
-                seen = record_has_particles(
-                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
-                    threshold_sigma=segments.threshold_sigma,
-                    min_size_nm=segments.min_size_nm, polarity=segments.polarity,
-                    margin=segments.overlap / 2) > 0
-                calibration.add(survey_occupied=seg.has_particles, record_occupied=seen)
+                seen = count_particles(frame, segments.overlap / 2) > 0
+                anywhere = seen or count_particles(frame, 0.0) > 0
+                if seen and not seg.has_particles:
+                    # The survey missed particles, or the record check saw noise: one
+                    # confirmation record decides (a false alarm does not repeat in a fresh
+                    # exposure; particles do). Both frames were of the same field.
+                    yield Report({"state": "confirming"})
+                    confirm = yield Snap("record")
+                    seen = count_particles(confirm, segments.overlap / 2) > 0
+                    confirmations += 1
+                # A blank record at an unknown focus is no evidence: where the survey saw
+                # particles in this tile, or has missed them before, it is kept unjudged
+                # (never left out for want of focus) and not counted against the survey.
+                unjudged = not anywhere and not focused and (
+                    any(s.has_particles for s in found) or calibration.missed > 0)
+                if not unjudged:
+                    calibration.add(survey_occupied=seg.has_particles, record_occupied=seen)
                 # A survey-empty check frame is data if particles are anywhere in it (its
                 # border band, not counted against the survey, included).
-                keep = seg.has_particles or seen or record_has_particles(
-                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
-                    threshold_sigma=segments.threshold_sigma,
-                    min_size_nm=segments.min_size_nm, polarity=segments.polarity,
-                    margin=0.0) > 0
+                keep = seg.has_particles or anywhere or unjudged
                 yield Report(check_fields())
             if not keep:
                 skipped += 1
@@ -532,4 +654,5 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             yield Checkpoint()
     return {"focus": focus_log, "skipped_segments": skipped, "acquired_segments": acquired,
             "focus_images": focus_images, "tiles_visited": visited,
+            "confirmations": confirmations,
             "segment_check": calibration.summary() if calibration is not None else None}

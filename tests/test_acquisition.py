@@ -262,7 +262,7 @@ def test_acquisition_saves_in_focus_frames_of_occupied_segments(tmp_path):
             "focus_images"} <= set(states[-1])
     assert report.focus_images_per_frame < 7
     description = json.loads(report.description_path.read_text())
-    assert description["max_frames"] == 12 and description["focus"]["steps"] == 7
+    assert description["max_frames"] == 12 and description["focus"]["steps"] == FocusSettings().steps
     # the navigator lists the acquired positions and pyserialem reads it
     from pyserialem import read_nav_file
 
