@@ -55,6 +55,10 @@ _FIT_INLIERS = 0.6
 _FIT_MIN_SPAN_DEG = 150.0
 _FIT_INSIDE = 0.9
 _FIT_TRIALS = 48
+# an uncovered pixel joins the nearest piece when the next one is this much farther (px)
+_FILL_MARGIN_PX = 2.0
+# ... and lies within this fraction of the piece's inscribed radius of it
+_FILL_REACH = 0.3
 # the most of an existing piece a disc for a missed particle may cover
 _FIT_MAX_LENS = 0.35
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
@@ -530,6 +534,9 @@ def _split_region(mask, *, min_marker_px):
             pieces.append(piece)
             scores.append(np.where(piece, score, -np.inf))
     pieces, scores, rest = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
+    if len(pieces) > 1:
+        outline = mask & ~ndi.binary_erosion(mask)
+        pieces, scores = _fill_and_trim(mask, pieces, scores, rest, outline)
     whole = [(0, 0) + mask.shape]
     if not pieces:
         return [], np.full(mask.shape, -1), whole
@@ -619,6 +626,72 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             added = True
     return pieces, scores, (_unexplained_boxes(mask & ~covered, min_marker_px) if added
                             else boxes)
+
+
+def _fill_and_trim(mask, pieces, scores, rest, outline):
+    """Make split particles' full extents meet the region's outline exactly where it is theirs.
+
+    Regrowth of a UECS marker guesses where a particle ends. It falls short of the region's
+    outline where erosion and regrowth round a corner off (cubes) or where the marker sits
+    off its particle's centre (the erosion of two overlapping spheres leaves markers pulled
+    towards the neck), and there it overshoots along the neighbour's outline. The outline is
+    what :func:`~particlewatch.analysis.measure.measure` reads a split particle's size from
+    (its *free* outline, facing the background), so each outline pixel must belong to one
+    particle only:
+
+    - *fill*: region pixels no piece covers, clearly nearer to one piece than to any other
+      (by ``_FILL_MARGIN_PX``; the blur-filled neck between two particles is near both and
+      stays out), within ``_FILL_REACH`` of its inscribed radius (a rounded-off corner; a
+      spur of a ragged outline reaches farther) and outside the boxes ``rest`` of
+      unexplained parts, join that piece;
+    - *trim*: an outline pixel of the region covered by several pieces stays only in the
+      one it lies deepest in (the owner in the label image); inside the region overlapping
+      pieces still share their lens.
+
+    ``outline``: the region's outline pixels (``mask`` minus its erosion).
+    """
+    cover = np.sum(pieces, axis=0)
+    uncovered = mask & (cover == 0)
+    shared = outline & (cover > 1)
+    if not uncovered.any() and not shared.any():
+        return pieces, scores
+    # no farther than erosion and regrowth round a corner off (0.41 of a square's inscribed
+    # radius; the equivalent radius stands in for it): a spur of a ragged outline stays out
+    reach = _FILL_REACH * np.sqrt(np.count_nonzero(pieces, axis=(1, 2)) / np.pi)
+    # Distance to each piece, on the piece's box widened by what the tests below look at: a
+    # pixel farther than that from a piece is neither filled from it nor near enough to it to
+    # spoil another piece's margin, so "far" (inf) stands in for the exact distance.
+    grow = float(reach.max()) + _FILL_MARGIN_PX + 1.0
+    dist = np.full((len(pieces),) + mask.shape, np.inf)
+    for i, piece in enumerate(pieces):
+        rows, cols = np.flatnonzero(piece.any(axis=1)), np.flatnonzero(piece.any(axis=0))
+        box = _grow_box((slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)), grow,
+                        mask.shape)
+        dist[i][box] = ndi.distance_transform_edt(~piece[box])
+    near = np.argmin(dist, axis=0)
+    first = np.take_along_axis(dist, near[None], axis=0)[0]
+    second = (dist.max(axis=0) if len(pieces) == 2
+              else np.partition(dist, 1, axis=0)[1])
+    with np.errstate(invalid="ignore"):  # far from every piece: inf - inf, not filled
+        free = uncovered & (second - first > _FILL_MARGIN_PX)
+    for r0, c0, r1, c1 in rest:
+        free[r0:r1, c0:c1] = False
+    pieces, scores = list(pieces), list(scores)
+    for i in range(len(pieces)):
+        # (filled pixels were uncovered: the shared outline stays as it was)
+        add = free & (near == i) & (dist[i] <= reach[i])
+        if add.any():
+            pieces[i] = pieces[i] | add
+            scores[i] = np.where(add, -dist[i], scores[i])
+    if not shared.any():
+        return pieces, scores
+    owner = np.argmax(np.stack(scores), axis=0)
+    for i in range(len(pieces)):
+        drop = shared & pieces[i] & (owner != i)
+        if drop.any():
+            pieces[i] = pieces[i] & ~drop
+            scores[i] = np.where(drop, -np.inf, scores[i])
+    return pieces, scores
 
 
 def _fit_disc(pts, mask):

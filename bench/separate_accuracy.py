@@ -230,18 +230,6 @@ def score(table, truth, tol, raw=None, out=None):
     return f, iso
 
 
-def _lens_px2(r1, r2, d):
-    """Area (px²) two discs of radii ``r1``, ``r2`` whose centres are ``d`` apart share."""
-    if d >= r1 + r2:
-        return 0.0
-    if d <= abs(r1 - r2):
-        return np.pi * min(r1, r2) ** 2
-    a1 = r1 ** 2 * np.arccos((d * d + r1 * r1 - r2 * r2) / (2 * d * r1))
-    a2 = r2 ** 2 * np.arccos((d * d + r2 * r2 - r1 * r1) / (2 * d * r2))
-    return a1 + a2 - 0.5 * np.sqrt((-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2)
-                                   * (d + r1 + r2))
-
-
 def _extent_area(sep, lab):
     """Pixels of particle ``lab``'s full extent (its mask, or its pixels in the labels)."""
     if lab in sep.masks:
@@ -273,8 +261,9 @@ def pair_breakdown(table, truth, tol, raw, sep):
     particles, a size off by more than ``tol``). ``size`` pairs also count their wrong
     members in ``MEMBER_KEYS`` (the smaller/larger member, ``-`` too small, ``+`` too
     large) and give, for each wrong member, the ECD error the size loss comes from at each
-    stage (``stages``: rows of seg, union, piece, measure, total): ``seg`` the raw region's
-    area against the union of the two truth discs, ``union`` the union of the two pieces'
+    stage (``stages``: rows of seg, union, piece, measure, total): ``seg`` the share of the
+    member's truth disc the raw region covers (a region cut short of the member's edge),
+    ``union`` the union of the two pieces'
     full extents against the raw region, ``piece`` the piece's full extent against its truth
     disc, ``measure`` the measured ECD against the piece's own ECD, ``total`` the measured
     ECD against the truth (all as equivalent-diameter errors, so piece + measure ≈ total).
@@ -311,16 +300,22 @@ def pair_breakdown(table, truth, tol, raw, sep):
             continue
         f["size"] += 1
         ri, rj = (parts[n]["ecd_nm"] / px / 2 for n in (i, j))
-        d = np.hypot(parts[i]["x_px"] - parts[j]["x_px"], parts[i]["y_px"] - parts[j]["y_px"])
-        union_truth = np.pi * (ri * ri + rj * rj) - _lens_px2(ri, rj, d)
         raw_area = int(np.count_nonzero(np.isin(raw, [raw_at[i], raw_at[j]])))
         la, lb = int(table["particle_id"][a]), int(table["particle_id"][b])
         pieces_area = _union_extent(sep, [la, lb], out.shape)
-        seg = np.sqrt(raw_area / union_truth) - 1
         union = np.sqrt(pieces_area / raw_area) - 1
+        region = np.isin(raw, [raw_at[i], raw_at[j]])
         for n, k, lab, e, r in ((i, a, la, ea, ri), (j, b, lb, eb, rj)):
             if abs(e) <= tol:
                 continue
+            # how much of the member's truth disc the segmented region covers (exact for
+            # spheres; a cube's disc of equal area pokes out of its sides: about -2%)
+            cy, cx = parts[n]["y_px"], parts[n]["x_px"]
+            y0, x0 = max(int(cy - r) - 1, 0), max(int(cx - r) - 1, 0)
+            yy, xx = np.ogrid[y0:int(cy + r) + 2, x0:int(cx + r) + 2]
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            held = np.count_nonzero(disc & region[y0:y0 + disc.shape[0], x0:x0 + disc.shape[1]])
+            seg = np.sqrt(held / max(np.count_nonzero(disc), 1)) - 1
             smaller = parts[n]["ecd_nm"] <= parts[j if n == i else i]["ecd_nm"]
             f[("small" if smaller else "large") + ("-" if e < 0 else "+")] += 1
             piece_ecd = 2 * np.sqrt(_extent_area(sep, lab) / np.pi)
@@ -335,7 +330,7 @@ def print_breakdown(rows):
           "agglomerate / over-split / off-centre / two pieces, a size off;\nwrong members of "
           "'size' pairs: smaller or larger member, too small (-) or too large (+);\nfor "
           "wrong members (median ECD-equivalent error, and how many of them the stage loses "
-          "most of the size): seg = raw region vs union of truth discs, union = pieces' union "
+          "most of the size): seg = share of the member's truth disc the raw region covers, union = pieces' union "
           "vs raw region, piece = piece extent vs truth, meas = measured vs piece ECD")
     print(f"{'sample':22} {'pairs':>5} " + " ".join(f"{b:>6}" for b in BUCKETS) + "  "
           + " ".join(f"{m:>6}" for m in MEMBER_KEYS) + "   " + " ".join(
@@ -458,9 +453,11 @@ def _variant(text):
     for part in text.split("-"):
         if part in ("bf", "haadf", "other"):
             detector = part
+        elif part == "default":
+            continue
         elif part.startswith("d"):
             dose = float(part[1:])
-        elif part != "default":
+        else:
             raise SystemExit(f"unknown variant part {part!r} in {text!r}")
     return detector, dose
 
