@@ -322,7 +322,8 @@ def fit_focus_curve(x, y, sd, *, width=None, power=None) -> FocusCurveFit:
     FocusCurveFit
         Sanity checks, in order: the peak must explain the points better than a flat line
         by a chi² of at least 20 (``significance`` >= 4.5: curvature significant against
-        the noise, else ``flat``); the
+        the noise, else ``flat``; with ``width`` and ``power`` fixed, every point above 5
+        times its noise also passes); the
         centre must lie inside the sampled range with sharpness falling by at least 2 standard
         errors towards both ends (``edge``: otherwise the centre is extrapolated from one
         flank); a free width must be at least a third of the sampling step
@@ -392,7 +393,11 @@ def fit_focus_curve(x, y, sd, *, width=None, power=None) -> FocusCurveFit:
     significance = math.sqrt(max(gain, 0.0))
     fit = dict(center=c, center_sd=c_sd, width=w, power=p, amplitude=a, offset=b,
                significance=significance)
-    if significance < 4.5:
+    # with the shape known, images that all show structure well above their noise carry
+    # the centre in how the flanks differ, even where the curvature over them is slight
+    # (images close to the top); the centre's standard error then says how well
+    structured = fixed and bool(np.all(y > 5.0 * sd))
+    if significance < 4.5 and not structured:
         return FocusCurveFit(**fit, ok=False, reason="flat")
     # the peak must be bracketed: the centre inside the range and sharpness seen falling on
     # both sides of it (else its position is extrapolated from one flank)

@@ -354,8 +354,10 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
     focus is), three images at the predicted focus and on its two steepest flanks fix the
     curve's centre, height and offset (:func:`~.focus.fit_focus_curve` with the shape
     fixed). While the centre is not yet known to ``settings.measurement_sd_um`` (weak
-    contrast, small frames), pairs of images on the flanks of the fitted centre are added,
-    at most two pairs (7 images). Without ``power``, images at ``predicted ±
+    contrast, small frames), or the three images do not bracket it (the prediction was off
+    by more than a flank: the fit with the known shape still says where the peak lies),
+    pairs of images on the flanks of the fitted centre are added, at most two pairs (7
+    images). Without ``power``, images at ``predicted ±
     step_um`` and a parabola through ``log(sharpness)`` (a Gaussian's shape). When the images
     do not bracket the peak (``edge``), show no peak (``flat``) or do not reach the
     precision, :func:`autofocus` goes on from the sharpest image, reusing them.
@@ -373,9 +375,18 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
     if power is not None:
         fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
         for _ in range(2):  # at most 7 images in all, the budget for a focus
-            if not fit.ok or fit.center_sd <= settings.measurement_sd_um:
+            if fit.ok and fit.center_sd <= settings.measurement_sd_um:
                 break
-            d, v, sd = yield from _sweep(fit.center + step * _flank_offsets(
+            if fit.ok:
+                center = fit.center
+            elif fit.reason == "edge" and math.isfinite(fit.center):
+                # the prediction was off by more than a flank: the known shape still says
+                # where the peak lies; look there (at most three flanks beyond the sharpest)
+                sharpest = float(defoci[int(np.argmax(values))])
+                center = float(np.clip(fit.center, sharpest - 3 * step, sharpest + 3 * step))
+            else:
+                break
+            d, v, sd = yield from _sweep(center + step * _flank_offsets(
                 settings.refine_steps), metric, window)
             images += len(d)
             defoci, values, noise = np.r_[defoci, d], np.r_[values, v], np.r_[noise, sd]

@@ -254,7 +254,10 @@ def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_fa
                causes={"survey": 0, "record_check": 0, "no_focus": 0},
                focus_images=counts["focus_images"], focus_err_um=np.asarray(errors),
                dof_um=scope.depth_of_field_um, instrument_s=scope.clock_s - clock0,
-               calibrated_after=counts["calibrated_after"], off_after=counts["off_after"])
+               calibrated_after=counts["calibrated_after"], off_after=counts["off_after"],
+               focus_runs=len(result["focus"]),
+               focus_ok=sum(f[3] == "ok" for f in result["focus"]),
+               confirmations=result.get("confirmations", 0))
     saved_xy = np.asarray(saved).reshape(-1, 2)
     rec_xy = np.asarray([(x, y) for x, y, _ in recorded_xy]).reshape(-1, 2)
     half_nm = record[0] * 500.0
@@ -317,7 +320,8 @@ def print_segment_runs(args) -> None:
           f"{AUTOSTEM_FOCUS_IMAGES} focus images per frame)")
     print(f"{'sample':<16}{'det':<6}{'start':<7}{'occ':>5}{'miss':>5} {'(sur/rec/foc)':<14}"
           f"{'empty':>6}{'skip%':>7}{'saved':>6}{'foc/fr':>7}{'inDOF%':>7}{'|err|p90':>9}"
-          f"{'s/fr':>6}{'check':>12}{'calib':>6}{'off@':>5}{'disag':>6}{'false':>6}")
+          f"{'s/fr':>6}{'check':>12}{'calib':>6}{'off@':>5}{'disag':>6}{'false':>6}"
+          f"{'focus':>6}{'ok':>4}{'img/AF':>7}{'conf':>5}")
     detectors = (args.detector,) if args.detector else ("bf", "haadf")
     samples = args.samples.split(",") if args.samples else list(SAMPLES)
     for sample in samples:
@@ -338,7 +342,10 @@ def print_segment_runs(args) -> None:
                       f"{r['focus_images'] / max(n, 1):>7.2f}{in_dof:>7.1f}{p90:>7.0f}nm"
                       f"{r['instrument_s'] / max(n, 1):>6.1f}{c.get('state', '-'):>12}"
                       f"{_fmt(r['calibrated_after'], 'd'):>6}{_fmt(r['off_after'], 'd'):>5}"
-                      f"{r['disagreements']:>6}{r['false_alarms']:>6}", flush=True)
+                      f"{r['disagreements']:>6}{r['false_alarms']:>6}"
+                      f"{r['focus_runs']:>6}{r['focus_ok']:>4}"
+                      f"{r['focus_images'] / max(r['focus_runs'], 1):>7.1f}"
+                      f"{r['confirmations']:>5}", flush=True)
 
 
 def print_segment_rates(args) -> None:
