@@ -508,7 +508,13 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     segment whose record shows particles switches skipping off for the rest of the run (all
     segments are recorded and saved); a survey-empty check frame that shows nothing is not
     saved and counts as skipped. Once skipping is on, one in ``spot_check_every`` skipped
-    segments is still recorded and checked the same way.
+    segments is still recorded and checked the same way. A survey-empty segment whose record
+    shows particles gets one confirmation record of the same field before it counts against
+    the survey (a false alarm of the record check does not repeat in a fresh exposure;
+    particles do); the first frame is kept either way. A record that shows nothing but was
+    taken where focus is not known (no measurement within the focus model's tolerance) is
+    no evidence: where the survey saw particles in the tile, or has missed particles before,
+    it is saved unjudged and not counted, so no segment is left out for want of focus.
 
     Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
     ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus),
@@ -520,7 +526,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     -------
     dict
         ``{"focus": [(x_um, y_um, focus_um, status, images), ...], "skipped_segments",
-        "acquired_segments", "focus_images", "tiles_visited", "segment_check"}``
+        "acquired_segments", "focus_images", "tiles_visited", "confirmations",
+        "segment_check"}`` (``confirmations``: confirmation records taken)
         (``segment_check``: :meth:`~.segments.SegmentCheckCalibration.summary`, or None).
     """
     model = FocusModel()

@@ -550,3 +550,21 @@ def test_band_sharpness_peaks_at_true_focus_and_estimates_its_noise(sample):
     blank = np.random.default_rng(0).poisson(100, (SIZE, SIZE))
     v, sd = band_sharpness(blank)
     assert abs(v) < 4 * sd
+
+
+def test_quick_focus_with_a_known_curve_shape_recovers_from_an_off_prediction():
+    """A sweep fixes the focus curve's shape; a quick check 0.15 µm off (beyond a flank)
+    still lands within the depth of field of the simulator's true focus in <= 7 images."""
+    scope = _scope(seed=6)
+    micro = SimulatedMicroscope(scope)
+    positions = _populated_positions(scope, 4, seed=6, min_density=0.6)
+    micro.move_stage(*positions[0])
+    sweep = run_plan(autofocus(center_um=scope.true_focus_um() + 0.3), micro)
+    assert sweep.status == "ok" and np.isfinite(sweep.power)
+    for k, (x, y) in enumerate(positions[1:]):
+        micro.move_stage(x, y)
+        predicted = scope.true_focus_um() + (0.15 if k % 2 else -0.15)
+        result = run_plan(quick_focus(predicted_um=predicted, step_um=sweep.width_um,
+                                      power=sweep.power), micro)
+        assert result.status == "ok" and result.images <= 7, result
+        assert abs(result.defocus_um - scope.true_focus_um()) < scope.depth_of_field_um
