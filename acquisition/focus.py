@@ -440,6 +440,7 @@ class FocusModel:
 
     def __init__(self) -> None:
         self._points: list[tuple[float, float, float]] = []
+        self._sds: list[float] = []  # each measurement's standard error (nan: unknown)
 
     def __len__(self) -> int:
         return len(self._points)
@@ -449,9 +450,16 @@ class FocusModel:
         """``(x_um, y_um, focus_um)`` measured so far."""
         return list(self._points)
 
-    def add(self, x_um: float, y_um: float, focus_um: float) -> None:
-        """Record a measured best focus at a stage position."""
+    def add(self, x_um: float, y_um: float, focus_um: float, *,
+            sd_um: float | None = None) -> None:
+        """Record a measured best focus at a stage position, with its standard error
+        ``sd_um`` when known (a fitted focus curve's centre error); an unknown one is taken
+        as the ``measurement_sd_um`` of :meth:`uncertainty_um`."""
         self._points.append((float(x_um), float(y_um), float(focus_um)))
+        sd = math.nan if sd_um is None else float(sd_um)
+        if sd < 0:
+            raise ValueError(f"sd_um must be >= 0, got {sd_um}")
+        self._sds.append(sd)
 
     def distance(self, x_um: float, y_um: float) -> float:
         """Distance in µm to the nearest measurement (infinite before the first)."""
@@ -489,7 +497,7 @@ class FocusModel:
         ----------
         x_um, y_um : float
         measurement_sd_um : float
-            Scatter of one focus measurement.
+            Scatter of a focus measurement added without its own ``sd_um``.
         max_slope : float
             Steepest focus change per stage distance (µm/µm) a specimen is assumed to have.
 
@@ -500,13 +508,21 @@ class FocusModel:
         """
         if not self._points:
             return math.inf
+        sds = np.asarray(self._sds, dtype=np.float64)
+        sds = np.where(np.isfinite(sds), sds, measurement_sd_um)
         recent = self._plane_points()
         if recent is None:
-            return measurement_sd_um + max_slope * self.distance(x_um, y_um)
+            p = np.asarray(self._points)
+            nearest = int(np.argmin(np.hypot(p[:, 0] - x_um, p[:, 1] - y_um)))
+            return float(sds[nearest]) + max_slope * self.distance(x_um, y_um)
+        # weighted least-squares variance of the plane at the point (each measurement by
+        # its own error), plus one typical measurement's scatter (what no plane explains)
+        w = 1.0 / np.maximum(sds[-len(recent):], 1e-6) ** 2
         a = np.column_stack([np.ones(len(recent)), recent[:, 0], recent[:, 1]])
         q = np.array([1.0, x_um, y_um])
-        leverage = float(q @ np.linalg.pinv(a.T @ a) @ q)
-        return measurement_sd_um * math.sqrt(1.0 + leverage)
+        variance = float(q @ np.linalg.pinv(a.T @ (a * w[:, None])) @ q)
+        typical = float(np.median(sds[-len(recent):]))
+        return math.sqrt(max(variance, 0.0) + typical ** 2)
 
     def predict(self, x_um: float, y_um: float) -> float | None:
         """Predicted best focus at ``(x_um, y_um)``, or None before any measurement.

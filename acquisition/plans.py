@@ -464,12 +464,16 @@ def _focus_here(x_um: float, y_um: float, model: FocusModel, shape: tuple | None
 
 
 def _log_focus(result: FocusResult, x_um: float, y_um: float, model: FocusModel,
-               shape: tuple | None, focus_log: list) -> tuple | None:
+               shape: tuple | None, focus_log: list, settings: FocusSettings) -> tuple | None:
     """Add a focus measurement to the model and the log; return the focus curve's shape
     ``(width, power)`` to use for quick checks from now on."""
     focus_log.append((x_um, y_um, result.defocus_um, result.status, result.images))
     if result.status == "ok":
-        model.add(x_um, y_um, result.defocus_um)
+        # a fit's standard error below half the precision asked for is not trusted (drift,
+        # the curve model's own misfit): the model never assumes better than that
+        sd = result.center_sd_um
+        model.add(x_um, y_um, result.defocus_um,
+                  sd_um=max(sd, settings.measurement_sd_um / 2) if math.isfinite(sd) else None)
         if result.method != "quick" and math.isfinite(result.width_um) \
                 and math.isfinite(result.power):
             return (result.width_um, result.power)
@@ -594,7 +598,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     yield Move(fx, fy)
                     result = yield from _focus_here(fx, fy, model, shape, focus)
                     focus_images += result.images
-                    shape = _log_focus(result, fx, fy, model, shape, focus_log)
+                    shape = _log_focus(result, fx, fy, model, shape, focus_log, focus)
                     yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                     if result.status == "ok":
                         break
@@ -627,7 +631,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     window=focus_window(frame.image.shape, peaks))
                 result = dataclasses.replace(result, images=result.images + 1)  # + the probe
                 focus_images += result.images
-                shape = _log_focus(result, x, y, model, shape, focus_log)
+                shape = _log_focus(result, x, y, model, shape, focus_log, focus)
                 yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                 if result.status == "ok":
                     best = model.predict(x, y) + target_defocus_um
