@@ -534,9 +534,6 @@ def _split_region(mask, *, min_marker_px):
             pieces.append(piece)
             scores.append(np.where(piece, score, -np.inf))
     pieces, scores, rest = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
-    if len(pieces) > 1:
-        outline = mask & ~ndi.binary_erosion(mask)
-        pieces, scores = _fill_and_trim(mask, pieces, scores, rest, outline)
     whole = [(0, 0) + mask.shape]
     if not pieces:
         return [], np.full(mask.shape, -1), whole
@@ -546,6 +543,9 @@ def _split_region(mask, *, min_marker_px):
     uncovered = int(np.count_nonzero(mask & ~covered))
     if uncovered > max(min_marker_px, _UNEXPLAINED_FRAC * np.count_nonzero(mask)):
         return [], np.full(mask.shape, -1), whole
+    if len(pieces) > 1:  # (after that test: it judges what UECS explained)
+        outline = mask & ~ndi.binary_erosion(mask)
+        pieces, scores = _fill_and_trim(mask, pieces, scores, rest, outline)
     scores = np.stack(scores)
     owner = np.where(np.isfinite(scores).any(axis=0), np.argmax(scores, axis=0), -1)
     return pieces, owner, rest
