@@ -242,7 +242,8 @@ def _default_metric(settings):
 
 def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings(),
               metric: Callable[[np.ndarray], float] | None = None,
-              window: tuple[slice, slice] | None = None, prior=None) -> Plan:
+              window: tuple[slice, slice] | None = None, prior=None,
+              widen: bool = True) -> Plan:
     """Find best focus by defocus sweeps, autocorrelation sharpness and a fitted focus curve.
 
     Each round takes images over a defocus range and fits :func:`~.focus.focus_curve` (a
@@ -279,6 +280,10 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     prior : tuple of arrays, optional
         ``(defoci, values, noise)`` measured just before at the same place (a quick check's
         three images), fitted together with the new ones.
+    widen : bool
+        Whether a flat first sweep is followed by one three times wider (focus may be far
+        away). False where focus is known to be near the first sweep (a quick check around a
+        trusted prediction showed nothing): a flat first sweep then ends the search.
 
     Returns
     -------
@@ -291,7 +296,7 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
                    else [np.zeros(0), np.zeros(0), np.zeros(0)])
     images = 0
     sweeps = []
-    widened = False
+    widened = not widen
     defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
     fit = good = None
     for _ in range(settings.max_rounds):
@@ -403,9 +408,12 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
                 yield SetDefocus(vertex)
                 return FocusResult(vertex, "ok", 3, float(step_um), "quick")
     i_max = int(np.argmax(values))
-    result = yield from autofocus(center_um=float(defoci[i_max]), settings=settings,
-                                  metric=metric, window=window,
-                                  prior=(defoci, values, noise))
+    # three images around a prediction with no structure above their noise: one coarse
+    # sweep there decides (ten more images of a far-out search would mostly confirm nothing)
+    near = power is not None and not np.any(values > 3.0 * noise)
+    result = yield from autofocus(center_um=float(predicted_um if near else defoci[i_max]),
+                                  settings=settings, metric=metric, window=window,
+                                  prior=(defoci, values, noise), widen=not near)
     return dataclasses.replace(result, images=result.images + images, method="quick+sweep")
 
 
