@@ -568,3 +568,52 @@ def test_quick_focus_with_a_known_curve_shape_recovers_from_an_off_prediction():
                                       power=sweep.power), micro)
         assert result.status == "ok" and result.images <= 7, result
         assert abs(result.defocus_um - scope.true_focus_um()) < scope.depth_of_field_um
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_a_record_check_alarm_needs_a_confirmation_record_to_switch_skipping_off(repeats):
+    """On an empty specimen, the first record of a survey-empty segment shows a dark blob
+    (a false alarm of the record check, e.g. a contamination speck that comes and goes).
+    A confirmation record is taken: if the blob is gone, the segment check keeps
+    calibrating; if it is there again (particles), the check goes off. The frame with the
+    blob is saved either way (never left out)."""
+    import dataclasses
+
+    from particlewatch.acquisition.plans import Report, acquire_area
+    from particlewatch.acquisition.runner import execute
+    from particlewatch.acquisition.tiling import Tile
+
+    scope = SimScope("empty", seed=1, size_px=256)
+    micro = SimulatedMicroscope(scope)
+    record = micro.field_of_view_um("record")
+    records, saved = [], []
+
+    def blob(frame):
+        image = frame.image.astype(np.float64)
+        rr, cc = np.mgrid[:image.shape[0], :image.shape[1]]
+        disc = np.hypot(rr - image.shape[0] / 2, cc - image.shape[1] / 2) < 12
+        image[disc] *= 0.4  # a dark (bright-field) particle-like disc in the counted part
+        return dataclasses.replace(frame, image=image.astype(frame.image.dtype))
+
+    def handle(command):
+        if isinstance(command, Snap) and command.purpose == "record":
+            frame = execute(micro, command)
+            records.append(frame)
+            if len(records) == 1 or (repeats and len(records) == 2):
+                frame = blob(frame)
+            return True, frame
+        if isinstance(command, Save):
+            saved.append(command.frame)
+            return True, None
+        if isinstance(command, Report):
+            return True, None
+        return False, None
+
+    result = run_plan(acquire_area([Tile(0, 0, 0, 0.0, 0.0)], record_field_um=record,
+                                   limits_um=micro.stage_limits_um), micro, handle=handle)
+    check = result["segment_check"]
+    assert result["confirmations"] == 1
+    assert check["state"] == ("off" if repeats else "calibrating"), check
+    assert check["missed"] == (1 if repeats else 0)
+    # the first record (with the blob) is kept: its darkest pixels are in the saved frames
+    assert any(f.image.min() < 0.6 * np.median(f.image) for f in saved)
