@@ -524,7 +524,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     shows particles gets one confirmation record of the same field before it counts against
     the survey (a false alarm of the record check does not repeat in a fresh exposure;
     particles do); the first frame is kept either way. A record that shows nothing but was
-    taken where focus is not known (no measurement within the focus model's tolerance) is
+    taken where focus is not known (no measurement within ``focus.refocus_distance_um``) is
     no evidence: where the survey saw particles in the tile, or has missed particles before,
     it is saved unjudged and not counted, so no segment is left out for want of focus.
 
@@ -648,9 +648,11 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     frame = yield Snap("record")
                 else:  # the probe, out of focus but with particles, is kept as the record
                     unfocusable.append((x, y))
-            # whether this record was taken where focus is known: a weak specimen (PS, silica
-            # in bright field) recorded far from focus can look empty although it is not
-            focused = not focus.needs_focus(model, x, y)
+            # whether focus was known near this record at all: a weak specimen (PS, silica in
+            # bright field) recorded far from focus can look empty although it is not; within
+            # refocus_distance_um of a measurement the prediction is off by a few depths of
+            # field at most, which blurs particles but does not hide them
+            focused = model.distance(x, y) <= focus.refocus_distance_um
             keep = True
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.
