@@ -650,6 +650,7 @@ def _fill_and_trim(mask, pieces, scores, rest, outline):
 
     ``outline``: the region's outline pixels (``mask`` minus its erosion).
     """
+    pieces, scores = list(pieces), list(scores)
     cover = np.sum(pieces, axis=0)
     uncovered = mask & (cover == 0)
     shared = outline & (cover > 1)
@@ -657,40 +658,56 @@ def _fill_and_trim(mask, pieces, scores, rest, outline):
         return pieces, scores
     # no farther than erosion and regrowth round a corner off (0.41 of a square's inscribed
     # radius; the equivalent radius stands in for it): a spur of a ragged outline stays out
-    reach = _FILL_REACH * np.sqrt(np.count_nonzero(pieces, axis=(1, 2)) / np.pi)
+    reach = _FILL_REACH * np.sqrt(np.array([np.count_nonzero(p) for p in pieces]) / np.pi)
+    if uncovered.any():
+        pieces, scores = _fill(mask, pieces, scores, rest, uncovered, reach)
+    rr, cc = np.nonzero(shared)
+    if not rr.size:
+        return pieces, scores
+    # the owner of each shared outline pixel: the piece it lies deepest in
+    owner = np.argmax([sc[rr, cc] for sc in scores], axis=0)
+    for i in range(len(pieces)):
+        drop = pieces[i][rr, cc] & (owner != i)
+        if drop.any():
+            pieces[i] = pieces[i].copy()
+            pieces[i][rr[drop], cc[drop]] = False
+            scores[i] = scores[i].copy()
+            scores[i][rr[drop], cc[drop]] = -np.inf
+    return pieces, scores
+
+
+def _fill(mask, pieces, scores, rest, uncovered, reach):
+    """The *fill* of :func:`_fill_and_trim`: ``uncovered`` pixels join the nearest piece."""
     # Distance to each piece, on the piece's box widened by what the tests below look at: a
     # pixel farther than that from a piece is neither filled from it nor near enough to it to
     # spoil another piece's margin, so "far" (inf) stands in for the exact distance.
     grow = float(reach.max()) + _FILL_MARGIN_PX + 1.0
-    dist = np.full((len(pieces),) + mask.shape, np.inf)
-    for i, piece in enumerate(pieces):
+    dist = []
+    for piece in pieces:
         rows, cols = np.flatnonzero(piece.any(axis=1)), np.flatnonzero(piece.any(axis=0))
         box = _grow_box((slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)), grow,
                         mask.shape)
-        dist[i][box] = ndi.distance_transform_edt(~piece[box])
-    near = np.argmin(dist, axis=0)
-    first = np.take_along_axis(dist, near[None], axis=0)[0]
-    second = (dist.max(axis=0) if len(pieces) == 2
-              else np.partition(dist, 1, axis=0)[1])
+        d = np.full(mask.shape, np.inf, np.float32)
+        d[box] = ndi.distance_transform_edt(~piece[box])
+        dist.append(d)
+    if len(pieces) == 2:  # the common case, without a stack
+        near = (dist[1] < dist[0]).astype(np.intp)
+        first, second = np.minimum(dist[0], dist[1]), np.maximum(dist[0], dist[1])
+    else:
+        stack = np.stack(dist)
+        near = np.argmin(stack, axis=0)
+        part = np.partition(stack, 1, axis=0)
+        first, second = part[0], part[1]
     with np.errstate(invalid="ignore"):  # far from every piece: inf - inf, not filled
         free = uncovered & (second - first > _FILL_MARGIN_PX)
     for r0, c0, r1, c1 in rest:
         free[r0:r1, c0:c1] = False
-    pieces, scores = list(pieces), list(scores)
     for i in range(len(pieces)):
         # (filled pixels were uncovered: the shared outline stays as it was)
         add = free & (near == i) & (dist[i] <= reach[i])
         if add.any():
             pieces[i] = pieces[i] | add
             scores[i] = np.where(add, -dist[i], scores[i])
-    if not shared.any():
-        return pieces, scores
-    owner = np.argmax(np.stack(scores), axis=0)
-    for i in range(len(pieces)):
-        drop = shared & pieces[i] & (owner != i)
-        if drop.any():
-            pieces[i] = pieces[i] & ~drop
-            scores[i] = np.where(drop, -np.inf, scores[i])
     return pieces, scores
 
 
