@@ -435,10 +435,18 @@ class FocusModel:
 
     With three or more non-collinear points a least-squares plane ``f = a + b x + c y`` is
     used (a tilted, flat specimen), refitted without outliers from five points on; with
-    fewer, the nearest measurement.
+    fewer, or when the plane is steeper than ``max_plane_slope`` (µm of focus per µm of
+    stage, default 0.1: no specimen is tilted that much; such a plane extrapolates
+    measurements that are too close together or one that is wrong), the nearest
+    measurement.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_plane_slope: float = 0.1) -> None:
+        # a plane steeper than this (0.1 µm/µm: a 6° specimen tilt) is not a specimen but
+        # measurements too close together, or one wrong, extrapolated: use the nearest
+        if not max_plane_slope > 0:
+            raise ValueError(f"max_plane_slope must be > 0, got {max_plane_slope}")
+        self.max_plane_slope = float(max_plane_slope)
         self._points: list[tuple[float, float, float]] = []
         self._sds: list[float] = []  # each measurement's standard error (nan: unknown)
 
@@ -472,7 +480,9 @@ class FocusModel:
         p = np.asarray(points, dtype=np.float64)
         a = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1]])
         coef, _, rank, _ = np.linalg.lstsq(a, p[:, 2], rcond=None)
-        return coef if rank == 3 else None
+        if rank != 3 or math.hypot(coef[1], coef[2]) > self.max_plane_slope:
+            return None
+        return coef
 
     def _plane_points(self) -> np.ndarray | None:
         """The recent points a plane is fitted to, or None when they do not fix a plane."""
@@ -511,7 +521,7 @@ class FocusModel:
         sds = np.asarray(self._sds, dtype=np.float64)
         sds = np.where(np.isfinite(sds), sds, measurement_sd_um)
         recent = self._plane_points()
-        if recent is None:
+        if recent is None or self._plane(recent) is None:
             p = np.asarray(self._points)
             nearest = int(np.argmin(np.hypot(p[:, 0] - x_um, p[:, 1] - y_um)))
             return float(sds[nearest]) + max_slope * self.distance(x_um, y_um)

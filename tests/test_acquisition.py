@@ -620,3 +620,17 @@ def test_a_record_check_alarm_needs_a_confirmation_record_to_switch_skipping_off
     assert check["missed"] == (1 if repeats else 0)
     # the first record (with the blob) is kept: its darkest pixels are in the saved frames
     assert any(f.image.min() < 0.6 * np.median(f.image) for f in saved)
+
+
+def test_focus_model_never_extrapolates_a_plane_steeper_than_a_specimen():
+    # three measurements a few tenths of a µm apart, one 0.3 µm off: the plane through them
+    # has a slope of ~1 µm/µm and would predict focus tens of µm off 30 µm away
+    model = FocusModel()
+    for x, y, f in [(0.0, 0.0, 0.0), (0.3, 0.0, 0.3), (0.0, 0.3, 0.0)]:
+        model.add(x, y, f, sd_um=0.01)
+    assert abs(model.predict(30.0, 0.0)) <= 0.3  # the nearest measurement, not the plane
+    assert model.uncertainty_um(30.0, 0.0, measurement_sd_um=0.01, max_slope=0.01) > 0.2
+    gentle = FocusModel()
+    for x, y in [(0.0, 0.0), (5.0, 0.0), (0.0, 5.0)]:
+        gentle.add(x, y, 0.02 * x - 0.01 * y, sd_um=0.01)
+    assert gentle.predict(10.0, 10.0) == pytest.approx(0.1)
