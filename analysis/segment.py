@@ -36,10 +36,29 @@ from ._checks import check_pixel_nm
 
 __all__ = ["segment", "flatten_background", "detect_polarity", "THRESHOLDS"]
 
+class _NoConvergence(ValueError):
+    """Li's iteration did not settle."""
+
+
+_LI_MAX_ITER = 500
+
+
+def _threshold_li(values):
+    """Li's threshold with a bound on its iterations: on some frames (a bright-field frame
+    taken as bright particles) the float iteration cycles for ever above its tolerance."""
+    count = iter(range(_LI_MAX_ITER))
+
+    def bound(_):
+        if next(count, None) is None:
+            raise _NoConvergence("threshold_li did not converge")
+
+    return filters.threshold_li(values, iter_callback=bound)
+
+
 #: Named threshold methods; ``segment(threshold=...)`` also accepts any callable
 #: ``f(values) -> float``.
 THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
-    "li": filters.threshold_li,
+    "li": _threshold_li,
     "otsu": filters.threshold_otsu,
     "yen": filters.threshold_yen,
     "triangle": filters.threshold_triangle,
@@ -50,7 +69,14 @@ _LOW_SIGMAS = 3.0  # hysteresis outline level, in units of the background spread
 _SEED_SIGMAS = (5.0, 8.0)  # the seed level (threshold method) is clipped to this range
 _TARGET_SNR = 16.0  # the fainter particles' peak over smoothed noise, the denoising target
 _STATS_PX = 512 * 512  # background statistics from at most about this many pixels
-_SMALL_AREA_QUANTILE = 25.0  # "the smaller particles": this percentile of region areas
+_SMALL_AREA_QUANTILE = 25.0
+# a frame holds particles when its strongest peaks this many background spreads beyond the
+# deepest dip of the texture on the other side (on bare film the two sides' extremes are
+# alike: where noise sets them ~1 spread apart in about one frame in six, 2 in a few per cent)
+_NULL_MARGIN = 2.0
+# ... and this share beyond it: where the film's texture, not noise, sets the extremes (HAADF
+# film at a few per cent), the two sides' maxima differ by ~10-20% of their height
+_NULL_RATIO = 0.5  # "the smaller particles": this percentile of region areas
 
 
 def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5,
@@ -111,7 +137,7 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     if img is None:
         return empty
     thresh_fn = _threshold_function(threshold)
-    oriented = _oriented(img, valid, polarity=polarity, flatten=flatten)
+    oriented, pol, log = _oriented(img, valid, polarity=polarity, flatten=flatten)
     if oriented is None:
         return empty
     sigma = float(smooth_px) if smooth_px is not None else _auto_sigma(oriented)
@@ -120,9 +146,17 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
     found = _detect(oriented, smooth, valid, thresh_fn=thresh_fn, min_area=min_area,
                     sigma=sigma, flatten=flatten)
-    if found is None:
-        return empty
-    labels, spread, low = found  # oriented and smooth are now flattened in place
+    if found is None:  # nothing on this side: with the polarity guessed, try the other
+        return empty if polarity != "auto" else segment(
+            image, pixel_nm, polarity="bright" if pol == "dark" else "dark",
+            threshold=threshold, min_size_nm=min_size_nm, min_area_px=min_area_px,
+            smooth_px=smooth_px, flatten=flatten, refine_edges=refine_edges,
+            clear_border=clear_border)
+    labels, spread, low, depth = found  # oriented and smooth are now flattened in place
+    if log:
+        # a texture alike on both sides in intensity (HAADF film taken for dark particles)
+        # is not in −log(I): its dark side is stretched. The dip, as deep a darkening.
+        depth = float(-np.log(max(2.0 - np.exp(depth), 1e-6)))
     if refine_edges:
         noise = _noise_sigma(oriented) / (2.0 * np.sqrt(np.pi) * max(sigma, 0.5))
         labels, blur = _refine_edges(labels, smooth, oriented, valid, sigma=sigma,
@@ -139,6 +173,17 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     labels = _drop_small(labels, min_area)  # first: a dropped sliver must not leave a hole
     labels = _fill_label_holes(labels)
     labels = _drop_insignificant(labels, smooth, spread)
+    if _label_max(smooth, labels, int(labels.max())).max(initial=-np.inf) <= \
+            max(depth + _NULL_MARGIN * spread, (1.0 + _NULL_RATIO) * depth):
+        # nothing stands out beyond what the background's texture reaches on its other
+        # side: a frame of bare film (its patches are not particles), or particles too few
+        # to decide the polarity (the histogram's tails are the film's) on the other side
+        if polarity != "auto":
+            return empty
+        other = "bright" if pol == "dark" else "dark"
+        return segment(image, pixel_nm, polarity=other, threshold=threshold,
+                       min_size_nm=min_size_nm, min_area_px=min_area_px, smooth_px=smooth_px,
+                       flatten=flatten, refine_edges=refine_edges, clear_border=clear_border)
     if any(sides):
         labels = _clear_border(labels, sides)
     return _relabel(labels)
@@ -302,7 +347,8 @@ def detect_polarity(flat):
 
 def _oriented(img, valid, *, polarity, flatten):
     """The frame with particles positive: −log(I / background) for dark particles (linear in
-    thickness, which the edge models assume), ``I − background`` for bright ones."""
+    thickness, which the edge models assume), ``I − background`` for bright ones; the
+    polarity taken, and whether the log was."""
     if flatten:
         bg = flatten_background(img)
     else:
@@ -314,13 +360,15 @@ def _oriented(img, valid, *, polarity, flatten):
         pos = img > 0
         floor = 0.5 * float(np.min(img[valid & pos])) if pos.any() else 0.5
         oriented = np.log(bg / np.maximum(img, floor), dtype=np.float32)
+        log = True
     else:
+        log = False
         oriented = flat if pol == "bright" else -flat
     oriented = oriented.astype(np.float32, copy=False)
     oriented[~valid] = 0.0
     if not oriented.max() > oriented.min():
-        return None
-    return oriented
+        return None, pol, log
+    return oriented, pol, log
 
 
 def _masked_background(image, exclude, sigma_px):
@@ -541,7 +589,7 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
     side = float(min(smooth.shape))
     f = 2 if flatten and side >= 128 else 1
     coarse = (_block_mean(smooth, f), _block_mean(valid.astype(np.float32), f) > 0.999)
-    mask, radius, small_r = None, None, None
+    mask, radius, small_r, dips = None, None, None, None
     for rnd in range(3 if flatten else 1):
         final = rnd == 2 or not flatten
         img, ok, k = (smooth, valid, 1) if final else (coarse[0], coarse[1], f)
@@ -555,6 +603,11 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
             scale = np.clip(2.0 * small_r, 4.0 * sigma + 4.0, side / 8.0) / k
             margin = int(np.ceil((0.5 * radius + 2.0 * sigma + 1.0) / k))
             exclude = _dilate(mask, margin) | ~ok
+            if dips is not None:
+                # the background's own dips are left out too, as the particles are: the
+                # texture's two sides stay alike, so its dips can stand for its bumps
+                exclude |= _dilate(_expand_mask(dips, k_from=f, shape=img.shape)
+                                   if dips.shape != img.shape else dips, margin)
             bg = _masked_background(img, exclude, scale)
         flat = img - bg
         values = _subsample(flat, ok)
@@ -575,6 +628,9 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
         mask = labels > 0
         radius = _typical_radius(labels) * k
         small_r = _typical_radius(labels, _SMALL_AREA_QUANTILE) * k
+        margin = int(np.ceil((0.5 * radius + 2.0 * sigma + 1.0) / k))
+        dips, depth = _dips(flat, ok, mask, centre=centre, low=low,
+                            min_area=max(1, min_area // (k * k)), margin=margin)
     labels = _split_at_seeds(labels, flat, high, min_area, _LOW_SIGMAS * spread)
     # only particles that merely touch stay split (blur: the smoothing and ~1 px of optics)
     labels = _join_overlapping(labels, flat, float(np.hypot(1.0, sigma)))
@@ -583,7 +639,32 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
     smooth -= bg + centre
     oriented[~valid] = 0.0
     smooth[~valid] = 0.0
-    return labels, spread, low - centre
+    return labels, spread, low - centre, depth
+
+
+def _dips(flat, valid, mask, *, centre, low, min_area, margin):
+    """The background's own extremes on the side opposite the particles, and the deepest.
+
+    Film texture (thickness mottle, carbon grain) and noise are symmetric about the
+    background: for every bump of the film there are dips of the same kind. The dips that
+    reach as far below the background as the outline level is above it (``low``, at least
+    ``min_area`` pixels), away from the particles (``mask`` dilated by ``margin``: halos,
+    fringes and gaps between particles are the particles' doing), show how far the texture
+    alone reaches in this frame. Returns the dip mask and the deepest dip's depth below
+    ``centre`` (0 without dips).
+    """
+    mirror = 2.0 * centre - flat
+    dips, n = _hysteresis(mirror, valid, low=low, high=low, min_area=min_area)
+    if n == 0:
+        return dips > 0, 0.0
+    near = np.unique(dips[_dilate(mask, margin) & (dips > 0)])
+    keep = np.ones(n + 1, bool)
+    keep[near] = False
+    keep[0] = False
+    if not keep.any():
+        return np.zeros(flat.shape, bool), 0.0
+    depth = _label_max(mirror, dips, n)[keep[1:]].max() - centre
+    return keep[dips], float(depth)
 
 
 def _expand_mask(small, *, k_from, shape):

@@ -242,8 +242,58 @@ def test_smoothing_does_not_depend_on_how_crowded_the_frame_is():
     for seed, stage in ((1, (5.0, -5.0)), (3, (20.0, 14.0))):
         frame = _frame("ps50", seed=seed, size=512, stage=stage)
         img, valid = seg._validate_image(frame.image, frame.pixel_nm, "auto")
-        oriented = seg._oriented(img, valid, polarity="auto", flatten=True)
+        oriented = seg._oriented(img, valid, polarity="auto", flatten=True)[0]
         widths.append(seg._auto_sigma(oriented))
         counts.append(len(frame.truth["particles"]))
     assert max(counts) >= 2 * min(counts)
     assert max(widths) <= 1.35 * min(widths)  # the 99.5th percentile gave 2x
+
+
+# -- bare film and sparse frames (issue 4: a session that starts on an empty frame) ---------
+
+# stage positions (µm) whose 1024² frames hold no particle, for the samples' seed 0
+_EMPTY_STAGES = ((33.1, -33.0), (-29.4, -6.6), (-34.2, -40.8), (13.5, -54.7), (23.0, -35.9),
+                 (1.2, 41.7))
+
+
+def _at(sample, stage, *, detector=None, size=1024):
+    scope = SimScope(sample, seed=0, size_px=size, detector=detector)
+    scope.move_stage(*stage)
+    scope.set_defocus(scope.true_focus_um())
+    return scope.snap()
+
+
+def test_bare_film_gives_no_particles_in_either_detector():
+    # The film's mottle (HAADF film ±10% at 40 nm, bright-field ±1.5%) makes round
+    # patches of 60-150 nm that the automatic polarity took for particles in about one
+    # empty frame in three (7 of 24 here). Its dips on the other side show how far the
+    # texture alone reaches; the stated false-alarm rate is at most 1 frame in 8.
+    frames = hits = 0
+    for sample in ("cubes", "au10"):
+        for detector in ("bf", "haadf"):
+            for stage in _EMPTY_STAGES:
+                frame = _at(sample, stage, detector=detector)
+                assert not frame.truth["particles"]
+                frames += 1
+                hits += bool(segment(frame.image, frame.pixel_nm).max())
+    assert hits <= frames // 8
+
+
+@pytest.mark.parametrize("sample,stage", [
+    ("au10", (-24.7, 39.4)), ("au10", (-22.5, 0.1)), ("cubes", (45.3, -41.7)),
+    ("ps50", (-17.6, 11.0)),
+])
+@pytest.mark.parametrize("detector", ["bf", "haadf"])
+def test_few_particles_are_found_with_the_right_polarity(sample, stage, detector):
+    # 1-3 particles cover far less than the 0.5% tails of the histogram the polarity is
+    # read from; the film's tails decide it, and the particles must still be found
+    frame = _at(sample, stage, detector=detector)
+    truth = frame.truth["particles"]
+    assert 1 <= len(truth) <= 3
+    labels = segment(frame.image, frame.pixel_nm)
+    table = measure(labels, frame.image, frame.pixel_nm)
+    errors, missed = _isolated_errors(frame, table)
+    assert missed == 0 and errors.size == len(truth)
+    assert labels.max() == len(truth)  # no film patch beside them
+    # sizes are not checked here: 1-2 particles alone in bright field come out 11-28% large
+    # (a few edge profiles set the frame's blur; open, issue 4)
