@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi, sparse, spatial, special
 from scipy.sparse import csgraph
-from skimage import filters, segmentation
+from skimage import filters, morphology, segmentation
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from ._checks import check_pixel_nm
 
@@ -1098,7 +1098,8 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     edge, once blurred like the smoothed frame (extra width ``sigma``) and corrected for the
     curvature of the outline (``turn`` = π / perimeter per particle, px⁻¹; see
     :func:`_disc_edge_level`), is the level to threshold at (NaN where no model fits); the shift (px) is where the edge is from the
-    current outline, the background the model's level far outside.
+    current outline, the background the model's level far outside; last, whether each
+    particle took the curved model (not the flat one).
     """
     n = counts.shape[0]
     curved_only = curved
@@ -1143,7 +1144,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         rmin = resid.reshape(n, -1).min(1)
         ok = usable & np.isfinite(rmin)
         if not ok.any():
-            return np.full(n, np.nan), np.zeros(n), np.zeros(n), 1.0
+            return np.full(n, np.nan), np.zeros(n), np.zeros(n), 1.0, np.zeros(n, bool)
         noise2 = np.maximum(rmin / np.maximum(nbins - 4, 1), 1e-30)
         with np.errstate(invalid="ignore"):
             chi = (resid - rmin[:, None, None]) / noise2[:, None, None]
@@ -1161,7 +1162,7 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         level = np.where(ok, level_at[rows, kind, js], np.nan)
         base = np.where(ok, base_at[rows, kind, js], 0.0)
         sigmas = np.array([_vertex(sigmas, frame_chi, js)])
-    return level, shift, base, float(sigmas[0])
+    return level, shift, base, float(sigmas[0]), kind == 0
 
 
 _RADIAL_STEP_PX = 0.05  # px, quadrature step of the radial blur
@@ -1420,16 +1421,24 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
                      _ring_peak(xs, counts, sums))
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
-        level, shift, base, blur = _fit_profiles(xs, counts, sums, rho, sigma, curved=hollow,
-                                                 turn=_turn(labels, n))
+        level, shift, base, blur, round_ = _fit_profiles(
+            xs, counts, sums, rho, sigma, curved=hollow, turn=_turn(labels, n))
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
+    px_level = _member_levels(labels, px, owner, rho, level, base, shift,
+                              by_level & round_ & ~hollow,
+                              total=float(np.round(np.hypot(blur, sigma), 2)),
+                              floor=base + _LEVEL_NOISE * noise)
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
+    lev = level[owner]
+    if px_level is not None:
+        at, value = px_level
+        lev[at] = value
     # a threshold shapes the outline, but only near the fitted edge: noise and neighbours
     # cannot pull it further out
     reach = np.concatenate([[0.0], shift + _REACH_PX]).astype(np.float32)
     offset = np.concatenate([[0.0], np.where(by_level, -np.inf, shift)]).astype(np.float32)
     terr = ok & (signed <= np.minimum(w_out, reach)[owner])
-    new = terr & ((sm > level[owner]) | (signed < offset[owner]))
+    new = terr & ((sm > lev) | (signed < offset[owner]))
     # Keep, per particle, only the pieces overlapping the original particle.
     grown = np.zeros(labels.shape, bool)
     grown.ravel()[px[new]] = True
@@ -1442,3 +1451,73 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     take = new & keep[piece]
     out.ravel()[px[take]] = owner[take]
     return out, blur
+
+
+_MERGED_AREA = 1.1  # area / (π ρ²) above which a region may hold several particles
+_MEMBER_H_PX = 1.5  # px, a member's inscribed radius stands this far above its neck
+
+
+def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total, floor):
+    """Edge level per pixel of each member of a region holding several touching particles.
+
+    Detection keeps touching particles in one region where blur and low contrast leave no
+    valley deep enough for a seed of their own (PS50 beside PS100), and the region's edge
+    fit is dominated by the largest member: its level, the value a blurred sphere of the
+    largest member's radius has at its edge, cuts a smaller member short (its edge value is
+    lower: thinner near its edge, and its outline curves more). The members are the
+    regional maxima of the region's inscribed-circle radius (the distance transform) that
+    stand ``_MEMBER_H_PX`` above the neck to the others; each region pixel (and each
+    pixel of the band outside it) goes to the member its distance-transform watershed
+    gives, and gets the level of the region's fitted amplitude and background at a disc
+    of that member's radius (:func:`_disc_edge_level`), never below ``floor`` (noise). The
+    largest member keeps the region's level. Only round (curved-model) regions of area
+    above ``_MERGED_AREA`` times their largest inscribed disc are looked at.
+
+    Returns ``(indices into px, levels)`` or None when no region has several members.
+    """
+    n = rho.size
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    todo = np.flatnonzero(curved & np.isfinite(level) &
+                          (area > _MERGED_AREA * np.pi * rho ** 2) & (rho >= 3.0))
+    if todo.size == 0:
+        return None
+    objects = ndi.find_objects(labels)
+    width = labels.shape[1]
+    r_px, c_px = np.divmod(px, width)
+    sel_at, sel_val = [], []
+    order = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[order], np.arange(n + 2))
+    for j in todo:
+        lab = j + 1
+        sl = objects[j]
+        pad = int(np.ceil(rho[j] * 0.3 + 10.0))
+        r0, r1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, labels.shape[0])
+        c0, c1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, width)
+        region = labels[r0:r1, c0:c1] == lab
+        dist = ndi.distance_transform_edt(region)
+        peaks = morphology.h_maxima(dist, _MEMBER_H_PX) & region
+        markers, m = ndi.label(peaks)
+        if m < 2:
+            continue
+        parts = segmentation.watershed(-dist, markers, mask=region)
+        r_part = np.asarray(ndi.maximum(dist, parts, np.arange(1, m + 1))) + shift[j]
+        big = float(r_part.max())
+        e_big = _disc_edge_level(float(_rho_classes(big)), big, total)
+        e_part = np.array([_disc_edge_level(float(_rho_classes(r)), float(r), total)
+                           for r in r_part])
+        amp = (level[j] - base[j]) / max(e_big, 1e-12)
+        lv = np.maximum(base[j] + amp * e_part, floor[j])
+        lv[r_part >= big] = level[j]
+        # every pixel of the band: the member of its nearest region pixel
+        _, (iy, ix) = ndi.distance_transform_edt(parts == 0, return_indices=True)
+        near = parts[iy, ix]
+        at = order[starts[lab]:starts[lab + 1]]
+        rr, cc = r_px[at] - r0, c_px[at] - c0
+        inb = (rr >= 0) & (rr < r1 - r0) & (cc >= 0) & (cc < c1 - c0)
+        at = at[inb]
+        member = near[rr[inb], cc[inb]]
+        sel_at.append(at)
+        sel_val.append(lv[member - 1])
+    if not sel_at:
+        return None
+    return np.concatenate(sel_at), np.concatenate(sel_val).astype(np.float32)
