@@ -10,11 +10,10 @@ import pytest
 from particlewatch.session import run_session
 
 # Issue 8 asks for means within 2% and fractions within 3 points of the truth over every
-# particle. Means meet it (au10 -0.5%, PS50 -0.5%, PS100 +0.4% on this run's frames). The PS50
-# fraction still comes out 3-4 points low (isolated PS50 particles are found less often than
-# PS100 ones), so the fraction tolerance guards what is reached now, not the goal.
+# particle (this run's frames: au10 -0.5%; PS50 +0.1%, PS100 +0.5%, PS50 fraction 0.492 vs
+# 0.496 since crowded-frame recall was fixed; it was 3-4 points low before).
 MEAN_TOLERANCE = 0.02
-FRACTION_TOLERANCE = 0.05
+FRACTION_TOLERANCE = 0.03
 
 
 def _truth_populations(frames_dir: Path):
