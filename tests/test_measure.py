@@ -404,16 +404,21 @@ def test_split_overlapping_discs_measure_like_isolated_ones(bright):
     assert np.mean(split[:, 2] > 1.15) < 0.1  # shape outliers
 
 
-@pytest.mark.parametrize("sample,detector", [("au10", None), ("ps100", None)])
-def test_split_particles_match_truth_and_isolated_ones(sample, detector):
-    # simulated touching/overlapping particles that separate() split, each matched to one
-    # truth particle: unbiased ECD and the same circularity / aspect ratio as isolated ones
+def _split_and_single_rows(sample, detector, *, seeds, size, row):
+    """Rows ``row(table, k, truth_particle)`` of truth particles matched to measured ones in
+    in-focus simulated frames (segment + separate + measure), as ``(split, single)`` arrays:
+    particles that overlap a neighbour and were split, and isolated ones measured alone.
+
+    A truth particle counts when it does not touch the frame edge, the nearest measured
+    centroid lies within 0.2 of its ECD, and that particle was split exactly when the truth
+    particle overlaps another.
+    """
     from particlewatch.analysis.segment import segment
     from particlewatch.analysis.separate import separate
     from particlewatch.simulators.scope import SimScope
     split, single = [], []
-    for seed in (1, 2, 3):
-        scope = SimScope(sample, seed=seed, size_px=768, detector=detector)
+    for seed in seeds:
+        scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
         scope.move_stage(4.0 * seed - 6, 3.0 - 2.0 * seed)
         scope.set_defocus(scope.true_focus_um())
         frame = scope.snap()
@@ -428,9 +433,18 @@ def test_split_particles_match_truth_and_isolated_ones(sample, detector):
             k = int(np.argmin(d))
             if d[k] > 0.2 * p["ecd_nm"] / px or bool(p["overlaps"]) != was_split[k]:
                 continue
-            row = (t["ecd_nm"][k] / p["ecd_nm"] - 1, t["circularity"][k], t["aspect_ratio"][k])
-            (split if p["overlaps"] else single).append(row)
-    split, single = np.array(split), np.array(single)
+            (split if p["overlaps"] else single).append(row(t, k, p))
+    return np.array(split), np.array(single)
+
+
+@pytest.mark.parametrize("sample,detector", [("au10", None), ("ps100", None)])
+def test_split_particles_match_truth_and_isolated_ones(sample, detector):
+    # simulated touching/overlapping particles that separate() split, each matched to one
+    # truth particle: unbiased ECD and the same circularity / aspect ratio as isolated ones
+    split, single = _split_and_single_rows(
+        sample, detector, seeds=(1, 2, 3), size=768,
+        row=lambda t, k, p: (t["ecd_nm"][k] / p["ecd_nm"] - 1, t["circularity"][k],
+                             t["aspect_ratio"][k]))
     assert len(split) >= 20 and len(single) >= 20, (len(split), len(single))
     assert abs(np.median(split[:, 0])) < 0.015
     assert abs(np.median(split[:, 1]) - np.median(single[:, 1])) < 0.02
@@ -443,29 +457,11 @@ def test_split_cubes_keep_their_corners(detector):
     # background its mask comes back with corners rounded by the erosion depth; measure seeks
     # the real edge beyond the mask there (old: Feret max 9-10% and ECD up to 4% below the
     # isolated cubes' of the same frames, aspect ratio 0.1 lower)
-    from particlewatch.analysis.segment import segment
-    from particlewatch.analysis.separate import separate
-    from particlewatch.simulators.scope import SimScope
-    split, single = [], []
-    for seed in (1, 2, 3, 4):
-        scope = SimScope("cubes", seed=seed, size_px=1024, detector=detector)
-        scope.move_stage(4.0 * seed - 6, 3.0 - 2.0 * seed)
-        scope.set_defocus(scope.true_focus_um())
-        frame = scope.snap()
-        px = frame.pixel_nm
-        sep = separate(segment(frame.image, px), px, image=frame.image)
-        t = measure(sep.labels, frame.image, px, masks=sep.masks)
-        was_split = sep.separated[t["particle_id"]]
-        for p in frame.truth["particles"]:
-            if p["touches_edge"] or not len(t["x_px"]):
-                continue
-            d = np.hypot(t["x_px"] - p["x_px"], t["y_px"] - p["y_px"])
-            k = int(np.argmin(d))
-            if d[k] > 0.2 * p["ecd_nm"] / px or bool(p["overlaps"]) != was_split[k]:
-                continue
-            row = (t["ecd_nm"][k] / p["ecd_nm"] - 1, t["feret_max_nm"][k] / p["feret_max_nm"] - 1,
-                   t["aspect_ratio"][k])
-            (split if p["overlaps"] else single).append(row)
+    split, single = _split_and_single_rows(
+        "cubes", detector, seeds=(1, 2, 3, 4), size=1024,
+        row=lambda t, k, p: (t["ecd_nm"][k] / p["ecd_nm"] - 1,
+                             t["feret_max_nm"][k] / p["feret_max_nm"] - 1,
+                             t["aspect_ratio"][k]))
     split, single = np.median(split, axis=0), np.median(single, axis=0)
     # against the isolated cubes of the same frames: segmentation's own edge bias cancels
     assert abs(split[0] - single[0]) < 0.015, (split, single)  # ECD
