@@ -552,14 +552,13 @@ def _split_region(mask, *, min_marker_px):
     return pieces, owner, rest
 
 
-def _unexplained_boxes(rest, min_marker_px, thick=None):
+def _unexplained_boxes(rest, min_marker_px):
     """Boxes ``(row0, col0, row1, col1)`` of the parts of ``rest`` that could hold a particle.
 
     A part counts when it is at least ``min_marker_px`` pixels and more than
-    ``thick`` (default ``_REST_DEPTH_PX``) thick: thinner slivers are the pixelation and blur
-    left between regrown pieces and a ragged outline, not a particle.
+    ``_REST_DEPTH_PX`` thick: thinner slivers are the pixelation and blur left between
+    regrown pieces and a ragged outline, not a particle.
     """
-    thick = _REST_DEPTH_PX if thick is None else thick
     rows, cols = np.flatnonzero(rest.any(axis=1)), np.flatnonzero(rest.any(axis=0))
     if rows.size == 0 or np.count_nonzero(rest) < min_marker_px:
         return []
@@ -572,7 +571,7 @@ def _unexplained_boxes(rest, min_marker_px, thick=None):
     deepest = ndi.maximum(depth, lab, np.arange(1, n + 1))
     boxes = []
     for k, sl in enumerate(ndi.find_objects(lab)):
-        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > thick:
+        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > _REST_DEPTH_PX:
             boxes.append((r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop,
                           c0 + sl[1].stop))
     return boxes
