@@ -146,12 +146,18 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
     found = _detect(oriented, smooth, valid, thresh_fn=thresh_fn, min_area=min_area,
                     sigma=sigma, flatten=flatten)
-    if found is None:  # nothing on this side: with the polarity guessed, try the other
-        return empty if polarity != "auto" else segment(
-            image, pixel_nm, polarity="bright" if pol == "dark" else "dark",
-            threshold=threshold, min_size_nm=min_size_nm, min_area_px=min_area_px,
-            smooth_px=smooth_px, flatten=flatten, refine_edges=refine_edges,
-            clear_border=clear_border)
+
+    def other_side():
+        # with the polarity guessed (auto), the other one; with it given, nothing
+        if polarity != "auto":
+            return empty
+        return segment(image, pixel_nm, polarity="bright" if pol == "dark" else "dark",
+                       threshold=threshold, min_size_nm=min_size_nm, min_area_px=min_area_px,
+                       smooth_px=smooth_px, flatten=flatten, refine_edges=refine_edges,
+                       clear_border=clear_border)
+
+    if found is None:  # nothing on this side
+        return other_side()
     labels, spread, low, depth = found  # oriented and smooth are now flattened in place
     if log:
         # a texture alike on both sides in intensity (HAADF film taken for dark particles)
@@ -178,12 +184,7 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         # nothing stands out beyond what the background's texture reaches on its other
         # side: a frame of bare film (its patches are not particles), or particles too few
         # to decide the polarity (the histogram's tails are the film's) on the other side
-        if polarity != "auto":
-            return empty
-        other = "bright" if pol == "dark" else "dark"
-        return segment(image, pixel_nm, polarity=other, threshold=threshold,
-                       min_size_nm=min_size_nm, min_area_px=min_area_px, smooth_px=smooth_px,
-                       flatten=flatten, refine_edges=refine_edges, clear_border=clear_border)
+        return other_side()
     if any(sides):
         labels = _clear_border(labels, sides)
     return _relabel(labels)
