@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from particlewatch.analysis.measure import COLUMNS, feret_diameters, measure
 
@@ -93,7 +94,6 @@ def test_many_discs_at_once_match_one_at_a_time():
 def test_subpixel_outline_from_image_gives_unbiased_ferets():
     # a blurred disc and a blurred rod whose masks are the half-contrast level: the calipers
     # follow the image's edge, not the pixel staircase
-    from scipy import ndimage as ndi
     ang = np.deg2rad(23)
     fine = np.zeros((800, 800))
     yf, xf = (np.mgrid[:800, :800] + 0.5) / 4 - 0.5
@@ -199,7 +199,6 @@ def test_rod_width_is_not_raised_by_noise_on_its_sides(detector):
 def test_noisy_ellipse_width_follows_its_curved_sides():
     # the fits along an elongated outline's sides must follow a curved side, not flatten it:
     # an ellipse's minimum caliper is its minor axis
-    from scipy import ndimage as ndi
     rng = np.random.default_rng(3)
     yf, xf = (np.mgrid[:640, :640] + 0.5) / 4 - 0.5
     errors = []
@@ -266,7 +265,6 @@ def test_solid_particles_have_no_shell(sample, detector):
 
 def _shell_image(shape, centres, outer_px, inner_px, *, blur_px, rng, haadf, scale=1.0):
     """Poisson frame of hollow (inner > 0) or solid spheres; thickness in px units."""
-    from scipy import ndimage as ndi
     yy, xx = np.mgrid[:shape[0], :shape[1]].astype(float)
     thick = np.zeros(shape)
     for (cy, cx), big, small in zip(centres, outer_px, inner_px):
@@ -290,7 +288,7 @@ def test_shell_fit_of_noisy_blurred_shells(haadf, blur_px):
     inner = outer - 5.0
     img, thick = _shell_image((240, 240), centres, outer, inner, blur_px=blur_px, rng=rng,
                               haadf=haadf, scale=1.5)
-    lab, _ = ndi_label(thick > 0)
+    lab, _ = ndi.label(thick > 0)
     t = measure(lab, img, 1.0)
     assert np.isfinite(t["shell_nm"]).all()
     assert np.median(t["shell_nm"]) == pytest.approx(5.0, rel=0.12)
@@ -319,11 +317,6 @@ def test_flat_topped_and_clustered_solids_are_not_hollow():
     assert len(t["shell_nm"]) == 16 and np.isnan(t["shell_nm"]).all()
 
 
-def ndi_label(mask):
-    from scipy import ndimage as ndi
-    return ndi.label(mask)
-
-
 @pytest.mark.parametrize("detector", ["bf", "haadf"])
 def test_signal_is_positive_and_scales_with_mass(detector):
     pairs = _isolated_matches("au10", size=512, detector=detector)
@@ -339,7 +332,6 @@ def test_noisy_disc_outline_keeps_calipers_round():
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[:96, :96]
     ragged = np.hypot(yy - 48.3, xx - 47.6) + rng.normal(0, 0.6, (96, 96))
-    from scipy import ndimage as ndi
     lab = (ndi.gaussian_filter(ragged, 0.7) < 20).astype(np.int32)
     lab, _ = ndi.label(lab)
     t = measure(lab, np.where(lab > 0, 50.0, 100.0), 1.0)
@@ -353,7 +345,6 @@ def test_noisy_disc_outline_keeps_calipers_round():
 
 def _blurred_discs(discs, shape, *, bright):
     """An image of blurred discs (row, col, radius) drawn at 4× and averaged down."""
-    from scipy import ndimage as ndi
     h, w = shape
     yf, xf = (np.mgrid[:4 * h, :4 * w] + 0.5) / 4 - 0.5
     fine = np.zeros((4 * h, 4 * w))
@@ -368,7 +359,6 @@ def test_split_overlapping_discs_measure_like_isolated_ones(bright):
     # overlapping pairs of discs (centres 0.75-0.95 diameters apart) next to isolated discs of
     # the same radii: the split ones' ECD, circularity and aspect ratio must match the truth
     # and the isolated ones (the mask as is gives +2-4% ECD and circularity ~0.95)
-    from scipy import ndimage as ndi
     from particlewatch.analysis.separate import separate
     rng = np.random.default_rng(7)
     discs, pairs, singles = [], [], []
