@@ -187,8 +187,9 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None):
 
     ``smooth``: the frame's :func:`_edge_image`, for sub-pixel outline points (see
     :func:`_edge_points`). ``frame``: for the mosaic of overlapping masks, ``(frame_labels,
-    offsets)`` (offsets[label] added to mosaic coordinates gives frame coordinates), so each
-    outline point is refined on the frame and told free (facing the background) or shared.
+    offsets, noise)`` (offsets[label] added to mosaic coordinates gives frame coordinates;
+    noise: :func:`_smooth_noise`), so each outline point is refined on the frame and told
+    free (facing the background) or shared.
     A particle whose outline is partly shared (it touches or overlaps a neighbour) takes its
     area from its reconstructed outline (see :func:`_outline_geometry`), not from its pixels:
     where neighbours overlap its mask is a guess, where they touch the cut is one.
@@ -297,7 +298,8 @@ def _edge_points(labels, smooth=None, frame=None):
     frame; one facing another particle (touching, or inside an overlapping neighbour) is
     *shared*: the image has no edge there, so its point stays at the pixel edge's midpoint and
     the outline is reconstructed across it (:func:`_outline_geometry`). ``frame``:
-    ``(frame_labels, offsets)`` when ``labels`` is the mosaic of :func:`_mosaic`.
+    ``(frame_labels, offsets, noise)`` when ``labels`` is the mosaic of :func:`_mosaic`
+    (see :func:`_measure_labels`).
 
     Returns
     -------
@@ -545,7 +547,7 @@ def _resample_polar(seg, ang, radius, starts, counts, sel, m):
     """
     first = starts[sel]
     last = first + counts[sel] - 1
-    pick = np.concatenate([_ranges(first, counts[sel])])
+    pick = _ranges(first, counts[sel])
     which = np.repeat(np.arange(len(sel)), counts[sel])
     key = which * _KEY_STRIDE + ang[pick]
     base = np.arange(len(sel)) * _KEY_STRIDE
@@ -898,13 +900,12 @@ def _add_background_and_shell(t, labels, image):
     if cand.size == 0:
         return
     radius = t["ecd"][cand] / 2
-    sums, counts, noise, noise_bins = _radial_profiles(labels, image, t["particle_id"][cand], t["y"][cand],
-                                           t["x"][cand], radius, bg[cand], sign[cand])
-    hollow = _hollow(sums, counts, noise, noise_bins)
+    sums, counts, noise, noise_bins = _radial_profiles(
+        labels, image, t["particle_id"][cand], t["y"][cand], t["x"][cand], radius, bg[cand],
+        sign[cand])
+    hollow, prof, n = _hollow(sums, counts, noise, noise_bins)
     if hollow.any():
-        n = counts[hollow].sum(1)
-        prof = np.where(n > 0, sums[hollow].sum(1) / np.maximum(n, 1), 0.0)
-        outer, inner = _fit_shell(prof, n, radius[hollow])
+        outer, inner = _fit_shell(prof[hollow], n[hollow], radius[hollow])
         t["shell"][cand[hollow]] = (outer - inner) * radius[hollow]
 
 
@@ -912,6 +913,8 @@ _SHELL_MIN_PX = 12  # ECD below which a hole cannot be told from the blur
 _BIN = 0.05  # radial profile bins, in units of the particle's radius R
 _REACH = 1.3  # the profile runs to this × R: the outer edge and some background
 _N_BINS = int(round(_REACH / _BIN))
+# bins inside 0.9 R, clear of the blurred outer edge: the noise and roundness tests use these
+_INNER_BINS = (np.arange(_N_BINS) + 1) * _BIN <= 0.9
 _SECTORS = 16  # a ring of up to 8 particles shows as azimuthal structure at this resolution
 _RIM_TEMPLATES = (0.4, 0.5, 0.6, 0.7, 0.8)  # hole radii / R of the hollowness filters
 _HOLLOW_FALSE_RATE = 1e-4  # per solid particle, from its own noise
@@ -982,7 +985,7 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     counts = np.bincount(flat, minlength=size).reshape(k, _SECTORS, _N_BINS)
     sums = np.bincount(flat, signal, size).reshape(k, _SECTORS, _N_BINS)
     squares = np.bincount(flat, signal * signal, size).reshape(k, _SECTORS, _N_BINS)
-    inner = (np.arange(_N_BINS) + 1) * _BIN <= 0.9
+    inner = _INNER_BINS
     noise = []
     # scatter about each cell's own mean (sector × bin: pixel noise alone, for the roundness
     # F test) and about each bin's mean over all sectors (noise plus any azimuthal
@@ -1029,6 +1032,13 @@ def _hollow(sums, counts, noise, noise_bins):
         From :func:`_radial_profiles`.
     noise, noise_bins : (K,) ndarray
         One pixel's noise: within sectors (the F test) and within bins (the rise test).
+
+    Returns
+    -------
+    hollow : (K,) ndarray of bool
+    prof, n : (K, B) ndarray
+        The radial profile over all sectors (mean signal per bin, 0 where empty) and its
+        pixels per bin (for :func:`_fit_shell`).
     """
     z = -ndtri(_HOLLOW_FALSE_RATE / len(_RIM_TEMPLATES))
     n = counts.sum(1).astype(float)
@@ -1048,7 +1058,7 @@ def _hollow(sums, counts, noise, noise_bins):
     # of the between-sector against the within-sector scatter), or by little next to the
     # dip; a ring of solid particles left as one label dips in its middle too, but only
     # where its members are
-    inner = (np.arange(_N_BINS) + 1) * _BIN <= 0.9
+    inner = _INNER_BINS
     on = counts[:, :, inner].astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         between = (on * (sums[:, :, inner] / on - prof[:, None, inner]) ** 2)
@@ -1061,7 +1071,7 @@ def _hollow(sums, counts, noise, noise_bins):
         spread = np.sqrt(np.maximum(between - dof_between * noise ** 2, 0) / on.sum((1, 2)))
         lumpy &= spread > _MAX_LUMP * dip
     used = (counts.sum(2) > 0).sum(1)
-    return (best > z) & (used >= _SECTORS // 2) & ~lumpy
+    return (best > z) & (used >= _SECTORS // 2) & ~lumpy, prof, n
 
 
 def _rise(prof, n, m):
