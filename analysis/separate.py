@@ -817,7 +817,7 @@ _THICK_NEIGHBOURS = 25  # references on either side in width that make a local r
 _BG_BLOCK = 8
 
 
-def _thickness_map(image, labels, rows, cols, own=None):
+def _thickness_map(image, labels, rows, cols, own):
     """Projected thickness up to a scale at the pixels ``(rows, cols)``, or None.
 
     Positive for dark and bright particles alike. The background is a normalised convolution
@@ -826,9 +826,9 @@ def _thickness_map(image, labels, rows, cols, own=None):
     in thickness). Dark particles (bright-field): the absorbance ``-log(I / background)``, which
     Beer-Lambert makes linear in mass-thickness (the plain contrast saturates for heavy
     particles). Returns None when no background is seen. Only the requested pixels are
-    computed (the particles' neighbourhoods, not the whole frame). ``own`` (optional) marks
-    the requested pixels that hold every labelled pixel of the frame exactly once: the
-    polarity (median over the particles) is then read from them, not from the whole frame.
+    computed (the particles' neighbourhoods, not the whole frame). ``own`` marks the
+    requested pixels that hold every labelled pixel of the frame exactly once: the polarity
+    (median over the particles) is read from them.
     """
     b = _BG_BLOCK
     h, w = labels.shape
@@ -858,20 +858,13 @@ def _thickness_map(image, labels, rows, cols, own=None):
         full = np.repeat(np.repeat(np.abs(level), b, axis=0), b, axis=1)[:h, :w]
         fallback = max(float(np.median(full)), 1e-12)
 
-    def rel_at(r, c):
-        lv = level[r // b, c // b]
-        scale = np.abs(lv)
-        if fallback is not None:
-            scale = np.where(scale > 0, scale, fallback)
-        v = image[r, c]
-        return (np.where(np.isfinite(v), v, 0.0) - lv) / scale
-
-    if own is None:
-        fg_rel = rel_at(*np.nonzero(labels))
-        rel = rel_at(rows, cols)
-    else:  # the same values (the median does not depend on their order)
-        rel = rel_at(rows, cols)
-        fg_rel = rel[own]
+    lv = level[rows // b, cols // b]
+    scale = np.abs(lv)
+    if fallback is not None:
+        scale = np.where(scale > 0, scale, fallback)
+    v = image[rows, cols]
+    rel = (np.where(np.isfinite(v), v, 0.0) - lv) / scale
+    fg_rel = rel[own]
     if not fg_rel.size:
         return None
     if np.median(fg_rel) < 0:
