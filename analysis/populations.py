@@ -40,13 +40,13 @@ quarter of the split pieces of a gold sample were "outliers" of shape.
 
 ``"kmeans"`` (K chosen by the silhouette, as Williamson et al. 2022) goes through the same
 merging and outlier steps; ``"dbscan"`` and ``"optics"`` (as autoSTEM) leave outliers
-unassigned themselves: DBSCAN with ``eps`` twice the median k-distance, OPTICS
-with clusters cut from its reachability plot at the level 95% of the particles reach; a
-density cluster holding less than ``min_fraction`` is outliers. Both cluster a random
-subsample (DBSCAN up to 3,000 particles, OPTICS, which is far slower per particle, the
-fewest in which a population of ``min_fraction`` still has 30: 1,000 by default) and give
-every other particle the cluster of its nearest clustered neighbour within that radius. Population ids are ordered by
-mean size, 0 the smallest.
+unassigned themselves: DBSCAN with ``eps`` twice the median k-distance, OPTICS with
+clusters cut from its reachability plot at the level 95% of the particles reach; a density
+cluster holding less than ``min_fraction`` is outliers. Both cluster a random subsample
+(DBSCAN up to 3,000 particles, OPTICS, which is far slower per particle, the fewest in which
+a population of ``min_fraction`` still has 30: 1,000 by default) and give every other
+particle the cluster of its nearest clustered neighbour within that radius. Population ids
+are ordered by mean size, 0 the smallest.
 """
 
 from __future__ import annotations
