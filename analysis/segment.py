@@ -179,7 +179,7 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     labels = _drop_small(labels, min_area)  # first: a dropped sliver must not leave a hole
     labels = _fill_label_holes(labels)
     labels = _drop_insignificant(labels, smooth, spread)
-    if _label_max(smooth, labels, int(labels.max())).max(initial=-np.inf) <= \
+    if smooth[labels > 0].max(initial=-np.inf) <= \
             max(depth + _NULL_MARGIN * spread, (1.0 + _NULL_RATIO) * depth):
         # nothing stands out beyond what the background's texture reaches on its other
         # side: a frame of bare film (its patches are not particles), or particles too few
