@@ -237,7 +237,7 @@ def _extent_area(sep, lab):
     return int(np.count_nonzero(sep.labels == lab))
 
 
-def _union_extent(sep, labs, shape):
+def _union_extent(sep, labs):
     """Pixels of the union of the full extents of particles ``labs``."""
     u = np.isin(sep.labels, labs)
     for lab in labs:
@@ -300,11 +300,9 @@ def pair_breakdown(table, truth, tol, raw, sep):
             continue
         f["size"] += 1
         ri, rj = (parts[n]["ecd_nm"] / px / 2 for n in (i, j))
-        raw_area = int(np.count_nonzero(np.isin(raw, [raw_at[i], raw_at[j]])))
-        la, lb = int(table["particle_id"][a]), int(table["particle_id"][b])
-        pieces_area = _union_extent(sep, [la, lb], out.shape)
-        union = np.sqrt(pieces_area / raw_area) - 1
         region = np.isin(raw, [raw_at[i], raw_at[j]])
+        la, lb = int(table["particle_id"][a]), int(table["particle_id"][b])
+        union = np.sqrt(_union_extent(sep, [la, lb]) / np.count_nonzero(region)) - 1
         for n, k, lab, e, r in ((i, a, la, ea, ri), (j, b, lb, eb, rj)):
             if abs(e) <= tol:
                 continue
