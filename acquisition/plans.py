@@ -20,7 +20,7 @@ from .focus import (FocusModel, band_sharpness, fit_focus_curve, noise_floor, pa
                     sharpness_and_noise)
 from .protocol import Frame, validate_mode
 from .segments import (Segment, SegmentCheckCalibration, check_segments, focus_window,
-                       record_has_particles, record_particle_peaks)
+                       peaks_inside, record_particle_peaks)
 from .tiling import Tile
 
 
@@ -550,11 +550,17 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     calibration = segments.calibration()
     confirmations = 0
 
-    def count_particles(frame: Frame, margin: float) -> int:
-        return record_has_particles(
+    def particle_peaks(frame: Frame) -> np.ndarray:
+        # every peak of the frame (margin 0): one search answers both the focus probe's and
+        # the record check's questions (its counted part: peaks_inside)
+        return record_particle_peaks(
             frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
             threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
-            polarity=segments.polarity, margin=margin)
+            polarity=segments.polarity, margin=0.0)
+
+    def counted(peaks: np.ndarray, frame: Frame) -> bool:
+        return len(peaks_inside(peaks, frame.image.shape, margin=segments.overlap / 2,
+                                bin_px=segments.record_bin_px)) > 0
 
     def check_fields() -> dict:
         if calibration is None:
@@ -618,16 +624,13 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             yield SetDefocus(best)
             yield Report({"defocus_um": best})
             frame = yield Snap("record")
-            peaks = np.zeros((0, 2), int)
+            peaks = None  # every particle peak of `frame`, once it was searched
             # where focusing on a record's particles failed (too few, too faint), trying
             # again close by would fail the same way: those records keep the best guess
             if focus.needs_focus(model, x, y) and not any(
                     math.dist((x, y), p) < focus.refocus_distance_um / 2 for p in unfocusable):
-                peaks = record_particle_peaks(
-                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
-                    threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
-                    polarity=segments.polarity, margin=0.0)
-            if len(peaks):
+                peaks = particle_peaks(frame)
+            if peaks is not None and len(peaks):
                 # Focus was not known here (the survey showed nothing to focus on nearby, or
                 # focusing there failed): this record, taken at the best guess, shows
                 # particles, so focus on them and record again. A record that shows nothing
@@ -646,6 +649,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     yield SetDefocus(best)
                     yield Report({"state": "recording", "defocus_um": best})
                     frame = yield Snap("record")
+                    peaks = None
                 else:  # the probe, out of focus but with particles, is kept as the record
                     unfocusable.append((x, y))
             # whether focus was known near this record at all: a weak specimen (PS, silica in
@@ -656,15 +660,17 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             keep = True
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.
-                seen = count_particles(frame, segments.overlap / 2) > 0
-                anywhere = seen or count_particles(frame, 0.0) > 0
+                if peaks is None:
+                    peaks = particle_peaks(frame)
+                seen = counted(peaks, frame)
+                anywhere = len(peaks) > 0
                 if seen and not seg.has_particles:
                     # The survey missed particles, or the record check saw noise: one
                     # confirmation record decides (a false alarm does not repeat in a fresh
                     # exposure; particles do). Both frames were of the same field.
                     yield Report({"state": "confirming"})
                     confirm = yield Snap("record")
-                    seen = count_particles(confirm, segments.overlap / 2) > 0
+                    seen = counted(particle_peaks(confirm), confirm)
                     confirmations += 1
                 # A blank record at an unknown focus is no evidence: where the survey saw
                 # particles in this tile, or has missed them before, it is kept unjudged

@@ -344,7 +344,8 @@ def record_particle_peaks(image, pixel_nm: float, *, bin_px: int = 4,
         raise ValueError(f"image must be 2-D, got shape {a.shape}")
     if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
         raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
-    bin_px = int(min(bin_px, max(1, min(a.shape) // 32)))  # keep >= 32 px to work on
+    requested = int(bin_px)
+    bin_px = _record_binning(a.shape, requested)
     r, c = (a.shape[0] // bin_px) * bin_px, (a.shape[1] // bin_px) * bin_px
     binned = a[:r, :c].reshape(r // bin_px, bin_px, c // bin_px, bin_px).mean(axis=(1, 3))
     if not np.ptp(binned) > 0:
@@ -352,10 +353,30 @@ def record_particle_peaks(image, pixel_nm: float, *, bin_px: int = 4,
     _, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * bin_px,
                              polarity=polarity, threshold_sigma=threshold_sigma,
                              min_size_nm=min_size_nm)
-    shape = np.asarray(binned.shape)
+    return peaks_inside(peaks * bin_px + bin_px // 2, a.shape, margin=margin,
+                        bin_px=requested)
+
+
+def _record_binning(shape: tuple[int, int], bin_px: int) -> int:
+    """The binning :func:`record_particle_peaks` uses: ``bin_px``, but >= 32 px left."""
+    return int(min(bin_px, max(1, min(shape) // 32)))
+
+
+def peaks_inside(peaks, image_shape: tuple[int, int], *, margin: float,
+                 bin_px: int = 4) -> np.ndarray:
+    """Those of a frame's peaks that :func:`record_particle_peaks` counts with ``margin``.
+
+    ``peaks`` are what :func:`record_particle_peaks` found with ``margin=0`` in a frame of
+    ``image_shape`` with the same ``bin_px``; the result is exactly what it returns with
+    ``margin``, without searching the frame again (one search serves several margins).
+    """
+    peaks = np.asarray(peaks, dtype=int).reshape(-1, 2)
+    b = _record_binning(image_shape, bin_px)
+    shape = np.asarray(image_shape) // b  # the binned frame's shape
     edge = np.maximum(2 if margin > 0 else 0, np.floor(margin * shape)).astype(int)
-    inside = np.all((peaks >= edge) & (peaks < shape - edge), axis=1)
-    return peaks[inside] * bin_px + bin_px // 2
+    binned = peaks // b  # the binned pixel each peak came from (peaks sit at its centre)
+    inside = np.all((binned >= edge) & (binned < shape - edge), axis=1)
+    return peaks[inside]
 
 
 def miss_rate_upper_bound(missed: int, checked: int, *, confidence: float = 0.95) -> float:
