@@ -226,7 +226,6 @@ def _thickness_frame(detector, *, seed, ratios, cell=56, grid=10, dose=400.0, bl
     first ``len(ratios)`` cells, which hold two overlapping spheres whose centre distance is
     ``ratio`` × the contact distance. Returns (image, [(centre, ...) per cell]).
     """
-    from scipy import ndimage as ndi
     rng = np.random.default_rng(seed)
     size = cell * grid
     yy, xx = np.mgrid[:size, :size]
@@ -307,8 +306,6 @@ def _markers_step_by_step(mask, depth):
     The definition :func:`separate` implements on a stack of all erosion levels at once
     (kept here to check that the two agree marker for marker).
     """
-    from scipy import ndimage as ndi
-
     from particlewatch.analysis.separate import _is_convex
 
     def convex(m):
@@ -345,8 +342,6 @@ def _markers_step_by_step(mask, depth):
 
 
 def test_erosion_search_on_level_stack_matches_step_by_step():
-    from scipy import ndimage as ndi
-
     from particlewatch.analysis.separate import _markers
 
     rng = np.random.default_rng(3)
