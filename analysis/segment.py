@@ -69,14 +69,14 @@ _LOW_SIGMAS = 3.0  # hysteresis outline level, in units of the background spread
 _SEED_SIGMAS = (5.0, 8.0)  # the seed level (threshold method) is clipped to this range
 _TARGET_SNR = 16.0  # the fainter particles' peak over smoothed noise, the denoising target
 _STATS_PX = 512 * 512  # background statistics from at most about this many pixels
-_SMALL_AREA_QUANTILE = 25.0
+_SMALL_AREA_QUANTILE = 25.0  # "the smaller particles": this percentile of region areas
 # a frame holds particles when its strongest peaks this many background spreads beyond the
 # deepest dip of the texture on the other side (on bare film the two sides' extremes are
 # alike: where noise sets them ~1 spread apart in about one frame in six, 2 in a few per cent)
 _NULL_MARGIN = 2.0
 # ... and this share beyond it: where the film's texture, not noise, sets the extremes (HAADF
 # film at a few per cent), the two sides' maxima differ by ~10-20% of their height
-_NULL_RATIO = 0.5  # "the smaller particles": this percentile of region areas
+_NULL_RATIO = 0.5
 
 
 def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5,
@@ -1166,7 +1166,6 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     return level, shift, base, float(sigmas[0]), kind == 0
 
 
-_RADIAL_STEP_PX = 0.05  # px, quadrature step of the radial blur
 def _vertex(x, y, k):
     """The minimum of the parabola through the points ``k - 1, k, k + 1`` of ``y`` over
     ``x`` (rounded to 0.05, kept between the neighbours of ``x[k]``); ``x[k]`` at an end.
@@ -1185,6 +1184,7 @@ def _vertex(x, y, k):
 
 
 _MAX_CURVE_PX = 2.0  # px, cap of a flat edge's curvature offset (tiny, ragged outlines)
+_RADIAL_STEP_PX = 0.05  # px, quadrature step of the radial blur
 
 
 @functools.lru_cache(maxsize=4096)
