@@ -179,10 +179,7 @@ def test_simulated_particles_close_to_the_border_are_kept():
     # border: blur and noise carry their outlines to it, yet they are whole and measurable
     near, found, errors = 0, 0, []
     for i, stage in enumerate(((5.0, -5.0), (-12.0, 7.0), (20.0, 14.0), (-3.0, -25.0))):
-        scope = SimScope("ps50", seed=1 + i, size_px=1024)
-        scope.move_stage(*stage)
-        scope.set_defocus(scope.true_focus_um())
-        frame = scope.snap()
+        frame = _frame("ps50", seed=1 + i, size=1024, stage=stage)
         px = frame.pixel_nm
         table = measure(segment(frame.image, px), frame.image, px)
         h, w = frame.image.shape
@@ -256,11 +253,19 @@ _EMPTY_STAGES = ((33.1, -33.0), (-29.4, -6.6), (-34.2, -40.8), (13.5, -54.7), (2
                  (1.2, 41.7))
 
 
-def _at(sample, stage, *, detector=None, size=1024):
-    scope = SimScope(sample, seed=0, size_px=size, detector=detector)
-    scope.move_stage(*stage)
-    scope.set_defocus(scope.true_focus_um())
-    return scope.snap()
+def _frame_holding(sample, stage, *, detector, lo, hi):
+    """The frame at ``stage`` (seed 0, 1024²), checked to hold ``lo``..``hi`` truth particles.
+
+    Fixture validation, not a test of segment: the stage positions were chosen for how many
+    particles the simulator puts there, and a test on a frame holding none would pass
+    trivially. A simulator change that moves them must fail loudly, not test nothing.
+    """
+    frame = _frame(sample, seed=0, size=1024, detector=detector, stage=stage)
+    n = len(frame.truth["particles"])
+    if not lo <= n <= hi:
+        pytest.fail(f"precondition: {sample} ({detector}) stage {stage} holds {n} particles, "
+                    f"not {lo}-{hi}: the simulator changed; pick new stages")
+    return frame
 
 
 def test_bare_film_gives_no_particles_in_either_detector():
@@ -272,8 +277,7 @@ def test_bare_film_gives_no_particles_in_either_detector():
     for sample in ("cubes", "au10"):
         for detector in ("bf", "haadf"):
             for stage in _EMPTY_STAGES:
-                frame = _at(sample, stage, detector=detector)
-                assert not frame.truth["particles"]
+                frame = _frame_holding(sample, stage, detector=detector, lo=0, hi=0)
                 frames += 1
                 hits += bool(segment(frame.image, frame.pixel_nm).max())
     assert hits <= frames // 8
@@ -287,9 +291,8 @@ def test_bare_film_gives_no_particles_in_either_detector():
 def test_few_particles_are_found_with_the_right_polarity(sample, stage, detector):
     # 1-3 particles cover far less than the 0.5% tails of the histogram the polarity is
     # read from; the film's tails decide it, and the particles must still be found
-    frame = _at(sample, stage, detector=detector)
+    frame = _frame_holding(sample, stage, detector=detector, lo=1, hi=3)
     truth = frame.truth["particles"]
-    assert 1 <= len(truth) <= 3
     labels = segment(frame.image, frame.pixel_nm)
     table = measure(labels, frame.image, frame.pixel_nm)
     errors, missed = _isolated_errors(frame, table)
