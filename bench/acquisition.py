@@ -111,15 +111,28 @@ def run_autostem_like(args, out: Path, area):
         _focus_errors(out, frames)
 
 
+def _bench_scope(sample, detector, *, size, seed, dose_factor):
+    """The simulator for a sample and detector, its dose scaled by ``dose_factor``."""
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+    if dose_factor != 1.0:
+        scope = SimScope(sample, seed=seed, size_px=size, detector=detector,
+                         dose=scope.dose * dose_factor)
+    return scope
+
+
+def _of_kind(scope, x, y, kind) -> bool:
+    """Whether ``(x, y)`` is anywhere (kind 0), sparse (1) or of medium density (2)."""
+    d = scope.specimen.density(x, y)
+    return (kind == 0 or scope.sample.empty or (kind == 1 and 0 < d < 0.15)
+            or (kind == 2 and 0.15 <= d < 0.6))
+
+
 def _survey_positions(scope, n, rng):
     """Stage positions: a third anywhere on the grid, a third sparse, a third medium dense."""
     out = []
     while len(out) < n:
         x, y = rng.uniform(-55, 55, 2)
-        d = scope.specimen.density(x, y)
-        kind = len(out) % 3
-        if (kind == 0 or scope.sample.empty or (kind == 1 and 0 < d < 0.15)
-                or (kind == 2 and 0.15 <= d < 0.6)):
+        if _of_kind(scope, x, y, len(out) % 3):
             out.append((float(x), float(y)))
     return out
 
@@ -134,10 +147,7 @@ def segment_rates(sample, detector, *, positions=100, size=512, seed=0, dose_fac
         ``occupied``, ``missed`` (occupied but skipped), ``empty``, ``skipped`` (empty and
         skipped), ``surveys``, ``check_s`` (compute per survey).
     """
-    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
-    if dose_factor != 1.0:
-        scope = SimScope(sample, seed=seed, size_px=size, detector=detector,
-                         dose=scope.dose * dose_factor)
+    scope = _bench_scope(sample, detector, size=size, seed=seed, dose_factor=dose_factor)
     rng = np.random.default_rng([seed, 99])
     scope.set_mode("survey")
     record = scope.field_of_view_um("record")
@@ -169,9 +179,7 @@ def _run_area(scope, side_um, rng, kind):
     """An area whose centre is sparse (kind 1), of medium density (kind 2) or anywhere."""
     for _ in range(20000):
         x, y = rng.uniform(-45, 45, 2)
-        d = scope.specimen.density(x, y)
-        if (kind == 0 or scope.sample.empty or (kind == 1 and 0 < d < 0.15)
-                or (kind == 2 and 0.15 <= d < 0.6)):
+        if _of_kind(scope, x, y, kind):
             return (x - side_um / 2, y - side_um / 2, x + side_um / 2, y + side_um / 2)
     raise RuntimeError("no such area")
 
@@ -200,10 +208,7 @@ def segment_run(sample, detector, *, tiles=12, size=512, seed=0, kind=1, dose_fa
         never did), ``off_after`` (the same when it went off), ``false_alarms``,
         ``disagreements`` (survey-empty, record check saw particles), ``wall_s``.
     """
-    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
-    if dose_factor != 1.0:
-        scope = SimScope(sample, seed=seed, size_px=size, detector=detector,
-                         dose=scope.dose * dose_factor)
+    scope = _bench_scope(sample, detector, size=size, seed=seed, dose_factor=dose_factor)
     micro = SimulatedMicroscope(scope)
     rng = np.random.default_rng([seed, 7, kind])
     survey_um = micro.field_of_view_um("survey")[0]
