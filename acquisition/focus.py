@@ -551,7 +551,8 @@ class FocusModel:
                 spread = max(3 * 1.4826 * np.median(np.abs(residual)), 0.01)
                 keep = np.abs(residual) <= spread
                 if keep.sum() >= 3 and not keep.all():
-                    coef = self._plane(p[keep]) if self._plane(p[keep]) is not None else coef
+                    refit = self._plane(p[keep])
+                    coef = refit if refit is not None else coef
             if coef is not None:
                 return float(coef[0] + coef[1] * x_um + coef[2] * y_um)
         p = np.asarray(recent)
