@@ -342,6 +342,7 @@ class Daemon:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._converged = threading.Event()
+        self._settle_requests: list[threading.Event] = []
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -382,8 +383,34 @@ class Daemon:
             raise self._error
 
     def wait_converged(self, timeout: float | None = None) -> bool:
-        """Block until the statistics converge (True) or ``timeout`` seconds pass (False)."""
+        """Block until the statistics converge (True) or ``timeout`` seconds pass (False).
+
+        Frames analysed after convergence can undo it (a frame unlike the others widens a
+        fraction's interval); the flag then clears, and a ``converged`` message is sent
+        again when the statistics converge again.
+        """
         return self._converged.wait(timeout)
+
+    def settle(self, timeout: float | None = 60.0) -> dict | None:
+        """Recompute the statistics as :meth:`stop` will (every frame done, in name order)
+        and return that summary; convergence is announced or withdrawn accordingly.
+
+        What a session decides on after the last frame is analysed: the stop verdict then
+        agrees with the final report, whatever order the workers finished in.
+
+        Raises
+        ------
+        TimeoutError
+            The daemon did not answer within ``timeout`` seconds.
+        """
+        done = threading.Event()
+        with self._lock:
+            self._settle_requests.append(done)
+        if not done.wait(timeout):
+            if self._error is not None:
+                raise self._error
+            raise TimeoutError(f"daemon did not settle its statistics within {timeout} s")
+        return self.summary
 
     def wait_idle(self, timeout: float | None = None, *, frames: int | None = None) -> bool:
         """Block until nothing is waiting, pending or running (and, if given, at least
@@ -506,6 +533,7 @@ class Daemon:
         self._next_expiry = 0.0
         self._rebuild_statistics(order="done", rewrite=True)
         if self._summary_now is not None and self._stats_converged():
+            # a restart after convergence: the flag holds, and repeated stats messages say so
             self._announced_converged = True
             self._converged.set()
 
@@ -566,6 +594,7 @@ class Daemon:
                 self._supervise_workers()
                 self._next_expiry = now + 0.5
             self._flush()
+            self._settle()
             self._dispatch(zmq)
             self._periodic(now)
 
@@ -1028,10 +1057,32 @@ class Daemon:
         with self._lock:
             self._summary = self._summary_now
         self._publish_stats()
+        self._announce()
+
+    def _announce(self) -> None:
+        """Send ``converged`` when the statistics converge; withdraw the flag when later
+        frames undo it, so the next convergence is announced again."""
         if self._stats_converged() and not self._announced_converged:
             self._announced_converged = True
             self._publish({"type": "converged", **self._summary_now})
             self._converged.set()
+        elif self._announced_converged and not self._stats_converged():
+            self._announced_converged = False
+            self._converged.clear()
+            reason = (self._summary_now or {}).get("convergence", {}).get("reason", "")
+            log.info("statistics no longer converged: %s", reason)
+
+    def _settle(self) -> None:
+        with self._lock:
+            requests, self._settle_requests = self._settle_requests, []
+        if not requests:
+            return
+        self._rebuild_statistics(order="name", rewrite=True)
+        if self._summary_now is not None:
+            self._publish_stats()
+            self._announce()
+        for done in requests:
+            done.set()
 
     def _publish(self, message: dict) -> None:
         self._pub.send(messages.encode(message))

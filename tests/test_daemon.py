@@ -119,6 +119,54 @@ def test_frames_dropped_at_once_are_each_processed_exactly_once(dirs, tmp_path):
     assert last["schema_version"] == 1 and isinstance(last["populations"], list)
 
 
+class ScriptedVerdict:
+    """Real running statistics whose converged verdict follows a script of frame counts,
+    so that convergence can be undone by a later frame on purpose."""
+
+    def __init__(self, converged_at):
+        self.converged_at = converged_at
+
+    def __call__(self, *, precision, seed):
+        from particlewatch.analysis.statistics import RunningStatistics
+
+        converged_at = self.converged_at
+
+        class Scripted(RunningStatistics):
+            def summary(self, **kwargs):
+                s = super().summary(**kwargs)
+                s["converged"] = self.n_frames in converged_at
+                return s
+
+        return Scripted(precision=precision, seed=seed)
+
+
+def test_convergence_undone_by_a_later_frame_is_withdrawn_and_announced_again(dirs):
+    folder, out = dirs
+    truth = truth_ecds(np.random.default_rng(3), 5)
+    daemon = Daemon(folder, out, **{**FAST, "workers": 1},
+                    statistics=ScriptedVerdict({2, 3, 5})).start()
+    sub = Subscriber(daemon.endpoints["stats"])
+    verdicts = []
+    try:
+        time.sleep(0.3)  # subscribed before the first frame (ZeroMQ's slow joiner)
+        for i in range(5):
+            encode_frame(folder / f"frame_{i:05d}.mrc", truth[i], index=i)
+            assert daemon.wait_idle(20, frames=i + 1)
+            verdicts.append(daemon.wait_converged(0))
+        settled = daemon.settle(20)
+        time.sleep(0.3)  # let the last messages reach the subscriber
+    finally:
+        daemon.stop()
+        sub.close()
+    assert verdicts == [False, True, True, False, True]
+    announced = [m["frames_ok"] for m in sub.of("converged")]
+    assert announced == [2, 5]  # once per convergence, again after it was undone
+    # settle gives what stop writes: the canonical summary over every frame
+    final = json.loads((out / "summary.json").read_text())
+    assert settled["converged"] and final["converged"]
+    assert settled["populations"] == final["populations"]
+
+
 def _slow_write(path, data, *, chunks, pause_s):
     step = -(-len(data) // chunks)
     with open(path, "wb") as fh:

@@ -104,7 +104,8 @@ class AcquisitionPublisher:
     allow_remote : bool
         Allow binding to an address other than 127.0.0.1.
     extra : mapping, optional
-        Fields added to every message (``sample``, ``backend``, ``frames_earlier``).
+        Fields added to every message (``sample``, ``backend``, ``frames_earlier``); read
+        at every send, so the caller may update them (a session's later rounds).
     heartbeat_s : float
     context : zmq.Context, optional
     """
@@ -119,7 +120,7 @@ class AcquisitionPublisher:
         check_bind_allowed(endpoint, allow_remote=allow_remote)
         self._zmq = zmq
         self.heartbeat_s = ACQUISITION_HEARTBEAT_S if heartbeat_s is None else heartbeat_s
-        self._extra = dict(extra or {})
+        self._extra = extra if extra is not None else {}
         self._socket = (context or zmq.Context.instance()).socket(zmq.XPUB)
         # every subscription comes through, not only the first for a topic
         self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -154,7 +155,7 @@ class AcquisitionPublisher:
             if self._state is None:
                 return None
             state = dict(self._state)
-        return acquisition_message(state, **self._extra,
+        return acquisition_message(state, **dict(self._extra),
                                    elapsed_s=time.monotonic() - self._t0)
 
     def _send(self) -> None:
@@ -352,18 +353,41 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
         while not stop_acquisition.is_set():
             status = daemon.status()
             done = status.get("frames_ok", 0) + status.get("frames_failed", 0)
-            saved = saved_before + ((view.snapshot()[1] or {}).get("frames_saved") or 0)
+            saved = session_fields["frames_earlier"] + (
+                (view.snapshot()[1] or {}).get("frames_saved") or 0)
             if saved - done < max_ahead or daemon.wait_converged(0):
                 return
             time.sleep(0.1)
 
     def acquire() -> None:
+        rounds = []
         try:
-            outcome["report"] = run_acquisition(
-                scope, frames_dir, area_um=area, max_frames=max_frames, stop=stop_acquisition,
-                stop_on=stats_at, on_state=on_state, handle_sigint=False,
-                throttle=throttle,
-                backend=backend, sample=sample, seed=seed)
+            while True:
+                if rounds:  # the runner counts its own frames from 0 again
+                    session_fields["frames_earlier"] += rounds[-1].frames_saved
+                left = None if max_frames is None else max_frames - sum(
+                    r.frames_saved for r in rounds)
+                if left is not None and left <= 0:
+                    return
+                rounds.append(run_acquisition(
+                    scope, frames_dir, area_um=area, max_frames=left, stop=stop_acquisition,
+                    stop_on=stats_at, on_state=on_state, handle_sigint=False,
+                    throttle=throttle,
+                    backend=backend, sample=sample, seed=seed))
+                outcome["report"] = combine_reports(rounds)
+                if rounds[-1].stop_reason != "converged" or stop_acquisition.is_set():
+                    return
+                # Frames saved while the converged message travelled are analysed too, and
+                # can undo it; the verdict that counts is the final one over every frame.
+                set_state("analysing the last frames")
+                _drain(daemon, frames_dir)
+                final = daemon.settle()
+                if not final or final.get("converged") or stop_acquisition.is_set():
+                    return
+                reason = (final.get("convergence") or {}).get("reason", "")
+                log.info("with every saved frame analysed: %s; acquisition resumes", reason)
+                outcome["resumed"] = outcome.get("resumed", 0) + 1
+                set_state("resuming: not converged once every frame was analysed")
         except BaseException as exc:  # reported in the main thread
             outcome["error"] = exc
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -415,14 +439,17 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
     finally:
         stop_stream.set()
         follower.join(5)
+        try:
+            daemon.stop()
+        finally:
+            publisher.close()
+        # the final statistics (every frame, canonical order): what summary.json holds
         summary = daemon.summary
-        daemon.stop()
-        publisher.close()
     if "error" in outcome:
         raise outcome["error"]
     report = outcome.get("report")
     if stop_reason is None:
-        stop_reason = _explain_stop(report, summary)
+        stop_reason = _explain_stop(report, summary, resumed=outcome.get("resumed", 0))
     result = SessionResult(out_dir=out, summary=summary, stop_reason=stop_reason,
                            frames_saved=report.frames_saved if report else 0,
                            wall_s=time.monotonic() - t0, acquisition=report,
@@ -482,19 +509,41 @@ def _drain(daemon, frames_dir: Path, *, timeout_s: float = 600.0) -> None:
     daemon.wait_idle(timeout_s, frames=len(saved))
 
 
-def _explain_stop(report, summary: dict | None) -> str:
+def combine_reports(rounds: list) -> Any:
+    """One :class:`AcquisitionReport` for the acquisition rounds of one session (a round
+    ends when the statistics converge; the next resumes when later frames undid that)."""
+    import dataclasses
+
+    last = rounds[-1]
+    if len(rounds) == 1:
+        return last
+    return dataclasses.replace(
+        last,
+        frames=tuple(p for r in rounds for p in r.frames),
+        tiles_visited=max(r.tiles_visited for r in rounds),
+        skipped_segments=sum(r.skipped_segments for r in rounds),
+        focus_images=sum(r.focus_images for r in rounds),
+        survey_images=sum(r.survey_images for r in rounds),
+        instrument_s=sum(r.instrument_s for r in rounds),
+        wall_s=sum(r.wall_s for r in rounds),
+        focus_log=tuple(e for r in rounds for e in r.focus_log))
+
+
+def _explain_stop(report, summary: dict | None, *, resumed: int = 0) -> str:
     reason = getattr(report, "stop_reason", None) or "unknown"
     summary = summary or {}
     final = (summary.get("convergence") or {}).get("reason", "")
+    again = (f"; acquisition resumed {resumed} time(s) because frames analysed after a "
+             f"converged message undid it" if resumed else "")
     if reason == "converged":
         text = (f"the statistics converged after {report.frames_saved} frames "
                 "(the daemon's converged message stopped acquisition)")
         if not summary.get("converged") and final:
-            # frames already saved when the message came were analysed too
+            # only when the session was cut short while checking the last frames
             text += f"; with every saved frame analysed the final check says: {final}"
-        return text
+        return text + again
     if reason == "finished":
-        return "the stage area was covered before the statistics converged"
+        return "the stage area was covered before the statistics converged" + again
     if reason == "max_frames":
         return "the frame limit (--max-frames) was reached" + (f"; {final}" if final else "")
     return reason
