@@ -37,11 +37,11 @@ from scipy import ndimage as ndi
 from scipy.optimize import least_squares
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
-__all__ = ["RodSplit", "rod_radius_px", "split_rods", "rods_instead", "stadium_distance"]
+__all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead", "stadium_distance"]
 
-# Directions of candidate axes: 1.5° steps. A 40 px axis tilted by half a step is off by 0.5 px
-# at its ends, inside the admissible band (2 × the tolerance below wide).
-_ANGLES = np.deg2rad(np.arange(0.0, 180.0, 1.5))
+# Directions of candidate axes: 3° steps. A 40 px axis tilted by half a step is off by 0.5 px
+# at its ends, inside the admissible band (2 × the tolerance below wide); the fit refines it.
+_ANGLES = np.deg2rad(np.arange(0.0, 180.0, 3.0))
 # Tolerance on the radius of admissible axis points: rods of a sample vary in width (~10%) and
 # a digitised edge by ±0.5 px.
 _RADIUS_TOL_FRAC = 0.2
@@ -126,12 +126,15 @@ def stadium_distance(points, a, b):
 
 def _segment_distances(points, a, b):
     """Distances (C, n) of ``points`` (n, 2) from C segments ``a``–``b`` (C, 2)."""
-    ab = b - a
-    n2 = np.maximum(np.einsum("ij,ij->i", ab, ab), 1e-12)
-    rel = points[None, :, :] - a[:, None, :]
-    t = np.clip(np.einsum("cnj,cj->cn", rel, ab) / n2[:, None], 0.0, 1.0)
-    off = rel - t[..., None] * ab[:, None, :]
-    return np.hypot(off[..., 0], off[..., 1])
+    ab = (b - a).astype(np.float32)
+    n2 = np.maximum((ab ** 2).sum(1), 1e-12)[:, None]
+    # row and column parts separately: (C, n) float32 arrays, no (C, n, 2) temporaries
+    ry = points[None, :, 0].astype(np.float32) - a[:, None, 0].astype(np.float32)
+    rx = points[None, :, 1].astype(np.float32) - a[:, None, 1].astype(np.float32)
+    t = np.clip((ry * ab[:, :1] + rx * ab[:, 1:]) / n2, 0.0, 1.0)
+    ry -= t * ab[:, :1]
+    rx -= t * ab[:, 1:]
+    return np.hypot(ry, rx)
 
 
 def _boundary(mask):
@@ -142,6 +145,26 @@ def _boundary(mask):
 
 def rod_radius_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
     """The frame's rod radius (px, half the width) from its isolated convex elongated regions.
+
+    The radius of :func:`rod_geometry_px`; see there.
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:120, :200]
+    >>> labels = np.zeros((120, 200), int)
+    >>> for k in range(6):  # stadiums of radius 6, axis 30 px long
+    ...     cy, cx = 20 + 40 * (k // 3), 30 + 60 * (k % 3)
+    ...     d = np.hypot(yy - cy, np.clip(np.abs(xx - cx) - 15, 0, None))
+    ...     labels[d <= 6] = k + 1
+    >>> round(rod_radius_px(labels), 1)  # pixel centres within 6: the edge is ~6.5 out
+    6.2
+    """
+    geometry = rod_geometry_px(labels, min_aspect=min_aspect, min_rods=min_rods)
+    return None if geometry is None else geometry[0]
+
+
+def rod_geometry_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
+    """The frame's rod radius and length (px) from its isolated convex elongated regions.
 
     A stadium of width ``w`` and tip-to-tip length ``L`` has area ``w·L - (1 - π/4)·w²``; with
     the region's pixel count and caliper length this gives ``w`` without any edge-position
@@ -160,24 +183,14 @@ def rod_radius_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
 
     Returns
     -------
-    float or None
-        Median radius of the frame's isolated rods, or None.
-
-    Examples
-    --------
-    >>> yy, xx = np.mgrid[:120, :200]
-    >>> labels = np.zeros((120, 200), int)
-    >>> for k in range(6):  # stadiums of radius 6, axis 30 px long
-    ...     cy, cx = 20 + 40 * (k // 3), 30 + 60 * (k % 3)
-    ...     d = np.hypot(yy - cy, np.clip(np.abs(xx - cx) - 15, 0, None))
-    ...     labels[d <= 6] = k + 1
-    >>> round(rod_radius_px(labels), 1)  # pixel centres within 6: the edge is ~6.5 out
-    6.2
+    (float, float) or None
+        Median radius (half the width) and median tip-to-tip length of the frame's isolated
+        rods, or None.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels (shape {labels.shape}) must be 2-D")
-    widths = []
+    widths, lengths = [], []
     for k, sl in enumerate(ndi.find_objects(labels)):
         if sl is None:
             continue
@@ -203,9 +216,10 @@ def rod_radius_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
         w = (length - np.sqrt(disc)) / (2 * _CAP)
         if length >= min_aspect * w:
             widths.append(w)
+            lengths.append(length)
     if len(widths) < min_rods:
         return None
-    return float(np.median(widths)) / 2
+    return float(np.median(widths)) / 2, float(np.median(lengths))
 
 
 def _candidates(admissible, min_len):
@@ -222,8 +236,8 @@ def _candidates(admissible, min_len):
         order = np.lexsort((u, line))
         u, line = u[order], line[order]
         brk = np.flatnonzero((np.diff(line) != 0) | (np.diff(u) > _RUN_GAP_PX))
-        first = np.r_[0, brk + 1]
-        last = np.r_[brk, len(u) - 1]
+        first = np.concatenate([[0], brk + 1])
+        last = np.concatenate([brk, [len(u) - 1]])
         keep = u[last] - u[first] >= min_len
         if not keep.any():
             continue
@@ -233,7 +247,12 @@ def _candidates(admissible, min_len):
         ends.append(base + u[last][:, None] * d[None])
     if not starts:
         return np.zeros((0, 2)), np.zeros((0, 2))
-    return np.concatenate(starts), np.concatenate(ends)
+    a, b = np.concatenate(starts), np.concatenate(ends)
+    # runs of neighbouring lines and directions nearly coincide: one per 1 px cell of both
+    # end points (the fit refines the axis; the greedy pick needs one near each axis)
+    key = np.round(np.column_stack([a, b])).astype(np.int64)
+    _, first = np.unique(key, axis=0, return_index=True)
+    return a[first], b[first]
 
 
 def _fit_rod(pts, a, b, r):
@@ -241,15 +260,75 @@ def _fit_rod(pts, a, b, r):
     if len(pts) < 6:
         return a, b, r
 
+    def parts(q):
+        ab = q[2:4] - q[:2]
+        n2 = max(float(ab @ ab), 1e-12)
+        t = np.clip((pts - q[:2]) @ ab / n2, 0.0, 1.0)
+        off = pts - q[:2] - t[:, None] * ab
+        d = np.maximum(np.hypot(off[:, 0], off[:, 1]), 1e-9)
+        return t, off / d[:, None], d
+
     def resid(q):
-        return stadium_distance(pts, q[:2], q[2:4]) - q[4]
+        return parts(q)[2] - q[4]
+
+    def jac(q):
+        # the nearest axis point moves with the end points by (1 - t, t) (envelope theorem)
+        t, n, _ = parts(q)
+        return np.column_stack([-(1 - t)[:, None] * n, -t[:, None] * n, -np.ones(len(t))])
 
     q0 = np.r_[a, b, r]
-    fit = least_squares(resid, q0, loss="soft_l1", f_scale=1.0, x_scale=1.0, max_nfev=60)
+    fit = least_squares(resid, q0, jac=jac, loss="soft_l1", f_scale=1.0, max_nfev=40)
     q = fit.x
     if not np.all(np.isfinite(q)) or q[4] <= 0.5 * r or q[4] >= 2 * r:
         return a, b, r
     return q[:2], q[2:4], q[4]
+
+
+def _hidden_ends(pts, a, b, rho, length_px):
+    """Axis end points with each end hidden under another rod placed within its hidden stretch.
+
+    An end is *free* when its cap shows on the region's outline (enough of ``pts``, the
+    outline pixels this rod explains, lie beyond the axis end). A hidden end (a T or an end
+    under a crossing rod) leaves its tip anywhere between where the rod's sides stop being
+    seen and the far side of the rod covering it (where the admissible axis ran out). The tip
+    goes where the frame's typical length ``length_px`` puts it, clipped to that stretch, or
+    in its middle without a typical length.
+    """
+    ab = b - a
+    axis = float(np.hypot(*ab))
+    if axis < 1e-6 or len(pts) < 6:
+        return a, b
+    d = ab / axis
+    s = (pts - a) @ d
+    lateral = np.abs((pts - a) @ np.array([-d[1], d[0]]))
+    side = s[(s >= 0) & (s <= axis) & (lateral >= 0.5 * rho)]
+    if not side.size:
+        return a, b
+    need = 0.4 * np.pi * rho  # points on a half circle of the cap, ~π·rho of them
+    free_a = np.count_nonzero(s < 0) >= need
+    free_b = np.count_nonzero(s > axis) >= need
+    if free_a and free_b:
+        return a, b
+    # tips, along the axis from a: a free tip lies a radius beyond its axis end; a hidden
+    # one between where the sides are first seen and a radius beyond the admissible run's end
+    lo_a, hi_a = (-rho, -rho) if free_a else (-rho, float(side.min()))
+    lo_b, hi_b = (axis + rho, axis + rho) if free_b else (float(side.max()), axis + rho)
+    if length_px is None:
+        tip_a = (lo_a + hi_a) / 2 if not free_a else lo_a
+        tip_b = (lo_b + hi_b) / 2 if not free_b else lo_b
+    elif free_a:
+        tip_a, tip_b = lo_a, float(np.clip(lo_a + length_px, lo_b, hi_b))
+    elif free_b:
+        tip_b, tip_a = lo_b, float(np.clip(lo_b - length_px, lo_a, hi_a))
+    else:  # both hidden: the typical length about the middle of what is seen
+        mid = (hi_a + lo_b) / 2
+        tip_a = float(np.clip(mid - length_px / 2, lo_a, hi_a))
+        tip_b = float(np.clip(mid + length_px / 2, lo_b, hi_b))
+    # axis ends lie a radius inside the tips (never crossing: a round particle at worst)
+    ea, eb = tip_a + rho, tip_b - rho
+    if eb < ea:
+        ea = eb = (ea + eb) / 2
+    return a + ea * d, a + eb * d
 
 
 def _model_outline(a, b, rho):
@@ -298,7 +377,7 @@ def _rest_boxes(rest, min_px):
             if sl is not None and sizes[k + 1] >= min_px and deepest[k] > _REST_DEPTH_PX]
 
 
-def split_rods(mask, radius_px, *, min_px=30):
+def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     """Decompose one region into rods of about the given radius.
 
     Parameters
@@ -308,6 +387,10 @@ def split_rods(mask, radius_px, *, min_px=30):
     radius_px : float
         The frame's rod radius, half the width (see :func:`rod_radius_px`), as measured on the
         same kind of masks.
+    length_px : float, optional
+        The frame's typical rod length tip to tip (:func:`rod_geometry_px`): where a rod's
+        end is hidden under another rod, its tip is put where this length places it within
+        the hidden stretch (without it, in the middle of that stretch).
     min_px : int, optional
         Unexplained parts smaller than this are not reported.
 
@@ -371,7 +454,7 @@ def split_rods(mask, radius_px, *, min_px=30):
     mine = np.where(on[picked].any(axis=0), np.argmin(res, axis=0), -1)
     for k in range(len(picked)):
         pa, pb, rho = _fit_rod(outline[mine == k], axes[k, 0], axes[k, 1], radii[k])
-        axes[k] = pa, pb
+        axes[k] = _hidden_ends(outline[mine == k], pa, pb, rho, length_px)
         radii[k] = rho
     # radii now hold the fitted outline-pixel radius; the rod's edge lies half a pixel out
     radii = radii + _EDGE_INSET_PX
@@ -430,7 +513,7 @@ def split_rods(mask, radius_px, *, min_px=30):
                     float(explained_pts.mean()))
 
 
-def rods_instead(mask, radius_px, *, pieces, rest, min_px=30):
+def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
     """The rod split of a region when it explains the region better than UECS, else None.
 
     The decision :func:`~particlewatch.analysis.separate.separate` takes for every region of
@@ -454,6 +537,8 @@ def rods_instead(mask, radius_px, *, pieces, rest, min_px=30):
         UECS's particles in the region (full extents; ``[mask]`` for one particle).
     rest : list of tuple of int
         UECS's unexplained boxes ``(row0, col0, row1, col1)`` in the mask's coordinates.
+    length_px : float, optional
+        The frame's typical rod length (:func:`rod_geometry_px`), for hidden ends.
     min_px : int, optional
         Smallest unexplained part reported (``separate``'s ``min_marker_px``).
 
@@ -462,7 +547,13 @@ def rods_instead(mask, radius_px, *, pieces, rest, min_px=30):
     RodSplit or None
     """
     mask = np.asarray(mask, bool)
-    split = split_rods(mask, radius_px, min_px=min_px)
+    if not rest and len(pieces) < 2:
+        # one particle: handed to rods only when too thick for one rod (side by side)
+        depth = ndi.distance_transform_edt(np.pad(mask, 1))
+        r = float(radius_px)
+        if depth.max() <= r + 0.25 + max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r):
+            return None
+    split = split_rods(mask, radius_px, length_px=length_px, min_px=min_px)
     if split is None:
         return None
     ours = _unexplained(mask, split.pieces, split.rest)
