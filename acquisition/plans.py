@@ -19,8 +19,8 @@ import numpy as np
 from .focus import (FocusModel, band_sharpness, fit_focus_curve, noise_floor, parabola_vertex,
                     sharpness_and_noise)
 from .protocol import Frame, validate_mode
-from .segments import (Segment, SegmentCheckCalibration, check_segments, focus_window,
-                       peaks_inside, record_particle_peaks)
+from .segments import (Segment, SegmentCheckCalibration, focus_window, peaks_inside,
+                       record_particles, survey_detections, survey_segments)
 from .tiling import Tile
 
 
@@ -550,13 +550,14 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     calibration = segments.calibration()
     confirmations = 0
 
-    def particle_peaks(frame: Frame) -> np.ndarray:
-        # every peak of the frame (margin 0): one search answers both the focus probe's and
-        # the record check's questions (its counted part: peaks_inside)
-        return record_particle_peaks(
+    def particle_peaks(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        # every peak of the frame (margin 0) and its particle: one search answers the focus
+        # probe's and the record check's questions (its counted part: peaks_inside) and
+        # which particles the survey saw (survey_detections)
+        return record_particles(
             frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
             threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
-            polarity=segments.polarity, margin=0.0)
+            polarity=segments.polarity)
 
     def counted(peaks: np.ndarray, frame: Frame) -> bool:
         return len(peaks_inside(peaks, frame.image.shape, margin=segments.overlap / 2,
@@ -582,7 +583,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         elif start_defocus_um is not None:
             yield SetDefocus(float(start_defocus_um))
         survey = yield Snap("survey")
-        found: list[Segment] = check_segments(
+        found: list[Segment]
+        found, survey_labels = survey_segments(
             survey.image, survey.pixel_nm, segment_um=record_field_um,
             overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
             min_size_nm=segments.min_size_nm, polarity=segments.polarity)
@@ -591,16 +593,25 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         eligible = [s for s in found if _inside(*centre[id(s)], limits_um)
                     and not _already_done(centre[id(s)], done_um, record_field_um)]
         # Survey-empty segments are recorded too while the check calibrates, after it was
-        # switched off, and as spot checks (decided in serpentine order, one by one).
-        chosen = [s for s in eligible if s.has_particles
-                  or (calibration is not None and calibration.record_anyway())]
+        # switched off, and as spot checks. The survey-occupied ones come first (each in
+        # serpentine order): they are recorded anyway, and what their records show about the
+        # survey (the particles it saw and missed) may end calibration before the survey-empty
+        # ones of the same tile are decided, one by one, when their turn comes.
+        chosen = ([s for s in eligible if s.has_particles]
+                  + [s for s in eligible if not s.has_particles])
         skipped += len(found) - len(chosen)
         yield Report({"skipped_segments": skipped})
-        if not chosen:
-            continue
-        yield SetMode("record")
+        recording = False
         tried: set[int] = set()  # focus sites that came out empty in this tile
         for seg in chosen:
+            if not seg.has_particles and not (calibration is not None
+                                              and calibration.record_anyway()):
+                skipped += 1
+                yield Report({"skipped_segments": skipped})
+                continue
+            if not recording:
+                yield SetMode("record")
+                recording = True
             x, y = centre[id(seg)]
             if focus.needs_focus(model, x, y):
                 # Survey-occupied sites nearby first, most particles first.
@@ -624,12 +635,12 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             yield SetDefocus(best)
             yield Report({"defocus_um": best})
             frame = yield Snap("record")
-            peaks = None  # every particle peak of `frame`, once it was searched
+            peaks = objects = None  # every particle peak of `frame`, once it was searched
             # where focusing on a record's particles failed (too few, too faint), trying
             # again close by would fail the same way: those records keep the best guess
             if focus.needs_focus(model, x, y) and not any(
                     math.dist((x, y), p) < focus.refocus_distance_um / 2 for p in unfocusable):
-                peaks = particle_peaks(frame)
+                peaks, objects = particle_peaks(frame)
             if peaks is not None and len(peaks):
                 # Focus was not known here (the survey showed nothing to focus on nearby, or
                 # focusing there failed): this record, taken at the best guess, shows
@@ -649,7 +660,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     yield SetDefocus(best)
                     yield Report({"state": "recording", "defocus_um": best})
                     frame = yield Snap("record")
-                    peaks = None
+                    peaks = objects = None
                 else:  # the probe, out of focus but with particles, is kept as the record
                     unfocusable.append((x, y))
             # whether focus was known near this record at all: a weak specimen (PS, silica in
@@ -661,7 +672,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.
                 if peaks is None:
-                    peaks = particle_peaks(frame)
+                    peaks, objects = particle_peaks(frame)
                 seen = counted(peaks, frame)
                 anywhere = len(peaks) > 0
                 if seen and not seg.has_particles:
@@ -670,7 +681,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     # exposure; particles do). Both frames were of the same field.
                     yield Report({"state": "confirming"})
                     confirm = yield Snap("record")
-                    seen = counted(particle_peaks(confirm), confirm)
+                    seen = counted(particle_peaks(confirm)[0], confirm)
                     confirmations += 1
                 # A blank record at an unknown focus is no evidence: where the survey saw
                 # particles in this tile, or has missed them before, it is kept unjudged
@@ -678,7 +689,14 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 unjudged = not anywhere and not focused and (
                     any(s.has_particles for s in found) or calibration.missed > 0)
                 if not unjudged:
-                    calibration.add(survey_occupied=seg.has_particles, record_occupied=seen)
+                    # which of the record's particles the survey saw: per-particle evidence
+                    # of its sensitivity from every record, occupied segments' included
+                    checked, unseen = (survey_detections(
+                        survey_labels, survey.pixel_nm, seg, peaks, objects,
+                        frame.image.shape, frame.pixel_nm)
+                        if calibration.state == "calibrating" and seen else (0, 0))
+                    calibration.add(survey_occupied=seg.has_particles, record_occupied=seen,
+                                    particles_checked=checked, particles_missed=unseen)
                 # A survey-empty check frame is data if particles are anywhere in it (its
                 # border band, not counted against the survey, included).
                 keep = seg.has_particles or anywhere or unjudged

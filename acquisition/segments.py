@@ -206,6 +206,23 @@ def check_segments(image, pixel_nm: float, *, segment_um: tuple[float, float],
     list of Segment
         In serpentine order.
     """
+    return survey_segments(image, pixel_nm, segment_um=segment_um, overlap=overlap,
+                           **mask_options)[0]
+
+
+def survey_segments(image, pixel_nm: float, *, segment_um: tuple[float, float],
+                    overlap: float = 0.1, **mask_options) -> tuple[list[Segment], np.ndarray]:
+    """:func:`check_segments`, and the survey's particle objects (labels) it decided from.
+
+    The labels let record frames of the same area say which of their particles the survey
+    saw (:func:`survey_detections`), which is how the segment check learns its sensitivity.
+
+    Returns
+    -------
+    segments : list of Segment
+    labels : ndarray of int
+        Connected confirmed particle objects of the survey image (0: background).
+    """
     from scipy import ndimage as ndi
 
     a = np.asarray(image)
@@ -222,7 +239,7 @@ def check_segments(image, pixel_nm: float, *, segment_um: tuple[float, float],
         dx_um = ((c0 + c1) / 2 - cols / 2) * pixel_nm / 1000.0
         dy_um = ((r0 + r1) / 2 - rows / 2) * pixel_nm / 1000.0
         segments.append(Segment(r, c, r0, r1, c0, c1, dx_um, dy_um, n_peaks))
-    return segments
+    return segments, labels
 
 
 def _flatten_illumination(a: np.ndarray, *, blocks: int = 16) -> np.ndarray:
@@ -357,6 +374,112 @@ def record_particle_peaks(image, pixel_nm: float, *, bin_px: int = 4,
                         bin_px=requested)
 
 
+def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
+                     threshold_sigma: float = 5.0, min_size_nm: float = 2.0,
+                     polarity: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`record_particle_peaks` with ``margin=0``, and which particle holds each peak.
+
+    Returns
+    -------
+    peaks : ndarray of int, shape (n, 2)
+        Exactly the peaks of :func:`record_particle_peaks` with ``margin=0``.
+    objects : ndarray of int, shape (n,)
+        The connected particle object (of the binned frame's mask) each peak lies in: peaks
+        of one particle (or of touching ones) share an id.
+    """
+    from scipy import ndimage as ndi
+
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
+        raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
+    b = _record_binning(a.shape, int(bin_px))
+    r, c = (a.shape[0] // b) * b, (a.shape[1] // b) * b
+    binned = a[:r, :c].reshape(r // b, b, c // b, b).mean(axis=(1, 3))
+    if not np.ptp(binned) > 0:
+        return np.zeros((0, 2), int), np.zeros(0, int)
+    mask, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * b,
+                                polarity=polarity, threshold_sigma=threshold_sigma,
+                                min_size_nm=min_size_nm)
+    labels, _ = ndi.label(mask)
+    objects = labels[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0, int)
+    return peaks * b + b // 2, objects
+
+
+def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, peaks,
+                      objects, record_shape: tuple[int, int], record_pixel_nm: float, *,
+                      tolerance_px: int = 2) -> tuple[int, int]:
+    """How many of a record frame's particles the survey saw: ``(checked, missed)``.
+
+    The record frame was taken centred on ``segment``; each of its particle objects
+    (:func:`record_particles`) is mapped into the survey image and counts as seen when a
+    survey particle object lies within ``tolerance_px`` survey pixels of one of its peaks
+    (blur and the survey's coarser pixels shift a peak by a pixel or so). A survey object
+    that two or more record particles fall on is no evidence for any of them (a faint
+    particle next to a bright one is "seen" only through its neighbour), and particles
+    mapped outside the survey image are not counted. Particles are what the survey detects
+    or misses one by one: a segment is skipped wrongly only when the survey misses every
+    particle in it, so the share of particles missed bounds the share of occupied segments
+    missed, and every record of an occupied segment (recorded anyway) adds several
+    particles to that evidence at no extra cost.
+
+    Parameters
+    ----------
+    survey_labels : ndarray of int
+        From :func:`survey_segments`.
+    survey_pixel_nm : float
+    segment : Segment
+        The segment the record frame was taken on.
+    peaks, objects : ndarray
+        From :func:`record_particles` on the record frame.
+    record_shape : (int, int)
+    record_pixel_nm : float
+    tolerance_px : int
+        Survey pixels between a record peak and a survey object that still count as one.
+
+    Returns
+    -------
+    (int, int)
+        Record particles checked, and those of them no survey object covered.
+    """
+    survey_labels = np.asarray(survey_labels)
+    peaks = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    objects = np.asarray(objects).reshape(-1)
+    if peaks.shape[0] != objects.shape[0]:
+        raise ValueError(f"peaks ({peaks.shape[0]}) and objects ({objects.shape[0]}) must "
+                         "have the same length")
+    if len(peaks) == 0:
+        return 0, 0
+    rows, cols = survey_labels.shape
+    centre = np.array([(segment.row0 + segment.row1) / 2, (segment.col0 + segment.col1) / 2])
+    scale = record_pixel_nm / survey_pixel_nm
+    # survey pixel (row, col) of every peak: its offset from the record frame's centre
+    at = centre - 0.5 + (peaks + 0.5 - np.asarray(record_shape) / 2) * scale
+    t = int(tolerance_px)
+    hits: dict[int, set] = {}
+    for (rr, cc), obj in zip(np.round(at).astype(int), objects):
+        if not (0 <= rr < rows and 0 <= cc < cols):
+            hits.setdefault(int(obj), set()).add(-1)  # outside the survey: not a trial
+            continue
+        window = survey_labels[max(rr - t, 0):rr + t + 1, max(cc - t, 0):cc + t + 1]
+        hits.setdefault(int(obj), set()).update(int(v) for v in np.unique(window) if v > 0)
+    owners: dict[int, int] = {}  # survey object -> record particles that fall on it
+    for found in hits.values():
+        for label in found - {-1}:
+            owners[label] = owners.get(label, 0) + 1
+    checked = missed = 0
+    for found in hits.values():
+        if -1 in found:
+            continue
+        if not found:
+            checked += 1
+            missed += 1
+        elif all(owners[label] == 1 for label in found):
+            checked += 1
+    return checked, missed
+
+
 def _record_binning(shape: tuple[int, int], bin_px: int) -> int:
     """The binning :func:`record_particle_peaks` uses: ``bin_px``, but >= 32 px left."""
     return int(min(bin_px, max(1, min(shape) // 32)))
@@ -402,7 +525,14 @@ class SegmentCheckCalibration:
 
     Skipping is switched on when no occupied segment was missed and either the miss rate
     (missed / occupied records) or the share of survey-empty segments that held particles
-    has a ``confidence`` upper bound below its tolerance; any miss switches it off.
+    has a ``confidence`` upper bound below its tolerance; any miss switches it off. A third
+    way on, much sooner in sparse areas (where segments the survey calls empty are most of
+    what calibration records): the survey's miss rate per particle
+    (:func:`survey_detections`: particles of record frames the survey did not see), which
+    bounds its miss rate per occupied segment (a segment is missed only when every particle
+    in it is), with no particle missed and at least ``min_particle_segments`` segments
+    holding the particles checked (particles of one frame share its survey's focus and
+    dose, so one crowded frame must not decide alone).
 
     Parameters
     ----------
@@ -416,16 +546,23 @@ class SegmentCheckCalibration:
     confidence : float
     spot_check_every : int
         After calibration, record one in this many skipped segments (0: never).
+    min_particle_segments : int
+        Recorded segments with checked particles the per-particle bound needs (0: the
+        per-particle bound is not used).
     """
 
     miss_tolerance: float = 0.05
     empty_tolerance: float = 0.01
     confidence: float = 0.95
     spot_check_every: int = 20
+    min_particle_segments: int = 10
     occupied: int = 0
     missed: int = 0
     empty_checked: int = 0
     spot_checks: int = 0
+    particles_checked: int = 0
+    particles_missed: int = 0
+    particle_segments: int = 0
     state: str = "calibrating"
     _since_spot: int = 0
 
@@ -436,6 +573,9 @@ class SegmentCheckCalibration:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         if self.spot_check_every < 0:
             raise ValueError(f"spot_check_every must be >= 0, got {self.spot_check_every}")
+        if self.min_particle_segments < 0:
+            raise ValueError(f"min_particle_segments must be >= 0, got "
+                             f"{self.min_particle_segments}")
 
     @property
     def skipping(self) -> bool:
@@ -453,8 +593,16 @@ class SegmentCheckCalibration:
             return True
         return False
 
-    def add(self, *, survey_occupied: bool, record_occupied: bool) -> str:
-        """Count one recorded segment (survey verdict vs. record check); return the state."""
+    def add(self, *, survey_occupied: bool, record_occupied: bool,
+            particles_checked: int = 0, particles_missed: int = 0) -> str:
+        """Count one recorded segment (survey verdict vs. record check, and how many of the
+        record's particles the survey saw, :func:`survey_detections`); return the state."""
+        if not 0 <= particles_missed <= particles_checked:
+            raise ValueError(f"particles_missed ({particles_missed}) must be in [0, "
+                             f"particles_checked ({particles_checked})]")
+        self.particles_checked += int(particles_checked)
+        self.particles_missed += int(particles_missed)
+        self.particle_segments += particles_checked > 0
         if not survey_occupied:
             self.empty_checked += 1
         if record_occupied:
@@ -464,13 +612,20 @@ class SegmentCheckCalibration:
             self.state = "off"
         elif self.state == "calibrating" and (
                 self.upper_bound("occupied") <= self.miss_tolerance
-                or self.upper_bound("empty") <= self.empty_tolerance):
+                or self.upper_bound("empty") <= self.empty_tolerance
+                or (self.min_particle_segments
+                    and self.particle_segments >= self.min_particle_segments
+                    and self.particles_missed == 0
+                    and self.upper_bound("particle") <= self.miss_tolerance)):
             self.state = "on"
         return self.state
 
     def upper_bound(self, which: str = "occupied") -> float:
         """Upper bound of the miss rate per occupied (``"occupied"``) or per survey-empty
-        (``"empty"``) segment recorded so far."""
+        (``"empty"``) segment recorded so far, or per particle checked (``"particle"``)."""
+        if which == "particle":
+            return miss_rate_upper_bound(self.particles_missed, self.particles_checked,
+                                         confidence=self.confidence)
         checked = self.occupied if which == "occupied" else self.empty_checked
         return miss_rate_upper_bound(self.missed, checked, confidence=self.confidence)
 
@@ -482,6 +637,8 @@ class SegmentCheckCalibration:
         if self.state == "on":
             return (f"segment check on: 0 of {self.occupied} occupied segments looked empty in "
                     f"the survey (miss rate < {self.upper_bound('occupied'):.1%}, "
+                    f"{self.particles_missed} of {self.particles_checked} particles unseen "
+                    f"(< {self.upper_bound('particle'):.1%}), "
                     f"{self.empty_checked} survey-empty segments checked, "
                     f"{self.spot_checks} spot checks)")
         return (f"segment check calibrating: {self.occupied} occupied and {self.empty_checked} "
@@ -492,6 +649,9 @@ class SegmentCheckCalibration:
         return {"state": self.state, "note": self.note(), "occupied_checked": self.occupied,
                 "missed": self.missed, "empty_checked": self.empty_checked,
                 "spot_checks": self.spot_checks,
+                "particles_checked": self.particles_checked,
+                "particles_missed": self.particles_missed,
+                "particle_miss_rate_upper": self.upper_bound("particle"),
                 "miss_rate_upper": self.upper_bound("occupied"),
                 "empty_miss_rate_upper": self.upper_bound("empty"),
                 "miss_tolerance": self.miss_tolerance, "empty_tolerance": self.empty_tolerance,
