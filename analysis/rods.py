@@ -65,6 +65,8 @@ _MAX_SHARED = 0.5
 # A region UECS explained fully is handed to rods only when they explain this share of its
 # outline with at least two rods and leave nothing unexplained.
 _REPLACE_EXPLAINED = 0.9
+# Regions rounder than this are single particles (separate's _SKIP_ROUNDNESS).
+_ROUND = 0.9
 # Unexplained parts thinner than this (inscribed radius, px) are blur fillets where rods meet.
 _REST_DEPTH_PX = 2.0
 # Isolated rods for the frame's width: convex (notch under this, px) and elongated.
@@ -552,6 +554,12 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
         depth = ndi.distance_transform_edt(np.pad(mask, 1))
         r = float(radius_px)
         if depth.max() <= r + 0.25 + max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r):
+            return None
+        # ... and not round: a sphere is no slab of rods (separate's edge-count roundness;
+        # two rods side by side score ~0.7)
+        p = np.pad(mask, 1)
+        edges = np.count_nonzero(p[:, 1:] != p[:, :-1]) + np.count_nonzero(p[1:] != p[:-1])
+        if 4 * np.pi * np.count_nonzero(mask) / (edges * np.pi / 4) ** 2 > _ROUND:
             return None
     split = split_rods(mask, radius_px, length_px=length_px, min_px=min_px)
     if split is None:
