@@ -241,7 +241,8 @@ def _write_session_json(out: Path, info: dict) -> Path:
 
 
 def _progress_line(stats: dict | None, acquisition: dict) -> str:
-    frames = acquisition.get("frames_saved", 0)
+    # this run's frames and those of earlier runs and rounds, as the dashboard counts them
+    frames = (acquisition.get("frames_saved") or 0) + (acquisition.get("frames_earlier") or 0)
     if not stats:
         return f"frames saved {frames}, waiting for the first analysis"
     pops = ", ".join(
