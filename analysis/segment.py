@@ -1484,20 +1484,19 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
         return None
     objects = ndi.find_objects(labels)
     width = labels.shape[1]
+    boxes = []
+    for j in todo:
+        sl = objects[j]
+        pad = int(np.ceil(rho[j] * 0.3 + 10.0))
+        boxes.append((max(sl[0].start - pad, 0), min(sl[0].stop + pad, labels.shape[0]),
+                      max(sl[1].start - pad, 0), min(sl[1].stop + pad, width)))
+    found = _members(labels, todo, boxes)
     r_px, c_px = np.divmod(px, width)
     sel_at, sel_val = [], []
     order = np.argsort(owner, kind="stable")
     starts = np.searchsorted(owner[order], np.arange(n + 2))
-    for j in todo:
+    for j, (r0, r1, c0, c1), (region, dist, markers, m) in zip(todo, boxes, found):
         lab = j + 1
-        sl = objects[j]
-        pad = int(np.ceil(rho[j] * 0.3 + 10.0))
-        r0, r1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, labels.shape[0])
-        c0, c1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, width)
-        region = labels[r0:r1, c0:c1] == lab
-        dist = ndi.distance_transform_edt(region)
-        peaks = morphology.h_maxima(dist, _MEMBER_H_PX) & region
-        markers, m = ndi.label(peaks)
         if m < 2:
             continue
         parts = segmentation.watershed(-dist, markers, mask=region)
@@ -1522,3 +1521,113 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
     if not sel_at:
         return None
     return np.concatenate(sel_at), np.concatenate(sel_val).astype(np.float32)
+
+
+def _members(labels, todo, boxes):
+    """Per label ``todo[i] + 1`` in its box ``(r0, r1, c0, c1)``: the region mask, its
+    distance transform, its members (h-maxima of the distance, ``_MEMBER_H_PX``, labelled
+    in raster order) and their count.
+
+    Most regions hold one particle; the grey reconstruction behind ``h_maxima`` sorts every
+    pixel it is given, and the boxes are mostly padding. So each region's own bounding box,
+    one zero pixel round it, is packed side by side with the others into one canvas,
+    transformed at once and put back into its box; only regions whose distance has two
+    separate high points (:func:`_tops`) go on to ``h_maxima``, in a second canvas (``m``
+    is 1 for the others). That is exact: a region pixel's nearest zero is in its own
+    ring-bounded box, as in its padded box, and a path between two regions passes through
+    zeros, which lifts no reconstruction above the zero that the region's own border
+    already gives (its deepest pixel stands above ``_MEMBER_H_PX``, or it has no two
+    members either way). Regions reaching the frame border (their padded box has no zero
+    beyond them there) are transformed one by one.
+    """
+    shape = labels.shape
+    objects = ndi.find_objects(labels)
+    out = [None] * len(boxes)
+    packed = []
+    for i, j in enumerate(todo):
+        sl = objects[j]
+        if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == shape[0] or \
+                sl[1].stop == shape[1]:
+            r0, r1, c0, c1 = boxes[i]
+            region = labels[r0:r1, c0:c1] == j + 1
+            dist = ndi.distance_transform_edt(region)
+            if ndi.label(_tops(dist), np.ones((3, 3), bool))[1] < 2:
+                out[i] = (region, dist, np.zeros(region.shape, np.int32), 1)
+                continue
+            markers, m = ndi.label(morphology.h_maxima(dist, _MEMBER_H_PX) & region)
+            out[i] = (region, dist, markers, m)
+        else:
+            packed.append(i)
+    if not packed:
+        return out
+    tight = [objects[todo[i]] for i in packed]
+    canvas, where = _pack([labels[sl] == todo[i] + 1 for i, sl in zip(packed, tight)])
+    dist = ndi.distance_transform_edt(canvas)
+    # the tops stand 2 px inside their region, so their window stays in their own box
+    groups, _ = ndi.label(_tops(dist), np.ones((3, 3), bool))
+    two = [np.unique(groups[sl]).size > 2 for sl in where]  # 0 and at least two groups
+    again = [k for k, t in enumerate(two) if t]
+    if again:
+        canvas2, where2 = _pack([canvas[where[k]] for k in again])
+        dist2 = ndi.distance_transform_edt(canvas2)
+        peaks, _ = ndi.label(morphology.h_maxima(dist2, _MEMBER_H_PX) & canvas2)
+    for k, (i, sl, src) in enumerate(zip(packed, tight, where)):
+        r0, r1, c0, c1 = boxes[i]
+        dst = (slice(sl[0].start - r0, sl[0].stop - r0), slice(sl[1].start - c0, sl[1].stop - c0))
+        region = np.zeros((r1 - r0, c1 - c0), bool)
+        region[dst] = canvas[src]
+        d = np.zeros(region.shape)
+        d[dst] = dist[src]
+        markers = np.zeros(region.shape, np.int32)
+        if not two[k]:
+            out[i] = (region, d, markers, 1)
+            continue
+        mk = peaks[where2[again.index(k)]]
+        ids = np.unique(mk)
+        ids = ids[ids > 0]  # canvas labels in raster order: the box's own order kept
+        lut = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+        markers[dst] = lut[mk]
+        out[i] = (region, d, markers, int(ids.size))
+    return out
+
+
+def _tops(dist):
+    """Pixels of ``dist`` (a distance transform) that may lie in an h-maximum of height
+    ``_MEMBER_H_PX``: no pixel within two (5 × 5 window) is higher, since the path through
+    the pixel between them dips at most sqrt(2) < ``_MEMBER_H_PX`` (a distance is
+    1-Lipschitz), and they stand at least that high. Distinct h-maxima lie in distinct
+    8-connected groups of these (neighbouring tops are equal: one plateau), so a region
+    with fewer than two groups has fewer than two members."""
+    return (dist == ndi.maximum_filter(dist, size=5)) & (dist >= _MEMBER_H_PX)
+
+
+def _pack(masks):
+    """Put each mask, one zero pixel round it, side by side into one canvas; return the
+    canvas and each mask's slices in it."""
+    heights = np.array([m.shape[0] + 2 for m in masks])
+    widths = np.array([m.shape[1] + 2 for m in masks])
+    at, shape = _shelf_pack(heights, widths)
+    canvas = np.zeros(shape, bool)
+    where = []
+    for m, (y, x) in zip(masks, at):
+        sl = (slice(y + 1, y + 1 + m.shape[0]), slice(x + 1, x + 1 + m.shape[1]))
+        canvas[sl] = m
+        where.append(sl)
+    return canvas, where
+
+
+def _shelf_pack(heights, widths, *, gap=1):
+    """Top-left corners ``(row, col)`` of boxes packed in shelves (tallest first) into a
+    canvas about as wide as it is tall, ``gap`` zeros apart; and the canvas shape."""
+    side = max(int(np.sqrt(float(np.sum((heights + gap) * (widths + gap))))),
+               int(widths.max()) + gap)
+    at = np.zeros((heights.size, 2), np.int64)
+    y = x = shelf = 0
+    for i in np.argsort(-heights, kind="stable"):
+        if x + widths[i] > side:
+            y, x, shelf = y + shelf + gap, 0, 0
+        at[i] = y, x
+        x += int(widths[i]) + gap
+        shelf = max(shelf, int(heights[i]))
+    return at, (y + shelf, side)
