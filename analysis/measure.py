@@ -921,6 +921,12 @@ _HOLLOW_FALSE_RATE = 1e-4  # per solid particle, from its own noise
 _MIN_DIP = 0.1  # a hole lowers the centre's signal by at least this fraction of the rim's
 _ROUND_FALSE_RATE = 1e-3  # a round particle called lumpy by its own noise
 _MAX_LUMP = 0.25  # azimuthal spread (RMS) a round shell may show next to its dip
+# bins beyond 1.15 R (past a blurred outline's edge): a shell's tail there is alike in
+# every direction
+_OUTER_BINS = np.arange(_N_BINS) * _BIN >= 1.15 - 1e-9
+# a sector's outer excess over the others' counts at this many noise standard deviations
+# (one-sided 3e-5 per sector, ~5e-4 over 16)
+_SPILL_Z = 4.0
 
 
 def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
@@ -1070,6 +1076,18 @@ def _hollow(sums, counts, noise, noise_bins):
                                 1 - _ROUND_FALSE_RATE)
         spread = np.sqrt(np.maximum(between - dof_between * noise ** 2, 0) / on.sum((1, 2)))
         lumpy &= spread > _MAX_LUMP * dip
+        # ... and it ends at its outline alike in every direction: past the blurred edge
+        # (_OUTER_BINS) no sector holds clearly more than the others. A ring of particles
+        # (rods crossing in a square) that separation covered with a fitted disc goes on
+        # beyond it where its members stick out; an unlabelled neighbour does the same, and
+        # then the background the shell fit assumes is not there either
+        out_n = counts[:, :, _OUTER_BINS].sum(2).astype(float)
+        out_mean = sums[:, :, _OUTER_BINS].sum(2) / out_n
+        ring_mean = sums[:, :, _OUTER_BINS].sum((1, 2)) / out_n.sum(1)
+        excess = out_mean - ring_mean[:, None]
+        spill = (out_n > 0) & (excess > _MAX_LUMP * dip[:, None]) \
+            & (excess > _SPILL_Z * noise[:, None] / np.sqrt(out_n))
+        lumpy |= spill.any(1)
     used = (counts.sum(2) > 0).sum(1)
     return (best > z) & (used >= _SECTORS // 2) & ~lumpy, prof, n
 

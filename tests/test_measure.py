@@ -117,11 +117,18 @@ def test_subpixel_outline_from_image_gives_unbiased_ferets():
 
 # --- against the simulator's ground truth: segment + separate as the pipeline runs them ---
 
+def _measure_frame(frame):
+    """The table of a simulated frame, segmented and separated as the pipeline does."""
+    from particlewatch.analysis.segment import segment
+    from particlewatch.analysis.separate import separate
+
+    sep = separate(segment(frame.image, frame.pixel_nm), frame.pixel_nm, image=frame.image)
+    return measure(sep.labels, frame.image, frame.pixel_nm, masks=sep.masks)
+
+
 def _measured_frames(sample, *, size=512, detector=None, seeds=(1, 2, 3), dose_factor=1.0):
     """(frame, table) of in-focus simulated frames, segmented and separated as the pipeline
     does."""
-    from particlewatch.analysis.segment import segment
-    from particlewatch.analysis.separate import separate
     from particlewatch.simulators.scope import SimScope
 
     out = []
@@ -131,8 +138,7 @@ def _measured_frames(sample, *, size=512, detector=None, seeds=(1, 2, 3), dose_f
         scope.move_stage(*stage)
         scope.set_defocus(scope.true_focus_um())
         frame = scope.snap()
-        sep = separate(segment(frame.image, frame.pixel_nm), frame.pixel_nm, image=frame.image)
-        out.append((frame, measure(sep.labels, frame.image, frame.pixel_nm, masks=sep.masks)))
+        out.append((frame, _measure_frame(frame)))
     return out
 
 
@@ -246,16 +252,12 @@ def test_capsule_outer_diameter_and_shell(detector, dose_factor):
 @pytest.mark.parametrize("sample,detector", [("au10", "haadf"), ("au10", "bf"),
                                              ("ps100", "bf"), ("ps50", "haadf"),
                                              ("ps-bimodal", "bf"), ("cubes", "haadf"),
-                                             ("cubes", "bf"),
-                                             pytest.param("au-rods", "haadf", marks=pytest.mark.xfail(
-                                                 strict=True, reason=(
-                                                     "a pile of five crossing rods (seed 3 frame) "
-                                                     "comes out as one 44 nm piece whose centre "
-                                                     "dips: piles of rods are not split yet "
-                                                     "(issue 4, rods)")))])
+                                             ("cubes", "bf"), ("au-rods", "haadf")])
 def test_solid_particles_have_no_shell(sample, detector):
     # a solid particle's centre is its thickest part: no hollowness test may fire on it
-    # (the old centre-dip rule gave ~7 shells per 1024² au10 frame)
+    # (the old centre-dip rule gave ~7 shells per 1024² au10 frame). au-rods: the seed 3
+    # frame holds a square of four crossing rods that separation covers with a fitted disc;
+    # its centre dips, but rods stick out past the disc in some directions only
     frames = _measured_frames(sample, size=512, detector=detector)
     pairs = _isolated_matches(sample, frames=frames)
     assert not any(np.isfinite(m["shell_nm"]) for _, m in pairs)
@@ -457,3 +459,59 @@ def test_split_cubes_keep_their_corners(detector):
     assert abs(split[0] - single[0]) < 0.015, (split, single)  # ECD
     assert abs(split[1] - single[1]) < 0.04, (split, single)  # Feret max (the corners)
     assert split[2] > single[2] - 0.11, (split, single)  # aspect ratio (old: -0.14)
+
+
+def _lone_particle_frames(sample, *, detector, size=512, want=5, seed=4):
+    """Frames holding one or two particles in all (none cropped, none overlapping): stage
+    positions drawn at random where the specimen's particle table, read before rendering,
+    has one or two particles in the field."""
+    from particlewatch.simulators.scope import SimScope
+
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = scope.stage_limits_um
+    half_nm = size * scope.pixel_nm() / 2
+    out = []
+    for _ in range(20000):
+        x, y = rng.uniform(x0 + 2, x1 - 2), rng.uniform(y0 + 2, y1 - 2)
+        table = scope.specimen.particles_in(x * 1000 - half_nm, y * 1000 - half_nm,
+                                            x * 1000 + half_nm, y * 1000 + half_nm)
+        if not 1 <= len(table["x_nm"]) <= 2:
+            continue
+        scope.move_stage(x, y)
+        scope.set_defocus(scope.true_focus_um())
+        frame = scope.snap()
+        whole = [p for p in frame.truth["particles"]
+                 if not p["touches_edge"] and not p["overlaps"]]
+        if len(whole) == len(frame.truth["particles"]) >= 1:
+            out.append(frame)
+            if len(out) == want:
+                return out
+    pytest.fail(f"{sample}: only {len(out)} frames with one or two particles found")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "segment._auto_sigma: with fewer than three clear peaks _peak_contrast returns None and "
+    "the frame's 99.5th percentile (background on such a frame) sets 4 px of smoothing, "
+    "1 px on a crowded frame of the same dose; the edge fit cannot pull the outline back "
+    "(its shift stops at _SHIFTS[0] = -4 px): au10 +6..+23%, cubes +16%. With one particle "
+    "and film bumps just past 6 sigma the 10th percentile of the peaks is a bump (same "
+    "result). To be fixed in segment.py; remove this mark with it"))
+@pytest.mark.parametrize("sample,detector", [("au10", "haadf"), ("cubes", "haadf"),
+                                             ("au10", "bf")])
+def test_lone_particles_are_sized_like_crowded_ones(sample, detector):
+    # sizing must not depend on how many particles a frame holds: frame-level choices
+    # (smoothing, blur, background) made from one or two particles must be as good
+    errors = []
+    for frame in _lone_particle_frames(sample, detector=detector):
+        t = _measure_frame(frame)
+        for p in frame.truth["particles"]:
+            d = np.hypot(t["x_px"] - p["x_px"], t["y_px"] - p["y_px"]) if len(t["x_px"]) \
+                else np.array([np.inf])
+            k = int(np.argmin(d))
+            assert d[k] < 0.2 * p["ecd_nm"] / frame.pixel_nm, f"{sample}: lone particle missed"
+            errors.append(t["ecd_nm"][k] / p["ecd_nm"] - 1)
+    assert len(errors) >= 5
+    assert np.median(np.abs(errors)) < 0.02
+    assert abs(np.median(errors)) < 0.015
+    assert np.max(np.abs(errors)) < 0.05
