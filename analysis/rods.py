@@ -199,14 +199,34 @@ def rod_geometry_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
     if labels.ndim != 2:
         raise ValueError(f"labels (shape {labels.shape}) must be 2-D")
     widths, lengths = [], []
-    for k, sl in enumerate(ndi.find_objects(labels)):
-        if sl is None:
-            continue
-        crop = np.pad(labels[sl] == k + 1, 1)
-        area = int(np.count_nonzero(crop))
-        if area < 30:
-            continue
-        pts = _boundary(crop)
+    # every label's outline (pixels with a 4-neighbour of another label) in one pass
+    p = np.pad(labels, 1)
+    c = p[1:-1, 1:-1]
+    edge = (c > 0) & ((c != p[:-2, 1:-1]) | (c != p[2:, 1:-1]) | (c != p[1:-1, :-2])
+                      | (c != p[1:-1, 2:]))
+    rc = np.argwhere(edge)
+    lab = c[edge]
+    order = np.argsort(lab, kind="stable")
+    rc, lab = rc[order].astype(float), lab[order]
+    ids, starts, counts = np.unique(lab, return_index=True, return_counts=True)
+    if not len(ids):
+        return None
+    areas = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)[ids]
+    # an upper bound of each caliper length from the outline's extents along 0°, 45°, 90° and
+    # 135° (every direction is within 22.5° of one): regions that cannot reach ``min_aspect``
+    # even at that length (spheres, cubes) skip the convex hull
+    ext = np.zeros(len(ids))
+    for proj, scale in ((rc[:, 0], 1.0), (rc[:, 1], 1.0), (rc.sum(1), np.sqrt(0.5)),
+                        (rc[:, 0] - rc[:, 1], np.sqrt(0.5))):
+        ext = np.maximum(ext, scale * (np.maximum.reduceat(proj, starts)
+                                       - np.minimum.reduceat(proj, starts)))
+    bound = ext / np.cos(np.pi / 8) + 1.0
+    disc = bound * bound - 4 * _CAP * areas
+    w_min = (bound - np.sqrt(np.maximum(disc, 0.0))) / (2 * _CAP)
+    maybe = (areas >= 30) & (disc > 0) & (bound >= min_aspect * w_min)
+    for i in np.flatnonzero(maybe):
+        pts = rc[starts[i]:starts[i] + counts[i]]
+        area = int(areas[i])
         try:
             hull = ConvexHull(pts)
         except (QhullError, ValueError):
@@ -281,36 +301,44 @@ def _candidates(admissible, min_len):
 def _band_pairs(outline, runs, lo, hi):
     """Which outline points lie within ``lo``..``hi`` of which candidate axis.
 
-    Returns (candidate index, outline point index, distance) of every such pair. Each
-    direction's points are sorted across it, so a candidate (a run on line ``v0``) is only
-    compared with the points of its strip ``|v - v0| <= hi`` (the distance from a segment is
-    at least the distance across it): a fraction of the dense candidates × outline work.
+    Returns (candidate index, outline point index, distance) of every such pair. In each
+    direction's frame (along ``u``, across ``v``) a point within ``hi`` of a run on line
+    ``v0`` from ``u1`` to ``u2`` lies in the box ``|v - v0| <= hi``, ``u1 - hi <= u <= u2 +
+    hi``. The points are sorted by (direction, integer ``v``, ``u``), so each candidate meets
+    only the points of its box (one sorted range per integer ``v``): a small fraction of the
+    dense candidates × outline work.
     """
     d = np.column_stack([np.sin(_ANGLES), np.cos(_ANGLES)])
     nrm = np.column_stack([np.cos(_ANGLES), -np.sin(_ANGLES)])
     u = (outline @ d.T).T  # (directions, points): along and across each direction
     v = (outline @ nrm.T).T
-    order = np.argsort(v, axis=1)
-    v = np.take_along_axis(v, order, axis=1)
-    u = np.take_along_axis(u, order, axis=1)
-    n = outline.shape[0]
-    # one sorted array over all directions: direction k's values shifted by k·span
-    span = 2.0 * (np.ptp(v) + 2.0 * hi + 2.0)
-    shift = np.arange(len(_ANGLES))[:, None] * span
-    flat = (v + shift).ravel()
-    k = runs[:, 0].astype(np.int64)
-    v0 = runs[:, 1]
-    i0 = np.searchsorted(flat, v0 + k * span - hi, side="left")
-    i1 = np.searchsorted(flat, v0 + k * span + hi, side="right")
+    vbin = np.floor(v)
+    vmin = float(min(vbin.min(), np.floor(runs[:, 1].min() - hi)))
+    nv = float(max(vbin.max(), np.floor(runs[:, 1].max() + hi)) - vmin + 1)
+    umin = float(min(u.min(), runs[:, 2].min() - hi)) - 1.0
+    span = float(max(u.max(), runs[:, 3].max() + hi)) - umin + 1.0
+    row = np.arange(len(_ANGLES))[:, None] * nv
+    key = ((row + vbin - vmin) * span + (u - umin)).ravel()
+    order = np.argsort(key)
+    key = key[order]
+    # each candidate's integer lines (the same count for all: its line is an integer)
+    k = runs[:, 0]
+    lines = np.floor(runs[:, 1:2] - hi) + np.arange(int(np.floor(hi)) * 2 + 2)[None, :]
+    lines = lines[:, lines[0] - runs[0, 1] <= hi]
+    base = ((k[:, None] * nv + lines - vmin) * span)
+    i0 = np.searchsorted(key, (base + (runs[:, 2:3] - hi - umin)).ravel(), side="left")
+    i1 = np.searchsorted(key, (base + (runs[:, 3:4] + hi - umin)).ravel(), side="right")
     counts = i1 - i0
-    cand = np.repeat(np.arange(len(runs)), counts)
+    cand = np.repeat(np.repeat(np.arange(len(runs)), lines.shape[1]), counts)
     pos = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts - i0, counts)
-    along = u.ravel()[pos]
+    point = order[pos] % outline.shape[0]
+    kc = k[cand].astype(np.int64)
+    along = u[kc, point]
     gap = np.maximum(np.maximum(runs[cand, 2] - along, along - runs[cand, 3]), 0.0)
-    across = v.ravel()[pos] - v0[cand]
+    across = v[kc, point] - runs[cand, 1]
     dist = np.sqrt(across * across + gap * gap)
     on = (dist >= lo) & (dist <= hi)
-    return cand[on], order.ravel()[pos[on]], dist[on]
+    return cand[on], point[on], dist[on]
 
 
 def _fit_rod(pts, a, b, r, *, max_iter=40):
@@ -365,7 +393,7 @@ def _fit_rod(pts, a, b, r, *, max_iter=40):
                 break
         if step is None:
             break
-        done = c - cn <= 1e-8 * max(c, 1e-12) or float(np.abs(step).max()) < 1e-4
+        done = c - cn <= 1e-6 * max(c, 1e-12) or float(np.abs(step).max()) < 1e-3
         q, f, t, n, c = qn, fn, tn, nn, cn
         lam = max(lam / 10.0, 1e-9)
         if done:
