@@ -62,6 +62,9 @@ _FILL_MARGIN_PX = 2.0
 _FILL_REACH = 0.3
 # the most of an existing piece a disc for a missed particle may cover
 _FIT_MAX_LENS = 0.35
+# a circle fitted to a split piece's own outline replaces its regrown extent when its disc
+# holds this share of the pixels the piece owns (see _round_members)
+_ROUND_HOLDS = 0.85
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
 _SKIP_ROUNDNESS = 0.9
 
@@ -534,6 +537,8 @@ def _split_region(mask, *, min_marker_px):
         if _is_convex_pts(pts, area, px=_REJECT_NOTCH_PX, frac=_REJECT_NOTCH_FRAC):
             pieces.append(piece)
             scores.append(np.where(piece, score, -np.inf))
+    if len(pieces) > 1:
+        pieces, scores = _round_members(mask, pieces, scores)
     pieces, scores, rest = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
     whole = [(0, 0) + mask.shape]
     if not pieces:
@@ -550,6 +555,43 @@ def _split_region(mask, *, min_marker_px):
     scores = np.stack(scores)
     owner = np.where(np.isfinite(scores).any(axis=0), np.argmax(scores, axis=0), -1)
     return pieces, owner, rest
+
+
+def _round_members(mask, pieces, scores):
+    """Round split particles' full extents from the circle of their own free outline.
+
+    Two overlapping spheres project to two discs, and the outline of their union is an arc
+    of each. Regrowth of an ultimate-erosion marker does not recover a member's disc: the
+    eroded union keeps a tail towards the neck (between two discs the background is farther
+    than from either one alone), and that tail, dilated back, carries the piece across the
+    neck along its neighbour's outline, so overlapping pieces come out larger than their
+    particles (by 5-15% in diameter for small, blurred spheres). Where the region's outline
+    pixels a piece owns (deepest in it) lie on one circle (:func:`_fit_disc`: a consensus
+    that leaves out the neighbour's arc beyond the neck), the piece becomes that disc within
+    the region. A fit is taken only when its disc holds nearly all of the piece's own pixels
+    and its centre lies in them (the circle is the piece's, not a neighbour's or a sliver's);
+    cubes, rods and ragged outlines fail the fit and keep their regrown extent.
+
+    Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside).
+    """
+    outline = np.argwhere(mask & ~ndi.binary_erosion(mask))
+    stack = np.stack(scores)
+    best = np.argmax(stack, axis=0)
+    owned = np.isfinite(stack.max(axis=0))
+    at = best[outline[:, 0], outline[:, 1]]
+    on = owned[outline[:, 0], outline[:, 1]]
+    pieces, scores = list(pieces), list(scores)
+    for i in range(len(pieces)):
+        own = (best == i) & owned
+        n_own = np.count_nonzero(own)
+        disc = _fit_disc(outline[on & (at == i)], mask)
+        if disc is None:
+            continue
+        piece, score = disc
+        cy, cx = np.round(np.argwhere(piece).mean(axis=0)).astype(int)
+        if own[cy, cx] and np.count_nonzero(piece & own) >= _ROUND_HOLDS * n_own:
+            pieces[i], scores[i] = piece, score
+    return pieces, scores
 
 
 def _unexplained_boxes(rest, min_marker_px):
