@@ -7,6 +7,7 @@ Pure functions of arrays; the autofocus *plan* that drives the microscope is in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -179,6 +180,88 @@ def band_sharpness(image, *, band: tuple[float, float] = (0.05, 0.15),
     value = (float(in_band.mean()) - noise_level) * scale
     sd = float(in_band.mean()) * math.sqrt(3.0 / in_band.size) * scale
     return value, sd
+
+
+@functools.lru_cache(maxsize=16)
+def _band_kernel_sums(sigmas_px: tuple[float, float]) -> tuple[float, float, float, float]:
+    """For white noise through the difference of Gaussians ``sigmas_px`` and through the
+    high-pass ``1 - G(1 px)``: the two kernels' sums of squares (noise variance gains), and
+    the band kernel's normalised autocorrelation summed squared and absolute (how many
+    neighbouring filtered pixels one noise pixel correlates)."""
+    from scipy import ndimage as ndi
+
+    half = int(math.ceil(4 * max(sigmas_px))) + 2
+    delta = np.zeros((2 * half + 1, 2 * half + 1))
+    delta[half, half] = 1.0
+    band = (ndi.gaussian_filter(delta, sigmas_px[0], mode="constant")
+            - ndi.gaussian_filter(delta, sigmas_px[1], mode="constant"))
+    high = delta - ndi.gaussian_filter(delta, 1.0, mode="constant")
+    band_gain = float(np.sum(band ** 2))
+    rho = ndi.correlate(band, band, mode="constant") / band_gain
+    return band_gain, float(np.sum(high ** 2)), float(np.sum(rho ** 2)), \
+        float(np.sum(np.abs(rho)))
+
+
+def local_band_sharpness(image, mask, *, sigmas_px: tuple[float, float] = (1.0, 3.0)
+                         ) -> tuple[float, float]:
+    """Focus sharpness measured where the particles are: band-pass energy inside ``mask``.
+
+    :func:`band_sharpness` averages over the whole frame, so on a sparse frame of a weak
+    specimen the few particles' signal drowns in the shot noise of the empty film around
+    them: the noise of a band-power estimate grows with the area measured, the particles'
+    signal does not. Here the frame is band-passed (a difference of Gaussians of
+    ``sigmas_px``, the length scales defocus blurs, as :func:`band_sharpness`'s band) and
+    the mean squared result is taken inside ``mask`` (the particles and a margin for blur),
+    less the white noise's share, which is known from the noise variance (the median
+    absolute deviation of a 1 px high-pass of the frame) and the filter's gain. A mask of a
+    twentieth of the frame measures the same signal with about 4-5 times the SNR.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+    mask : array_like of bool, same shape
+        Where to measure (at least 64 pixels); fixed for all images of one focus run, so
+        their values compare.
+    sigmas_px : (float, float)
+        Inner and outer Gaussian widths of the band-pass, in pixels.
+
+    Returns
+    -------
+    value : float
+        Band energy over the squared mean intensity of the frame (dose cancels), times
+        1e6; ~0 for noise.
+    noise : float
+        Estimated standard deviation of ``value``: ``2 v²`` (noise x noise) and ``4 v s``
+        (noise x signal) per filtered pixel, ``v`` the filtered noise variance and ``s`` the
+        signal energy, over the number of independent filtered pixels in the mask.
+    """
+    from scipy import ndimage as ndi
+
+    a = _validate_image(image).astype(np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != a.shape:
+        raise ValueError(f"mask (shape {mask.shape}) must have the same shape as image "
+                         f"(shape {a.shape})")
+    n = int(mask.sum())
+    if n < 64:
+        raise ValueError(f"mask must hold at least 64 pixels, got {n}")
+    mean = float(a.mean())
+    if not mean > 0:
+        return 0.0, 1.0
+    sigmas = (float(sigmas_px[0]), float(sigmas_px[1]))
+    band_gain, high_gain, rho2, rho1 = _band_kernel_sums(sigmas)
+    band = (ndi.gaussian_filter(a, sigmas[0], mode="reflect")
+            - ndi.gaussian_filter(a, sigmas[1], mode="reflect"))
+    high = a - ndi.gaussian_filter(a, 1.0, mode="reflect")
+    # white-noise variance per pixel: the high-pass holds little else (a robust spread,
+    # so particle edges do not count)
+    v = (1.4826 * float(np.median(np.abs(high - np.median(high))))) ** 2 / high_gain
+    v_band = v * band_gain
+    energy = float(np.mean(band[mask] ** 2))
+    signal = max(energy - v_band, 0.0)
+    variance = (2.0 * v_band ** 2 * rho2 + 4.0 * v_band * signal * rho1) / n
+    scale = 1e6 / mean ** 2
+    return (energy - v_band) * scale, max(math.sqrt(variance), 1e-12) * scale
 
 
 def noise_floor(shape: tuple[int, int]) -> float:

@@ -16,11 +16,12 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 
-from .focus import (FocusModel, band_sharpness, fit_focus_curve, noise_floor, parabola_vertex,
-                    sharpness_and_noise)
+from .focus import (FocusModel, band_sharpness, fit_focus_curve, local_band_sharpness,
+                    noise_floor, parabola_vertex, sharpness_and_noise)
 from .protocol import Frame, validate_mode
-from .segments import (Segment, SegmentCheckCalibration, focus_window, peaks_inside,
-                       record_particles, survey_detections, survey_segments)
+from .segments import (Segment, SegmentCheckCalibration, film_only, focus_window,
+                       particle_region, peaks_inside, record_particles, survey_detections,
+                       survey_segments)
 from .tiling import Tile
 
 
@@ -109,9 +110,12 @@ class FocusSettings:
         Spacing of the quick check; None: from the shape of the last fitted focus curve.
     radius_px : float
         Ring radius of the ``"ring"`` sharpness metric.
-    metric : {"band", "ring"}
-        Sharpness measure: ``"band"`` (:func:`~.focus.band_sharpness`, power at the length
-        scales defocus blurs, noise removed; default) or ``"ring"``
+    metric : {"local", "band", "ring"}
+        Sharpness measure: ``"local"`` (:class:`LocalSharpness`: band-pass energy around the
+        particles the first sweep shows, :func:`~.focus.local_band_sharpness`; default; the
+        whole frame's ``"band"`` where it shows none), ``"band"``
+        (:func:`~.focus.band_sharpness`, power at the length
+        scales defocus blurs over the whole frame, noise removed) or ``"ring"``
         (:func:`~.focus.sharpness`, the autoSTEM-style autocorrelation peak over a ring).
     empty_factor : float
         A quick check without a known curve shape needs sharpness above ``empty_factor`` ×
@@ -141,7 +145,7 @@ class FocusSettings:
     refine_steps: int = 2
     quick_step_um: float | None = None
     radius_px: float = 6.0
-    metric: str = "band"
+    metric: str = "local"
     empty_factor: float = 6.0
     refocus_distance_um: float = 4.0
     tolerance_um: float = 0.02
@@ -153,8 +157,8 @@ class FocusSettings:
             raise ValueError(f"steps must be between 5 and 15, got {self.steps}")
         if not self.span_um > 0:
             raise ValueError(f"span_um must be > 0, got {self.span_um}")
-        if self.metric not in ("band", "ring"):
-            raise ValueError(f"metric must be 'band' or 'ring', got {self.metric!r}")
+        if self.metric not in ("local", "band", "ring"):
+            raise ValueError(f"metric must be 'local', 'band' or 'ring', got {self.metric!r}")
         if not 2 <= self.refine_steps <= 7:
             raise ValueError(f"refine_steps must be between 2 and 7, got {self.refine_steps}")
         if self.quick_steps != 3:
@@ -211,15 +215,52 @@ def _measure(metric, image) -> tuple[float, float]:
 
 
 def _sweep(defoci, metric, window=None) -> Plan:
-    values, noise = [], []
+    images, pixel_nm = [], None
     for d in defoci:
         yield SetDefocus(float(d))
         frame = yield Snap("focus")
-        image = frame.image if window is None else frame.image[window]
-        v, sd = _measure(metric, np.asarray(image))
-        values.append(v)
-        noise.append(sd)
-    return np.asarray(defoci, dtype=np.float64), np.asarray(values), np.asarray(noise)
+        images.append(np.asarray(frame.image if window is None else frame.image[window]))
+        pixel_nm = getattr(frame, "pixel_nm", None)
+    fix = getattr(metric, "fix", None)
+    if fix is not None:  # a metric that decides where to measure from the first images
+        fix(images, pixel_nm)
+    measured = [_measure(metric, image) for image in images]
+    return (np.asarray(defoci, dtype=np.float64), np.asarray([m[0] for m in measured]),
+            np.asarray([m[1] for m in measured]))
+
+
+class LocalSharpness:
+    """Sharpness measured around the particles (:func:`~.focus.local_band_sharpness`).
+
+    Where the particles are is decided once per focus run, from the mean of its first
+    sweep's images (:func:`~.segments.particle_region`; blurred images still show where
+    particles are, and the mean has less noise than any one), so every image of the run is
+    measured on the same pixels. Without particles (an empty or featureless area), the
+    whole frame's :func:`~.focus.band_sharpness`.
+    """
+
+    def __init__(self, *, margin_px: float = 8.0, sigmas_px: tuple[float, float] = (1.0, 3.0)):
+        self.margin_px = float(margin_px)
+        self.sigmas_px = sigmas_px
+        self.mask: np.ndarray | None = None
+        self.fixed = False
+
+    def fix(self, images, pixel_nm) -> None:
+        """Choose the pixels to measure on (first call only)."""
+        if self.fixed:
+            return
+        self.fixed = True
+        if pixel_nm is None or not images:
+            return
+        region = particle_region(np.mean(np.stack(images), axis=0), float(pixel_nm),
+                                 margin_px=self.margin_px)
+        if region is not None and region.sum() >= 64:
+            self.mask = region
+
+    def __call__(self, image) -> tuple[float, float]:
+        if self.mask is None or self.mask.shape != np.shape(image):
+            return band_sharpness(image)
+        return local_band_sharpness(image, self.mask, sigmas_px=self.sigmas_px)
 
 
 def _flank_um(width_um: float, power: float) -> float:
@@ -235,6 +276,8 @@ def _flank_offsets(n: int) -> np.ndarray:
 
 
 def _default_metric(settings):
+    if settings.metric == "local":
+        return LocalSharpness()  # a new one per focus run: its pixels are this area's
     if settings.metric == "band":
         return band_sharpness
     return lambda image: sharpness_and_noise(image, radius_px=settings.radius_px)
@@ -593,12 +636,10 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         eligible = [s for s in found if _inside(*centre[id(s)], limits_um)
                     and not _already_done(centre[id(s)], done_um, record_field_um)]
         # Survey-empty segments are recorded too while the check calibrates, after it was
-        # switched off, and as spot checks. The survey-occupied ones come first (each in
-        # serpentine order): they are recorded anyway, and what their records show about the
-        # survey (the particles it saw and missed) may end calibration before the survey-empty
-        # ones of the same tile are decided, one by one, when their turn comes.
-        chosen = ([s for s in eligible if s.has_particles]
-                  + [s for s in eligible if not s.has_particles])
+        # switched off, and as spot checks: each decided when its turn comes (serpentine
+        # order), so that what the records before it showed about the survey (segments and
+        # particles it saw and missed) counts already within the tile.
+        chosen = list(eligible)
         skipped += len(found) - len(chosen)
         yield Report({"skipped_segments": skipped})
         recording = False
@@ -683,6 +724,14 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     confirm = yield Snap("record")
                     seen = counted(particle_peaks(confirm)[0], confirm)
                     confirmations += 1
+                    # the film's mottle is fixed to the specimen, so its alarms repeat: the
+                    # segmentation's test (a region standing beyond the film's deepest dip
+                    # on the other polarity) decides. It only clears the survey; the frame
+                    # with the peaks is kept whatever it says (never dropped on its word)
+                    if seen and film_only(confirm.image, confirm.pixel_nm,
+                                          polarity=segments.polarity,
+                                          margin=segments.overlap / 2):
+                        seen = False
                 # A blank record at an unknown focus is no evidence: where the survey saw
                 # particles in this tile, or has missed them before, it is kept unjudged
                 # (never left out for want of focus) and not counted against the survey.
@@ -698,8 +747,13 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     calibration.add(survey_occupied=seg.has_particles, record_occupied=seen,
                                     particles_checked=checked, particles_missed=unseen)
                 # A survey-empty check frame is data if particles are anywhere in it (its
-                # border band, not counted against the survey, included).
-                keep = seg.has_particles or anywhere or unjudged
+                # border band, not counted against the survey, included). Where records
+                # have shown particles the survey did not see, the specimen is too faint for
+                # the survey and may be for the quick record check too (a lone weak particle
+                # in a small frame): a blank-looking check frame is kept, never dropped.
+                doubtful = (calibration.state == "calibrating"
+                            and calibration.particles_missed > 0)
+                keep = seg.has_particles or anywhere or unjudged or doubtful
                 yield Report(check_fields())
             if not keep:
                 skipped += 1

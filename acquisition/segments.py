@@ -407,6 +407,81 @@ def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
     return peaks * b + b // 2, objects
 
 
+def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float = 0.05) -> bool:
+    """Whether a record frame's counted part holds nothing but the support film's texture.
+
+    The second opinion on a record check that saw particles where the survey saw none: a
+    confirmation record of the same field repeats shot noise's alarms only by chance, but
+    the film's mottle is fixed to the specimen and repeats. The frame is segmented by
+    :func:`particlewatch.analysis.segment.segment`, which decides a frame holds nothing when
+    its strongest region does not stand beyond the film texture's deepest dip on the other
+    polarity (bare film is alike on both sides; particles are not); True when no region it
+    keeps is centred in the counted part (``margin`` as in :func:`record_particle_peaks`).
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+    pixel_nm : float
+    polarity : {"auto", "dark", "bright"}
+    margin : float
+        Fraction of the frame's size at its border that is not counted.
+
+    Returns
+    -------
+    bool
+    """
+    from scipy import ndimage as ndi
+
+    from ..analysis.segment import segment
+
+    a = np.asarray(image, dtype=np.float64)
+    labels = segment(a, pixel_nm, polarity=polarity, refine_edges=False, clear_border=False)
+    n = int(labels.max())
+    if n == 0:
+        return True
+    centres = np.asarray(ndi.center_of_mass(np.ones(a.shape), labels, np.arange(1, n + 1)))
+    edge = np.floor(margin * np.asarray(a.shape))
+    inside = np.all((centres >= edge) & (centres < np.asarray(a.shape) - edge), axis=1)
+    return not bool(inside.any())
+
+
+def particle_region(image, pixel_nm: float, *, margin_px: float = 8.0, bin_px: int = 4,
+                    threshold_sigma: float = 5.0, min_size_nm: float = 2.0,
+                    polarity: str = "auto") -> np.ndarray | None:
+    """Where a record frame's particles are, with a margin: the part to measure focus on.
+
+    The particles of :func:`record_particles` (their binned mask), grown by ``margin_px``
+    frame pixels (what defocus blur spreads them by over a focus sweep).
+
+    Returns
+    -------
+    ndarray of bool or None
+        The frame's shape; None when no particle was found.
+    """
+    from scipy import ndimage as ndi
+
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    b = _record_binning(a.shape, int(bin_px))
+    r, c = (a.shape[0] // b) * b, (a.shape[1] // b) * b
+    binned = a[:r, :c].reshape(r // b, b, c // b, b).mean(axis=(1, 3))
+    if not np.ptp(binned) > 0:
+        return None
+    mask, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * b,
+                                polarity=polarity, threshold_sigma=threshold_sigma,
+                                min_size_nm=min_size_nm)
+    if not len(peaks):
+        return None
+    steps = int(math.ceil(margin_px / b))
+    if steps:
+        mask = ndi.binary_dilation(mask, structure=ndi.generate_binary_structure(2, 2),
+                                   iterations=steps)
+    full = np.zeros(a.shape, bool)
+    full[:r, :c] = np.repeat(np.repeat(mask, b, axis=0), b, axis=1)
+    return full
+
+
 def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, peaks,
                       objects, record_shape: tuple[int, int], record_pixel_nm: float, *,
                       tolerance_px: int = 2) -> tuple[int, int]:
