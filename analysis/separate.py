@@ -538,7 +538,7 @@ def _split_region(mask, *, min_marker_px):
             pieces.append(piece)
             scores.append(np.where(piece, score, -np.inf))
     if len(pieces) > 1:
-        pieces, scores = _round_members(mask, pieces, scores)
+        pieces, scores = _round_members(mask, pieces, scores, min_marker_px=min_marker_px)
     pieces, scores, rest = _explain(mask, pieces, scores, min_marker_px=min_marker_px)
     whole = [(0, 0) + mask.shape]
     if not pieces:
@@ -557,7 +557,7 @@ def _split_region(mask, *, min_marker_px):
     return pieces, owner, rest
 
 
-def _round_members(mask, pieces, scores):
+def _round_members(mask, pieces, scores, *, min_marker_px):
     """Round split particles' full extents from the circle of their own free outline.
 
     Two overlapping spheres project to two discs, and the outline of their union is an arc
@@ -568,9 +568,10 @@ def _round_members(mask, pieces, scores):
     particles (by 5-15% in diameter for small, blurred spheres). Where the region's outline
     pixels a piece owns (deepest in it) lie on one circle (:func:`_fit_disc`: a consensus
     that leaves out the neighbour's arc beyond the neck), the piece becomes that disc within
-    the region. A fit is taken only when its disc holds nearly all of the piece's own pixels
-    and its centre lies in them (the circle is the piece's, not a neighbour's or a sliver's);
-    cubes, rods and ragged outlines fail the fit and keep their regrown extent.
+    the region. A fit is taken only when its disc holds nearly all of the piece's own pixels,
+    its centre lies in them (the circle is the piece's, not a neighbour's or a sliver's) and
+    it leaves no new part of the region unexplained (:func:`_unexplained_boxes`); cubes, rods
+    and ragged outlines fail the fit and keep their regrown extent.
 
     Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside).
     """
@@ -581,16 +582,24 @@ def _round_members(mask, pieces, scores):
     at = best[outline[:, 0], outline[:, 1]]
     on = owned[outline[:, 0], outline[:, 1]]
     pieces, scores = list(pieces), list(scores)
+    # the parts left unexplained must not grow: the blur-filled neck between two spheres and
+    # pixelation are slivers, but a bump of the outline that the circle leaves out (and the
+    # regrown piece held) would be reported as an agglomerate
+    unexplained = len(_unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
     for i in range(len(pieces)):
         own = (best == i) & owned
-        n_own = np.count_nonzero(own)
         disc = _fit_disc(outline[on & (at == i)], mask)
         if disc is None:
             continue
         piece, score = disc
         cy, cx = np.round(np.argwhere(piece).mean(axis=0)).astype(int)
-        if own[cy, cx] and np.count_nonzero(piece & own) >= _ROUND_HOLDS * n_own:
-            pieces[i], scores[i] = piece, score
+        if not own[cy, cx] or (np.count_nonzero(piece & own)
+                               < _ROUND_HOLDS * np.count_nonzero(own)):
+            continue
+        trial = pieces[:i] + [piece] + pieces[i + 1:]
+        if len(_unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
+            continue
+        pieces[i], scores[i] = piece, score
     return pieces, scores
 
 
