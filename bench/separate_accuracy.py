@@ -261,8 +261,10 @@ def pair_breakdown(table, truth, tol, raw, sep):
     particles, a size off by more than ``tol``). ``size`` pairs also count their wrong
     members in ``MEMBER_KEYS`` (the smaller/larger member, ``-`` too small, ``+`` too
     large) and give, for each wrong member, the ECD error the size loss comes from at each
-    stage (``stages``: rows of seg, union, piece, measure, total): ``seg`` the share of the
-    member's truth disc the raw region covers (a region cut short of the member's edge),
+    stage (``stages``: rows of seg, union, piece, measure, total): ``seg`` the member's size
+    as the raw region allows it (its truth disc's pixels in the region plus the region's
+    pixels outside both truth discs nearer its circle: a region cut short of, or reaching
+    beyond, the member's edge),
     ``union`` the union of the two pieces'
     full extents against the raw region, ``piece`` the piece's full extent against its truth
     disc, ``measure`` the measured ECD against the piece's own ECD, ``total`` the measured
@@ -306,14 +308,26 @@ def pair_breakdown(table, truth, tol, raw, sep):
         for n, k, lab, e, r in ((i, a, la, ea, ri), (j, b, lb, eb, rj)):
             if abs(e) <= tol:
                 continue
-            # how much of the member's truth disc the segmented region covers (exact for
-            # spheres; a cube's disc of equal area pokes out of its sides: about -2%)
+            # the member's size as the segmented region allows it: its truth disc's pixels in
+            # the region plus the region's pixels outside both truth discs that lie nearer
+            # its circle than the partner's (exact for spheres; a cube's disc of equal area
+            # pokes out of its sides: about -2%, its corners count as excess)
+            other = j if n == i else i
+            ro = rj if n == i else ri
             cy, cx = parts[n]["y_px"], parts[n]["x_px"]
-            y0, x0 = max(int(cy - r) - 1, 0), max(int(cx - r) - 1, 0)
-            yy, xx = np.ogrid[y0:int(cy + r) + 2, x0:int(cx + r) + 2]
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-            held = np.count_nonzero(disc & region[y0:y0 + disc.shape[0], x0:x0 + disc.shape[1]])
-            seg = np.sqrt(held / max(np.count_nonzero(disc), 1)) - 1
+            oy, ox = parts[other]["y_px"], parts[other]["x_px"]
+            m = r + 2 * max(r, ro)
+            y0, x0 = max(int(cy - m), 0), max(int(cx - m), 0)
+            y1, x1 = int(cy + m) + 2, int(cx + m) + 2
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            sub = region[y0:y1, x0:x1]
+            yy, xx = yy[:sub.shape[0]], xx[:, :sub.shape[1]]
+            dn = np.hypot(yy - cy, xx - cx) - r
+            do = np.hypot(yy - oy, xx - ox) - ro
+            disc = dn < 0
+            excess = np.count_nonzero(sub & (dn >= 0) & (do >= 0) & (dn < do))
+            seg = np.sqrt((np.count_nonzero(disc & sub) + excess)
+                          / max(np.count_nonzero(disc), 1)) - 1
             smaller = parts[n]["ecd_nm"] <= parts[j if n == i else i]["ecd_nm"]
             f[("small" if smaller else "large") + ("-" if e < 0 else "+")] += 1
             piece_ecd = 2 * np.sqrt(_extent_area(sep, lab) / np.pi)
@@ -328,7 +342,8 @@ def print_breakdown(rows):
           "agglomerate / over-split / off-centre / two pieces, a size off;\nwrong members of "
           "'size' pairs: smaller or larger member, too small (-) or too large (+);\nfor "
           "wrong members (median ECD-equivalent error, and how many of them the stage loses "
-          "most of the size): seg = share of the member's truth disc the raw region covers, union = pieces' union "
+          "most of the size): seg = the member's size as the raw region allows it (its disc "
+          "in the region + region beyond both discs nearer it), union = pieces' union "
           "vs raw region, piece = piece extent vs truth, meas = measured vs piece ECD")
     print(f"{'sample':22} {'pairs':>5} " + " ".join(f"{b:>6}" for b in BUCKETS) + "  "
           + " ".join(f"{m:>6}" for m in MEMBER_KEYS) + "   " + " ".join(
