@@ -1206,6 +1206,8 @@ def _disc_edge_level(rho, rc, total, shell=0.0):
     A hollow sphere (capsule; ``shell`` > 0, px) is the sphere less a concentric one
     ``shell`` smaller: its hole lowers the blurred edge once the blur reaches it.
     """
+    if not rc > 0:
+        return 0.0  # a disc of no radius: nothing at its edge
     s2 = total * total
     lo = max(0.0, rc - 7.0 * total)
     rp = np.arange(lo, rc + _RADIAL_STEP_PX / 2, _RADIAL_STEP_PX)
@@ -1456,6 +1458,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
 
 _MERGED_AREA = 1.1  # area / (π ρ²) above which a region may hold several particles
 _MEMBER_H_PX = 1.5  # px, a member's inscribed radius stands this far above its neck
+_MIN_MEMBER_PX = 1.0  # px, a member's inscribed radius at the fitted edge, at least
 
 
 def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total, floor):
@@ -1507,7 +1510,10 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
                            for r in r_part])
         amp = (level[j] - base[j]) / max(e_big, 1e-12)
         lv = np.maximum(base[j] + amp * e_part, floor[j])
-        lv[r_part >= big] = level[j]
+        # a member the fitted edge leaves (almost) nothing of (the edge inside the outline
+        # by more than its inscribed radius: a bump of a blurred outline) is no particle of
+        # its own: it keeps the region's level
+        lv[(r_part >= big) | (r_part < _MIN_MEMBER_PX)] = level[j]
         # every pixel of the band: the member of its nearest region pixel
         _, (iy, ix) = ndi.distance_transform_edt(parts == 0, return_indices=True)
         near = parts[iy, ix]

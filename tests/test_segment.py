@@ -300,3 +300,46 @@ def test_few_particles_are_found_with_the_right_polarity(sample, stage, detector
     assert labels.max() == len(truth)  # no film patch beside them
     # sizes are not checked here: 1-2 particles alone in bright field come out 11-28% large
     # (a few edge profiles set the frame's blur; open, issue 4)
+
+
+# -- regressions -------------------------------------------------------------------------------
+
+def test_lone_blurred_particle_with_an_outline_bump_does_not_crash():
+    # ps50 HAADF, one particle in the frame: the outline (smoothed 2.9 px) had a bump whose
+    # inscribed radius was smaller than the fitted edge's shift inward (−2.9 px), and the
+    # edge level of a disc of negative radius indexed an empty kernel (IndexError)
+    scope = SimScope("ps50", seed=7, size_px=512, detector="haadf")
+    scope.move_stage(0.5669770830188057, -54.10150001063898)
+    scope.set_defocus(scope.true_focus_um())
+    frame = scope.snap()
+    truth = [p for p in frame.truth["particles"] if not p["touches_edge"]]
+    if len(truth) != 1:
+        pytest.fail(f"precondition: the frame holds {len(truth)} whole particles, not 1: "
+                    "the simulator changed")
+    labels = segment(frame.image, frame.pixel_nm)
+    errors, missed = _isolated_errors(frame, measure(labels, frame.image, frame.pixel_nm))
+    assert missed == 0 and labels.max() == 1
+    assert abs(errors[0]) <= 0.05
+
+
+def test_member_erased_by_the_edge_shift_keeps_the_region_level():
+    from scipy import ndimage as ndi
+
+    from particlewatch.analysis.segment import _disc_edge_level, _member_levels
+
+    # a disc of radius 10 with a bump (inscribed radius 3.5 standing 1.7 px above its
+    # neck) is two members; an edge 4 px inside the outline leaves nothing of the bump
+    yy, xx = np.mgrid[:64, :64]
+    region = ((yy - 32) ** 2 + (xx - 28) ** 2 <= 10 ** 2) | \
+        ((yy - 32) ** 2 + (xx - 41) ** 2 <= 3.5 ** 2)
+    labels = region.astype(np.int32)
+    px = np.flatnonzero(labels)
+    owner = labels.ravel()[px]
+    rho = np.array([ndi.distance_transform_edt(region).max()])
+    got = _member_levels(labels, px, owner, rho, np.array([10.0]), np.array([0.0]),
+                         np.array([-4.0]), np.array([True]), total=2.0,
+                         floor=np.array([0.5]))
+    assert got is not None
+    at, value = got
+    assert at.size == px.size and np.all(value == 10.0)
+    assert _disc_edge_level(4.0, -0.5, 2.0) == 0.0
