@@ -253,13 +253,15 @@ def local_band_sharpness(image, mask, *, sigmas_px: tuple[float, float] = (1.0, 
     band = (ndi.gaussian_filter(a, sigmas[0], mode="reflect")
             - ndi.gaussian_filter(a, sigmas[1], mode="reflect"))
     high = a - ndi.gaussian_filter(a, 1.0, mode="reflect")
-    # white-noise variance per pixel: the high-pass holds little else (a robust spread,
-    # so particle edges do not count)
-    v = (1.4826 * float(np.median(np.abs(high - np.median(high))))) ** 2 / high_gain
+    # white-noise variance per pixel where it is measured (shot noise grows with the counts:
+    # over bright HAADF particles it is larger than over the film): the high-pass holds
+    # little else, and a robust spread leaves the particles' edges out
+    inside = high[mask]
+    v = (1.4826 * float(np.median(np.abs(inside - np.median(inside))))) ** 2 / high_gain
     v_band = v * band_gain
     energy = float(np.mean(band[mask] ** 2))
     signal = max(energy - v_band, 0.0)
-    variance = (2.0 * v_band ** 2 * rho2 + 4.0 * v_band * signal * rho1) / n
+    variance = (2.0 * v_band ** 2 + 4.0 * v_band * signal) * rho2 / n
     scale = 1e6 / mean ** 2
     return (energy - v_band) * scale, max(math.sqrt(variance), 1e-12) * scale
 

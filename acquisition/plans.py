@@ -232,11 +232,11 @@ def _sweep(defoci, metric, window=None) -> Plan:
 class LocalSharpness:
     """Sharpness measured around the particles (:func:`~.focus.local_band_sharpness`).
 
-    Where the particles are is decided once per focus run, from the mean of its first
-    sweep's images (:func:`~.segments.particle_region`; blurred images still show where
-    particles are, and the mean has less noise than any one), so every image of the run is
-    measured on the same pixels. Without particles (an empty or featureless area), the
-    whole frame's :func:`~.focus.band_sharpness`.
+    Where the particles are is decided once per focus run, from its first sweep's images
+    (:func:`~.segments.particle_region` on the sharpest by :func:`~.focus.band_sharpness`
+    that shows any), so every image of the run is measured on the same pixels. Without
+    particles (an empty or featureless area), the whole frame's
+    :func:`~.focus.band_sharpness`.
     """
 
     def __init__(self, *, margin_px: float = 8.0, sigmas_px: tuple[float, float] = (1.0, 3.0)):
@@ -252,10 +252,14 @@ class LocalSharpness:
         self.fixed = True
         if pixel_nm is None or not images:
             return
-        region = particle_region(np.mean(np.stack(images), axis=0), float(pixel_nm),
-                                 margin_px=self.margin_px)
-        if region is not None and region.sum() >= 64:
-            self.mask = region
+        # the sharpest image first (a far-out image of a weak specimen shows nothing, and
+        # neither does a mean over a wide sweep); the first that shows particles decides
+        sharpest = sorted(range(len(images)), key=lambda i: -band_sharpness(images[i])[0])
+        for i in sharpest:
+            region = particle_region(images[i], float(pixel_nm), margin_px=self.margin_px)
+            if region is not None and region.sum() >= 64:
+                self.mask = region
+                return
 
     def __call__(self, image) -> tuple[float, float]:
         if self.mask is None or self.mask.shape != np.shape(image):

@@ -689,7 +689,7 @@ def test_local_sharpness_noise_estimate_is_honest_on_repeated_exposures():
     values = np.array([local_band_sharpness(scope.snap().image, region) for _ in range(12)])
     # repeated exposures scatter by about the estimated noise (not 3x more or less)
     ratio = np.std(values[:, 0], ddof=1) / np.median(values[:, 1])
-    assert 0.33 < ratio < 3.0, ratio
+    assert 0.5 < ratio < 2.0, ratio
 
 
 def test_autofocus_on_a_sparse_weak_sample_lands_within_the_depth_of_field():
