@@ -517,8 +517,11 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None):
     res["feret_max"][few] = res["feret_min"][few] = np.sqrt(4 * raw_area[few] / np.pi)
     # not star-shaped about the centroid: the angle order zigzags, so trace it
     folded = ~few & (res["hull_area"] > 0) & (raw_area < _STAR_SOLIDITY * res["hull_area"])
+    # every label's box in one pass over the frame (one pass per folded particle grows as
+    # the frame's pixels times its particles)
+    boxes = ndi.find_objects(labels) if folded.any() else []
     for i in np.flatnonzero(folded):
-        exact = _traced_outline(labels, ids[i])
+        exact = _traced_outline(labels, ids[i], boxes[ids[i] - 1])
         res["perimeter"][i] = _polygon_length(exact)
         res["poly_area"][i] = _shoelace(exact)
         hull_pts, res["hull_perimeter"][i], res["hull_area"][i] = _hull(exact)
@@ -739,10 +742,10 @@ _SIDE_BAND = 0.5  # share of a straight section (of length − width) that is fi
 _SIDE_POINTS = 8  # outline samples needed on each side for a fit of three parameters
 
 
-def _traced_outline(labels, lab):
-    sl = ndi.find_objects((labels == lab).astype(np.int8))[0]
-    pts = outline(labels[sl] == lab)
-    return pts + [sl[0].start, sl[1].start]
+def _traced_outline(labels, lab, box):
+    """Outline (frame coordinates) of label ``lab`` whose bounding box is ``box`` (the slices
+    :func:`scipy.ndimage.find_objects` gives it)."""
+    return outline(labels[box] == lab) + [box[0].start, box[1].start]
 
 
 def outline(mask):
