@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage import morphology, segmentation
 from skimage.measure import CircleModel
+from . import rods
 from ._checks import check_pixel_nm
 
 __all__ = ["separate", "Separation", "notch_depth", "METHODS"]
@@ -298,6 +299,9 @@ def _uecs(labels, *, min_marker_px):
     plain = [False]  # came from a region that needed no split attempt (a thickness reference)
     areas = np.bincount(labels.ravel())
     round_ = _roundness(labels, areas) > _SKIP_ROUNDNESS
+    # Rods touch side by side, end to end and across each other: shapes UECS cannot cut
+    # into convex members. A frame whose isolated rods give a width gets a rod split too.
+    rod_geometry = rods.rod_geometry_px(labels)
     next_label = 1
     for index, sl in enumerate(ndi.find_objects(labels)):
         if sl is None:
@@ -309,14 +313,23 @@ def _uecs(labels, *, min_marker_px):
         view = out[r0:r1, c0:c1]
         area = int(areas[index + 1])
         # Too small to hold two particles of the minimum size, or convex: one particle.
-        if area < 2 * min_marker_px or round_[index + 1] or _is_convex(
-                mask, area, px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC):
+        whole = area < 2 * min_marker_px or round_[index + 1] or _is_convex(
+            mask, area, px=_SPLIT_NOTCH_PX, frac=_SPLIT_NOTCH_FRAC)
+        if whole:
+            pieces, owner, rest = [mask], np.where(mask, 0, -1), []
+        else:
+            pieces, owner, rest = _split_region(mask, min_marker_px=min_marker_px)
+        if rod_geometry is not None and area >= 2 * min_marker_px:
+            by_rods = rods.rods_instead(mask, rod_geometry[0], pieces=pieces, rest=rest,
+                                        length_px=rod_geometry[1], min_px=min_marker_px)
+            if by_rods is not None:
+                pieces, owner, rest, whole = by_rods.pieces, by_rods.owner, by_rods.rest, False
+        if whole:
             view[mask] = next_label
             separated.append(False)
             plain.append(True)
             next_label += 1
             continue
-        pieces, owner, rest = _split_region(mask, min_marker_px=min_marker_px)
         for i, piece in enumerate(pieces):
             view[owner == i] = next_label
             separated.append(len(pieces) > 1)

@@ -180,6 +180,27 @@ def test_touching_pairs_in_simulated_frames_split_into_correct_sizes():
     assert split / total >= 0.85
 
 
+def test_touching_rods_in_simulated_frames_split_into_rods_of_their_length():
+    # UECS alone leaves ~88% of touching rod pairs unsplit or as agglomerates (side by side
+    # they form one convex slab; crossings erode to one core); rods.rods_instead takes them
+    split = total = 0
+    for image, px, raw, truth in _frames("au-rods", 2, seed=5):
+        s = separate(raw, px, image=image)
+        t = measure(s.labels, image, px, masks=s.masks)
+        parts = truth["particles"]
+        for pair in _pairs(truth):
+            total += 1
+            ids = [_at(s.labels, parts[k]) for k in pair]
+            if 0 in ids or ids[0] == ids[1]:
+                continue
+            rows = [int(np.flatnonzero(t["particle_id"] == k)[0]) for k in ids]
+            err = [t["feret_max_nm"][r] / parts[k]["feret_max_nm"] - 1 for r, k in zip(rows, pair)]
+            split += max(abs(e) for e in err) <= 0.10
+    assert total >= 10
+    # 0.66 on the bench's 77 pairs (issue's goal 0.85, not reached yet); 0.12 without rods
+    assert split / total >= 0.5
+
+
 @pytest.mark.parametrize("sample, detector", [("cubes", None), ("au10", "bf")])
 def test_split_particles_own_their_outline_and_measure_true_size(sample, detector):
     # measure reads a split particle's size from its free outline: a pixel of the region's
