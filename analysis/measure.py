@@ -1121,11 +1121,13 @@ def _rim_templates():
     cut at the bin holding q·R and made non-decreasing (the filter's partial sums must not
     turn positive); positive inside the cut, 0 outside it (so 0 marks the bins left out).
     """
-    params, models = _shell_models()
+    # only the blur of the templates: a frame whose candidates all prove solid never needs
+    # the whole grid of _shell_models (six blurs)
+    params, models = _shell_block(_RIM_BLUR)
     out = []
     for q in _RIM_TEMPLATES:
         k = int(np.argmin(np.abs(params[:, 0] - 1.0) + np.abs(params[:, 1] - q)
-                          + np.abs(params[:, 2] - 0.05)))
+                          + np.abs(params[:, 2] - _RIM_BLUR)))
         m = np.maximum.accumulate(models[k])
         m[int(q / _BIN) + 1:] = 0.0
         out.append(m + (m > 0) * 1e-9)
@@ -1206,6 +1208,28 @@ def _shell_models():
         (s, q, b) of each model.
     models : (M, B) ndarray
     """
+    blocks = [_shell_block(b) for b in _BLUR_GRID]
+    return (np.concatenate([p for p, _ in blocks]), np.concatenate([m for _, m in blocks]))
+
+
+_BLUR_GRID = (0.015, 0.03, 0.05, 0.08, 0.12, 0.18)  # blur b of the shell models, in R
+_RIM_BLUR = 0.05  # blur of the hollowness templates (an element of _BLUR_GRID)
+
+
+@functools.lru_cache(maxsize=len(_BLUR_GRID))
+def _shell_block(b):
+    """The models of :func:`_shell_models` for one blur ``b``: (params, models), s-major."""
+    h, src, dst, average, s, q, thick = _shell_thickness()
+    kernel = (h * src / b ** 2) * np.exp(-(dst[:, None] - src) ** 2 / (2 * b * b)) \
+        * i0e(dst[:, None] * src / (b * b))
+    return np.column_stack([s, q, np.full(s.size, b)]), thick @ (average @ kernel).T
+
+
+@functools.lru_cache(maxsize=1)
+def _shell_thickness():
+    """What every blur's models share: the radial grids (step h; ρ' ``src``, ρ ``dst``), the
+    bin-averaging matrix, the (s, q) grid and the projected thickness of each shell on ``src``.
+    """
     h = 1.0 / 400
     src = (np.arange(int(round(1.12 / h))) + 0.5) * h  # ρ' (the shells lie inside 1.10)
     dst = (np.arange(int(round(_REACH / h))) + 0.5) * h  # ρ, binned below
@@ -1215,15 +1239,8 @@ def _shell_models():
     average /= average.sum(1, keepdims=True)
     s_grid = np.arange(0.94, 1.1001, 0.02)
     q_grid = np.arange(0.30, 0.9701, 0.01)
-    b_grid = np.array([0.015, 0.03, 0.05, 0.08, 0.12, 0.18])
     s, q = (a.ravel() for a in np.meshgrid(s_grid, q_grid, indexing="ij"))
     r2 = src ** 2
     thick = (np.sqrt(np.clip(s[:, None] ** 2 - r2, 0, None))
              - np.sqrt(np.clip((q * s)[:, None] ** 2 - r2, 0, None)))
-    params, models = [], []
-    for b in b_grid:
-        kernel = (h * src / b ** 2) * np.exp(-(dst[:, None] - src) ** 2 / (2 * b * b)) \
-            * i0e(dst[:, None] * src / (b * b))
-        models.append(thick @ (average @ kernel).T)
-        params.append(np.column_stack([s, q, np.full(s.size, b)]))
-    return np.concatenate(params), np.concatenate(models)
+    return h, src, dst, average, s, q, thick
