@@ -263,7 +263,8 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
     min_marker_px = max(float(min_marker_px), np.pi / 4 * (min_marker_nm / pixel_nm) ** 2)
     sep, plain = _uecs(labels, min_marker_px=min_marker_px)
     if image is not None:
-        sep = _drop_thick(sep, plain, _validate_image(image, labels))
+        sep = _drop_thick(sep, plain, _validate_image(image, labels),
+                          min_marker_px=min_marker_px)
     return sep
 
 
@@ -784,14 +785,14 @@ def _fill(mask, pieces, scores, rest, uncovered, reach):
     return pieces, scores
 
 
-def _fit_disc(pts, mask):
+def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS):
     """The disc whose circle runs through most of the outline points ``pts``, or None.
 
     A consensus over circles through point triples (a few dozen, vectorised: RANSAC's
     idea at a fraction of ``skimage.measure.ransac``'s cost on these small sets) picks the
     points of one circle; ``CircleModel`` refines on them. Accepted when most points lie on
-    it, they span a good part of it, and the disc lies inside the region ``mask`` (a circle
-    through a true outline does). Returns ``(disc & mask, score)``, score the depth inside
+    it (at least the fraction ``inliers``), they span a good part of it, and the disc lies
+    inside the region ``mask`` (a circle through a true outline does). Returns ``(disc & mask, score)``, score the depth inside
     the disc (-inf outside it).
     """
     n = len(pts)
@@ -823,7 +824,7 @@ def _fit_disc(pts, mask):
     (cy, cx), radius = model.center, float(model.radius)
     res = np.abs(np.hypot(p[:, 0] - cy, p[:, 1] - cx) - radius)
     inl = res < max(_FIT_TOL_PX, _FIT_TOL_FRAC * radius)
-    if inl.mean() < _FIT_INLIERS or radius < 2:
+    if inl.mean() < inliers or radius < 2:
         return None
     # the points must go round: the widest angular gap between them at most 360° - span
     ang = np.sort(np.arctan2(p[inl, 0] - cy, p[inl, 1] - cx))
@@ -1135,10 +1136,56 @@ def thickness_excess(labels, image, *, reference, masks=None):
     return excess, z
 
 
-def _drop_thick(sep, plain, image):
+# the larger of two overlapping discs owns at least this fraction of their union's outline
+# (two equal discs a radius apart: 2 × 120° of arc against 2 × 60° hidden: ~0.4 each, less
+# the blur-filled neck)
+_TWO_DISC_FIRST = 0.3
+# both discs together must hold this fraction of the region
+_TWO_DISC_COVER = 0.9
+
+
+def _two_discs(mask, min_marker_px):
+    """Two overlapping discs that explain the whole region ``mask``, or None.
+
+    Two spheres overlapping by much of a radius leave no notch in the outline once blur has
+    filled the neck, so UECS keeps them whole, and their shared lens makes the region thicker
+    than one particle (:func:`_drop_thick`). Their outline is still two circular arcs: the
+    larger arc is fitted first (:func:`_fit_disc` with a lower share of points on it), then
+    the outline it leaves gets a circle of its own. Accepted when both discs are particles
+    (at least ``min_marker_px``, their centres apart and each outside the other's core) and
+    together they hold the region. Returns ``(pieces, scores)`` as :func:`_split_region`.
+    """
+    pts = np.argwhere(mask & ~ndi.binary_erosion(mask))
+    first = _fit_disc(pts, mask, inliers=_TWO_DISC_FIRST)
+    if first is None:
+        return None
+    piece_a, score_a = first
+    # the outline the first circle does not run through (a pixel's margin more than its
+    # fit tolerance) is the second particle's
+    off = score_a[pts[:, 0], pts[:, 1]] < -1.0
+    off |= ~np.isfinite(score_a[pts[:, 0], pts[:, 1]])
+    second = _fit_disc(pts[off], mask)
+    if second is None:
+        return None
+    piece_b, score_b = second
+    area = np.count_nonzero(mask)
+    if (min(np.count_nonzero(piece_a), np.count_nonzero(piece_b)) < min_marker_px
+            or np.count_nonzero(piece_a | piece_b) < _TWO_DISC_COVER * area):
+        return None
+    # each disc's centre lies outside the other's core: not one circle fitted twice
+    for p, s in ((piece_a, score_b), (piece_b, score_a)):
+        cy, cx = np.round(np.argwhere(p).mean(axis=0)).astype(int)
+        if s[cy, cx] > 0.5 * s.max():
+            return None
+    return [piece_a, piece_b], [score_a, score_b]
+
+
+def _drop_thick(sep, plain, image, *, min_marker_px):
     """Report particles clearly thicker than one particle of their width as agglomerates.
 
-    ``plain[k]``: particle ``k`` came from a region that needed no split (a reference).
+    ``plain[k]``: particle ``k`` came from a region that needed no split (a reference). A
+    thick particle whose outline is two overlapping circles (:func:`_two_discs`: a deep
+    overlap of two spheres) is split into them instead.
     """
     labels = sep.labels
     n = int(labels.max())
@@ -1155,20 +1202,45 @@ def _drop_thick(sep, plain, image):
         return sep
     boxes = list(sep.agglomerate_boxes)
     slices = ndi.find_objects(labels)
+    splits = []  # (row0, col0, pieces, owner) of thick particles split into two discs
     for lab in np.flatnonzero(thick):
         if lab in sep.masks:
             r0, c0, m = sep.masks[lab]
-            boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
         elif slices[lab - 1] is not None:
             sl = slices[lab - 1]
-            boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+            r0, c0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+            m = labels[r0:sl[0].stop + 1, c0:sl[1].stop + 1] == lab
+        else:
+            continue
+        # a particle that a split left whole (no full extent of its own): two discs?
+        two = None if lab in sep.masks else _two_discs(m, min_marker_px)
+        if two is None:
+            boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
+            continue
+        pieces, scores = two
+        stack = np.stack(scores)
+        owner = np.where(m & np.isfinite(stack).any(axis=0), np.argmax(stack, axis=0), -1)
+        splits.append((r0, c0, pieces, owner, m))
     keep = ~thick
     keep[0] = True
     new = np.cumsum(keep) - 1  # old label -> new label (background stays 0)
     new[~keep] = 0
     out = new[labels].astype(np.int32)
     masks = {int(new[k]): v for k, v in sep.masks.items() if keep[k]}
-    return Separation(out, sep.separated[keep], len(boxes), boxes, masks)
+    separated = list(sep.separated[keep])
+    next_label = int(new.max()) + 1
+    for r0, c0, pieces, owner, m in splits:
+        view = out[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
+        for i, piece in enumerate(pieces):
+            view[owner == i] = next_label
+            masks[next_label] = (r0, c0, piece)
+            separated.append(True)
+            next_label += 1
+        # pixels of the region neither disc holds (blur in the neck): every pixel is
+        # explained by a particle or boxed
+        rest = _unexplained_boxes(m & (owner < 0), min_marker_px)
+        boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
+    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks)
 
 
 # -- watershed ------------------------------------------------------------------------------
