@@ -267,10 +267,16 @@ def _edge_image(image):
     rows = ndi.correlate1d(image.astype(np.float32, copy=False), _BINOMIAL, axis=1,
                            mode="nearest")
     p = np.pad(rows, ((2, 2), (0, 0)), mode="edge")
+    del rows
+    # in place, one scratch frame: a 4096² frame's temporaries are 64 MB each, and fresh
+    # ones cost more than the arithmetic (page faults)
     out = p[:-4] + p[4:]
     out *= _BINOMIAL[0]
-    out += _BINOMIAL[1] * (p[1:-3] + p[3:-1])
-    out += _BINOMIAL[2] * p[2:-2]
+    tmp = np.add(p[1:-3], p[3:-1])
+    tmp *= _BINOMIAL[1]
+    out += tmp
+    np.multiply(p[2:-2], _BINOMIAL[2], out=tmp)
+    out += tmp
     return out
 
 
@@ -958,8 +964,9 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     side = 2 * half + 1
     owner = np.repeat(np.arange(k), side * side)
     local = _ranges(np.zeros(k, int), side * side)
-    dy = local // side[owner] - half[owner]
-    dx = local % side[owner] - half[owner]
+    dy, dx = np.divmod(local, side[owner])
+    dy -= half[owner]
+    dx -= half[owner]
     rows = np.floor(yc).astype(int)[owner] + dy
     cols = np.floor(xc).astype(int)[owner] + dx
     fy, fx = rows - yc[owner], cols - xc[owner]
