@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage import morphology, segmentation
+from skimage.filters import threshold_otsu
 from skimage.measure import CircleModel
 from . import rods
 from ._checks import check_pixel_nm
@@ -1180,12 +1181,77 @@ def _two_discs(mask, min_marker_px):
     return [piece_a, piece_b], [score_a, score_b]
 
 
+# the overlap lens of two flat particles is about twice as thick as either alone (blur and
+# smoothing bring its level down): a thick region splits at a lens at least this much thicker
+_LENS_RATIO = 1.3
+# erosions tried to cut the two crescents left around a lens apart (blur joins them where
+# the outlines cross)
+_LENS_CUT_STEPS = 4
+# two members sharing more than this fraction of the smaller one are one particle fitted
+# twice (or a coincidence no projection resolves)
+_LENS_MAX_SHARE = 0.8
+
+
+def _lens_split(mask, thick, min_marker_px):
+    """Two overlapping convex particles from the thick lens they share, or None.
+
+    Where two particles overlap, the projection holds both: for flat-lying particles (cubes,
+    plates) the lens is a plateau about twice as thick as the rest, so the region's thickness
+    falls into two levels (Otsu on the region's inner pixels). Without the lens the region
+    is the two members' crescents, joined only by a few blurred pixels where the outlines
+    cross: eroded until exactly two substantial parts remain, they are the markers, and the
+    crescents are shared out by a watershed on their depth. Each member is the convex hull
+    of its crescent and the lens (a convex particle holds both), within the region.
+    ``thick``: the projected thickness on ``mask``'s crop (:func:`_thickness_map`, smoothed).
+    Returns ``(pieces, scores)`` as :func:`_split_region`.
+    """
+    core = ndi.binary_erosion(mask, iterations=2)
+    values = thick[core]
+    if values.size < 2 * min_marker_px or np.ptp(values) <= 0:
+        return None
+    level = threshold_otsu(values)
+    low, high = np.median(values[values <= level]), np.median(values[values > level])
+    if not (low > 0 and high >= _LENS_RATIO * low):
+        return None
+    lens = mask & (thick > level)
+    rest = mask & ~ndi.binary_dilation(lens)
+    markers = None
+    for steps in range(_LENS_CUT_STEPS + 1):
+        eroded = ndi.binary_erosion(rest, iterations=steps) if steps else rest
+        lab, n = ndi.label(eroded)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        big = np.flatnonzero(sizes >= max(8, 0.1 * min_marker_px))
+        if len(big) > 2:
+            return None
+        if len(big) == 2:
+            markers = np.where(np.isin(lab, big), lab, 0)
+            break
+    if markers is None:
+        return None
+    share = segmentation.watershed(-ndi.distance_transform_edt(rest), markers, mask=rest)
+    pieces, scores = [], []
+    for b in np.unique(markers[markers > 0]):
+        piece = morphology.convex_hull_image((share == b) | lens) & mask
+        if np.count_nonzero(piece) < min_marker_px:
+            return None
+        pieces.append(piece)
+        depth = ndi.distance_transform_edt(_pad1(piece))[1:-1, 1:-1]
+        scores.append(np.where(piece, depth, -np.inf))
+    shared = np.count_nonzero(pieces[0] & pieces[1])
+    if (shared > _LENS_MAX_SHARE * min(map(np.count_nonzero, pieces))
+            or np.count_nonzero(pieces[0] | pieces[1]) < _TWO_DISC_COVER * np.count_nonzero(mask)):
+        return None
+    return pieces, scores
+
+
 def _drop_thick(sep, plain, image, *, min_marker_px):
     """Report particles clearly thicker than one particle of their width as agglomerates.
 
     ``plain[k]``: particle ``k`` came from a region that needed no split (a reference). A
     thick particle whose outline is two overlapping circles (:func:`_two_discs`: a deep
-    overlap of two spheres) is split into them instead.
+    overlap of two spheres) or whose thickness shows the lens two flat particles share
+    (:func:`_lens_split`) is split into them instead.
     """
     labels = sep.labels
     n = int(labels.max())
@@ -1212,15 +1278,52 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
             m = labels[r0:sl[0].stop + 1, c0:sl[1].stop + 1] == lab
         else:
             continue
-        # a particle that a split left whole (no full extent of its own): two discs?
-        two = None if lab in sep.masks else _two_discs(m, min_marker_px)
+        # a particle that a split left whole (no full extent of its own): two discs, or two
+        # flat particles around a lens?
+        two = None
+        if lab not in sep.masks:
+            two = _two_discs(m, min_marker_px)
+            if two is None:
+                rows, cols = np.mgrid[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
+                thick_map = _thickness_map(image, labels, rows, cols, m)
+                if thick_map is not None:
+                    two = _lens_split(m, ndi.gaussian_filter(thick_map, 1.0), min_marker_px)
         if two is None:
             boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
             continue
         pieces, scores = two
         stack = np.stack(scores)
         owner = np.where(m & np.isfinite(stack).any(axis=0), np.argmax(stack, axis=0), -1)
-        splits.append((r0, c0, pieces, owner, m))
+        # the region's outline is one particle's edge: where both extents reach it (the
+        # outlines' crossings), it stays with its owner only
+        outline = m & ~ndi.binary_erosion(m)
+        pieces = [p & ~(outline & (owner != i)) for i, p in enumerate(pieces)]
+        splits.append((lab, r0, c0, pieces, owner, m))
+    if splits:
+        # a member still thicker than one particle (a third particle in the lens, or more
+        # than two in the region) is not one particle: its region goes back to its box
+        trial = labels.copy()
+        trial_masks = dict(sep.masks)
+        members = []
+        next_label = n + 1
+        for lab, r0, c0, pieces, owner, m in splits:
+            view = trial[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
+            for i, piece in enumerate(pieces):
+                view[owner == i] = next_label
+                trial_masks[next_label] = (r0, c0, piece)
+                next_label += 1
+            members.append(range(next_label - len(pieces), next_label))
+        ref = np.r_[reference, np.zeros(next_label - n - 1, bool)]
+        excess2, z2 = thickness_excess(trial, image, reference=ref, masks=trial_masks)
+        thick2 = (excess2 > _THICK_EXCESS) & (z2 > _THICK_Z)
+        kept = []
+        for split, ids in zip(splits, members):
+            if thick2[list(ids)].any():
+                _, r0, c0, _, _, m = split
+                boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
+            else:
+                kept.append(split)
+        splits = kept
     keep = ~thick
     keep[0] = True
     new = np.cumsum(keep) - 1  # old label -> new label (background stays 0)
@@ -1229,14 +1332,14 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
     masks = {int(new[k]): v for k, v in sep.masks.items() if keep[k]}
     separated = list(sep.separated[keep])
     next_label = int(new.max()) + 1
-    for r0, c0, pieces, owner, m in splits:
+    for _, r0, c0, pieces, owner, m in splits:
         view = out[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
         for i, piece in enumerate(pieces):
             view[owner == i] = next_label
             masks[next_label] = (r0, c0, piece)
             separated.append(True)
             next_label += 1
-        # pixels of the region neither disc holds (blur in the neck): every pixel is
+        # pixels of the region neither member holds (blur in the neck): every pixel is
         # explained by a particle or boxed
         rest = _unexplained_boxes(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
