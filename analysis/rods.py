@@ -42,8 +42,11 @@ __all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_i
 # at its ends, inside the admissible band (2 × the tolerance below wide); the fit refines it.
 _ANGLES = np.deg2rad(np.arange(0.0, 180.0, 3.0))
 # Tolerance on the radius of admissible axis points: rods of a sample vary in width (~10%) and
-# a digitised edge by ±0.5 px.
+# a digitised edge by ±0.5 px. Thinner than the frame's radius by up to 3 SD of that spread
+# plus the edge (a rod 20% thin has no axis point deeper than 0.8 r: it was left as an
+# agglomerate beside the rod it crosses); thicker by 2 SD (a wider rod is a slab of two).
 _RADIUS_TOL_FRAC = 0.2
+_RADIUS_TOL_LO_FRAC = 0.3
 _RADIUS_TOL_PX = 1.0
 # Consecutive admissible pixels along a line of one direction are at most √2 apart.
 _RUN_GAP_PX = 1.5
@@ -572,13 +575,16 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     m[1:-1, 1:-1] = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     depth = ndi.distance_transform_edt(m)
     tol = max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r)
+    tol_lo = max(_RADIUS_TOL_PX, _RADIUS_TOL_LO_FRAC * r)
     # the axis of a digitised band of width 2r lies ~0.25 px deeper than r on average
-    admissible = depth >= r + 0.25 - tol
+    admissible = depth >= r + 0.25 - tol_lo
     a, b, runs = _candidates(admissible, min_len=r)
     if not len(a):
         return None
     outline = _boundary(m)
     rim = r - _EDGE_INSET_PX  # outline pixels of a rod lie about here from its axis
+    # the outline band stays narrow (a wide one gathers a crossing neighbour's notch); a thin
+    # rod's outline, ~0.8 r out, still lies in it
     cand, point, dist = _band_pairs(outline, runs, max(rim - tol, 0.0), rim + tol)
     closeness = 1.0 - np.abs(dist - rim) / (2 * tol)
     # a candidate's gain only shrinks as the picks explain more: one that explains too little
@@ -607,9 +613,31 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     dev = np.abs(np.sqrt(_segment_sq_distances(outline, a[picked], b[picked])) - rim)
     mine = np.where(done, np.argmin(dev, axis=0), -1)
     for k in range(len(picked)):
+        axes[k, 0], axes[k, 1], radii[k] = _fit_rod(outline[mine == k], axes[k, 0], axes[k, 1],
+                                                   radii[k])
+    # once more with the explained outline pixels nearest each fitted rod: a candidate tilted by a
+    # direction step (the admissible band of a thin-rod tolerance holds one) misses part of
+    # its rod's sides, and the fit from those alone stays tilted
+    dev = np.abs(np.sqrt(_segment_sq_distances(outline, axes[:, 0], axes[:, 1]))
+                 - radii[:, None])
+    # (a round piece, a sphere among rods, takes every outline pixel near its circle: the
+    # rods' bands about the candidates in it hold only part of it)
+    near = dev <= np.maximum(tol, _RADIUS_TOL_FRAC * radii)[:, None]
+    near &= done | (np.hypot(*(axes[:, 1] - axes[:, 0]).T) < radii)[:, None]
+    mine = np.where(near.any(axis=0), np.argmin(np.where(near, dev, np.inf), axis=0), -1)
+    for k in range(len(picked)):
         pa, pb, rho = _fit_rod(outline[mine == k], axes[k, 0], axes[k, 1], radii[k])
         axes[k] = _hidden_ends(outline[mine == k], pa, pb, rho, length_px)
         radii[k] = rho
+    # a rod is as wide as the frame's rods (within the tolerances, half a pixel for the fit);
+    # a wider piece is kept only when round (axis shorter than its radius): a sphere touching
+    # the rods, fitted by its own outline. An elongated wide one is a slab of rods or a fit
+    # that swelled onto a neighbour's outline.
+    axis_px = np.hypot(*(axes[:, 1] - axes[:, 0]).T)
+    fits = (radii >= rim - tol_lo - 0.5) & ((radii <= rim + tol + 0.5) | (axis_px < radii))
+    if not fits.any():
+        return None
+    axes, radii = axes[fits], radii[fits]
     # radii now hold the fitted outline-pixel radius; the rod's edge lies half a pixel out
     radii = radii + _EDGE_INSET_PX
     pix = np.argwhere(m).astype(float)
