@@ -959,20 +959,7 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
         it; and far more degrees of freedom on a small particle).
     """
     k = len(ids)
-    reach = _REACH * radius
-    half = np.ceil(reach).astype(int) + 1
-    side = 2 * half + 1
-    owner = np.repeat(np.arange(k), side * side)
-    local = _ranges(np.zeros(k, int), side * side)
-    dy, dx = np.divmod(local, side[owner])
-    dy -= half[owner]
-    dx -= half[owner]
-    rows = np.floor(yc).astype(int)[owner] + dy
-    cols = np.floor(xc).astype(int)[owner] + dx
-    fy, fx = rows - yc[owner], cols - xc[owner]
-    rho = np.hypot(fy, fx)
-    near = rho < reach[owner]
-    owner, rows, cols, fy, fx, rho = (a[near] for a in (owner, rows, cols, fy, fx, rho))
+    owner, rows, cols, fy, fx, rho = _disc_pixels(yc, xc, _REACH * radius)
     # 16 sectors of 22.5° without trigonometry: the octant from the signs and the larger
     # coordinate, then which half of it (tan 22.5° = 0.4142)
     ay, ax = np.abs(fy), np.abs(fx)
@@ -1016,6 +1003,36 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
             noise.append(np.sqrt(np.maximum(scatter, 0) / dof))
     return sums, counts, noise[0], noise[1]
 
+
+
+def _disc_pixels(yc, xc, reach):
+    """The pixels of every disc (centre ``yc, xc``, radius ``reach``), with their offsets.
+
+    Discs whose boxes have the same size are done together: the offsets along rows and along
+    columns are per disc and row (or column), only their distance needs every pixel. Each
+    disc's pixels come in row-major order; the discs come grouped by box size (the callers
+    sum per disc, and a disc's own order is all that fixes its floating-point sums).
+
+    Returns
+    -------
+    owner, rows, cols : ndarray of int
+        Disc index and frame pixel of each pixel within ``reach`` of its disc's centre.
+    fy, fx, rho : ndarray of float
+        The pixel's offset from the centre and its distance.
+    """
+    half = np.ceil(reach).astype(int) + 1
+    r0, c0 = np.floor(yc).astype(int), np.floor(xc).astype(int)
+    parts = []
+    for h in np.unique(half):
+        g = np.flatnonzero(half == h)
+        d = np.arange(-h, h + 1)
+        rows, cols = r0[g, None] + d, c0[g, None] + d  # (discs, 2h + 1) each
+        fy, fx = rows - yc[g, None], cols - xc[g, None]
+        rho = np.hypot(fy[:, :, None], fx[:, None, :])
+        disc, i, j = np.nonzero(rho < reach[g, None, None])
+        parts.append((g[disc], rows[disc, i], cols[disc, j], fy[disc, i], fx[disc, j],
+                      rho[disc, i, j]))
+    return tuple(np.concatenate(a) for a in zip(*parts))
 
 def _hollow(sums, counts, noise, noise_bins):
     """Which particles are hollow: their radial profile rises from the centre outwards,
