@@ -140,7 +140,10 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     oriented, pol, log = _oriented(img, valid, polarity=polarity, flatten=flatten)
     if oriented is None:
         return empty
-    sigma = float(smooth_px) if smooth_px is not None else _auto_sigma(oriented)
+    if smooth_px is not None:
+        sigma = edge_sigma = float(smooth_px)
+    else:
+        sigma, edge_sigma = _auto_sigma(oriented)
     smooth = (ndi.gaussian_filter(oriented, sigma, mode="nearest") if sigma > 0
               else oriented.copy())
     min_area = max(int(min_area_px), int(np.ceil(np.pi / 4 * (min_size_nm / pixel_nm) ** 2)))
@@ -164,9 +167,14 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
         # is not in −log(I): its dark side is stretched. The dip, as deep a darkening.
         depth = float(-np.log(max(2.0 - np.exp(depth), 1e-6)))
     if refine_edges:
-        noise = _noise_sigma(oriented) / (2.0 * np.sqrt(np.pi) * max(sigma, 0.5))
-        labels, blur = _refine_edges(labels, smooth, oriented, valid, sigma=sigma,
-                                     noise=noise)
+        # the outlines were drawn at the detection width; the edges are placed on the
+        # frame smoothed at the particles' own width (narrower on a frame of few particles)
+        edge_smooth = smooth if edge_sigma == sigma else (
+            ndi.gaussian_filter(oriented, edge_sigma, mode="nearest") if edge_sigma > 0
+            else oriented.copy())
+        noise = _noise_sigma(oriented) / (2.0 * np.sqrt(np.pi) * max(edge_sigma, 0.5))
+        labels, blur = _refine_edges(labels, edge_smooth, oriented, valid, sigma=edge_sigma,
+                                     noise=noise, outline_sigma=sigma)
     else:
         blur = 1.0
     sides = _border_sides(clear_border)
@@ -719,27 +727,37 @@ def _noise_sigma(image):
 
 
 def _auto_sigma(oriented):
-    """Gaussian denoising width: 1 px at high dose, more as shot noise approaches contrast.
+    """Gaussian denoising widths, for detection and for the edge fit: 1 px at high dose,
+    more as shot noise approaches contrast.
 
     The contrast is that of the fainter particles' own peaks (:func:`_peak_contrast`), so
     the width depends on the noise and on what the particles look like, not on how many
-    of them the frame holds (a frame-wide percentile falls into the background on a sparse
-    frame and asks for far more smoothing than its particles need, and a crowd of strong
-    particles asks for too little for the faint ones beside them).
+    of them the frame holds (a crowd of strong particles asks for too little for the faint
+    ones beside them). Detection takes it from at least three clear peaks, else from the
+    frame's bright tail: on a frame of one or two particles that falls into the background
+    and asks for up to 4 px, which over-smooths the particles but keeps the film's patches
+    (HAADF film at normal width: 5-6σ patches beside the particles) below the seed level.
+    The edge fit takes the clear peaks there are, one is enough: it places the edges of
+    particles already found, and 4 px of smoothing on a lone strong particle left it
+    5-15% large.
     """
     noise = _noise_sigma(oriented)
     if noise <= 0:
-        return 1.0
-    contrast = _peak_contrast(oriented)
-    if contrast is None:  # no clear particle: the frame's bright tail is all there is
+        return 1.0, 1.0
+    few, contrast = _peak_contrast(oriented)
+    tail = None
+    if contrast is None or few:  # no three clear particles: the frame's bright tail
         factor = _downsample_factor(oriented.shape, target_px=512)
         small = ndi.gaussian_filter(_block_mean(oriented, factor), 1.0)
         p50, p995 = np.percentile(small, [50, 99.5])
-        contrast = max(float(p995 - p50), 1e-12)
-    snr = contrast / noise
-    # After a Gaussian of width s the noise falls by 2*sqrt(pi)*s.
-    sigma = _TARGET_SNR / (2.0 * np.sqrt(np.pi) * snr)
-    return float(np.clip(sigma, 1.0, 4.0))
+        tail = max(float(p995 - p50), 1e-12)
+
+    def width(c):
+        # After a Gaussian of width s the noise falls by 2*sqrt(pi)*s.
+        return float(np.clip(_TARGET_SNR / (2.0 * np.sqrt(np.pi) * c / noise), 1.0, 4.0))
+
+    detect = width(tail if tail is not None else contrast)
+    return detect, (width(contrast) if contrast is not None else detect)
 
 
 _PEAK_SIGMAS = 6.0  # a particle's peak stands this many background spreads out (not noise)
@@ -751,22 +769,39 @@ _PEAK_SIGMAS = 6.0  # a particle's peak stands this many background spreads out 
 _PEAK_QUANTILE = 10.0
 
 
+_PEAK_BORDER_PX = 6  # px of the (≤ 512 px) copy next to the frame border where no peak counts
+
+
 def _peak_contrast(oriented):
     """Contrast of the fainter particles: a low percentile of the heights of the local
     maxima that stand clearly out of the background, on a copy smoothed to about 2 px
-    whatever the frame size (block means, then a Gaussian); None when fewer than three do.
+    whatever the frame size (block means, then a Gaussian), None when none does; and
+    whether fewer than three stand out (frame border included).
+
+    One clear peak is enough: a frame of one or two particles has its particles' contrast
+    as much as a crowded one (the frame-wide fallback of :func:`_auto_sigma` falls into the
+    background there and asks for 4 px of smoothing instead of 1). Maxima within ``_PEAK_BORDER_PX`` of the frame border (the tail of a
+    particle the border crops, and the background fit's edge, lift the outer rows by a few
+    spreads: 6σ peaks on the border beside 80σ particles made a lone particle's frame look
+    faint) are no particle's.
     """
     factor = _downsample_factor(oriented.shape, target_px=512)
     small = ndi.gaussian_filter(_block_mean(oriented, factor), max(2.0 / factor, 0.5))
     centre, spread = _background_stats(small.ravel())
     if not spread > 0:
-        return None
+        return True, None
     peaks = (small == ndi.maximum_filter(small, size=5)) & \
         (small > centre + _PEAK_SIGMAS * spread)
+    # fewer than three clear peaks (border or not) is a frame of few particles
+    few = int(peaks.sum()) < 3
+    b = _PEAK_BORDER_PX
+    if min(small.shape) > 4 * b:
+        peaks[:b] = peaks[-b:] = False
+        peaks[:, :b] = peaks[:, -b:] = False
     heights = small[peaks] - centre
-    if heights.size < 3:
-        return None
-    return float(np.percentile(heights, _PEAK_QUANTILE))
+    if heights.size == 0:
+        return few, None
+    return few, float(np.percentile(heights, _PEAK_QUANTILE))
 
 
 # -- clean-up -------------------------------------------------------------------------------
@@ -983,7 +1018,10 @@ def _clear_invalid_border(labels, valid):
 
 
 _E_STEP = 0.1    # px, resolution of the fitted edge position
-_SHIFTS = np.arange(-4.0, 10.0 + 1e-9, _E_STEP)  # px, candidate edge positions
+_SHIFTS = np.arange(-4.0, 10.0 + 1e-9, _E_STEP)  # px, candidate edge positions (1 px smoothing)
+# px of extra reach inward per px of smoothing beyond 1: the outline of a strong particle
+# (the 3σ level of its blurred edge) lies ~2 blur widths outside its edge
+_SHIFT_PER_SIGMA = 2.0
 _BIN_PX = 0.25   # px, bin width of the edge profile
 _SIGMAS = np.array([0.5, 0.8, 1.1, 1.5, 2.0, 2.7, 3.5])  # candidate blur widths (px)
 _FINE_PX = 0.1   # px, sampling of the model profiles
@@ -1084,7 +1122,7 @@ def _fit_class(xs, counts, sums, stats, rq, shifts, sigmas, totals, turn, shell)
     return pick(r), shifts[je], a_k * level + b_k, b_k
 
 
-def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
+def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None, outline_sigma=None):
     """Fit every particle's edge profile at once; return edge level, edge shift, background.
 
     ``counts`` and ``sums`` (particles × bins) hold each particle's profile of the flattened,
@@ -1117,7 +1155,8 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
     sigmas = _SIGMAS
     # pass 1: all blur widths, coarse edge positions (picks the frame's blur and a first
     # edge for the radius of curvature); pass 2: that blur only, fine edge positions
-    for shifts in (_SHIFTS[::_COARSE], _SHIFTS):
+    all_shifts = _shift_grid(sigma if outline_sigma is None else outline_sigma)
+    for shifts in (all_shifts[::_COARSE], all_shifts):
         shape = (2, sigmas.size)
         totals = np.round(np.hypot(sigmas, sigma), 2)
         resid = np.full((n,) + shape, np.inf)
@@ -1164,6 +1203,22 @@ def _fit_profiles(xs, counts, sums, rho, sigma, curved=None, turn=None):
         base = np.where(ok, base_at[rows, kind, js], 0.0)
         sigmas = np.array([_vertex(sigmas, frame_chi, js)])
     return level, shift, base, float(sigmas[0]), kind == 0
+
+
+def _shift_grid(sigma):
+    """Candidate edge positions (px from the current outline) for smoothing ``sigma``.
+
+    The outline detection draws lies outside the true edge by about two widths of the total
+    blur for a strong particle (its 3σ level far down the blurred edge): with wide smoothing
+    (low dose, or few particles whose contrast is hard to judge) the edge can be further
+    inside than the 4 px that serve 1 px smoothing, and a fit stopped at the end of the grid
+    leaves the particle large. The grid reaches ``_SHIFT_PER_SIGMA`` px further in per px of
+    smoothing beyond 1, in steps of half a pixel so the coarse pass's positions stay on it.
+    """
+    extra = 0.5 * np.ceil(2.0 * _SHIFT_PER_SIGMA * max(float(sigma) - 1.0, 0.0))
+    if extra == 0:
+        return _SHIFTS
+    return np.round(np.arange(_SHIFTS[0] - extra, _SHIFTS[-1] + 1e-9, _E_STEP), 6)
 
 
 def _vertex(x, y, k):
@@ -1377,7 +1432,7 @@ def _signed_distance(labels, reach):
     return px[keep], signed[keep], owner[keep], rho
 
 
-def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
+def _refine_edges(labels, smooth, raw, valid, *, sigma, noise, outline_sigma=None):
     """Re-threshold each particle at the level its fitted edge model has at the true edge.
 
     A plain threshold, or the half-contrast level, sits inside the edge of a sphere or rod,
@@ -1390,12 +1445,16 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     ``smooth``) of the background, a threshold there would follow the noise; such particles
     (faint, low dose) keep the shape of their outline, moved out by the fitted edge shift
     (iso-contours of a blurred sphere, rod or cube are offsets of its outline). Particles
-    whose fit fails keep their outline.
+    whose fit fails keep their outline. ``outline_sigma`` (px, default ``sigma``) is the
+    smoothing the outlines were drawn at: the profile and the edge positions tried reach
+    further inward when it is wider than ``sigma``, that of ``smooth``.
     """
     n = int(labels.max())
     if n == 0:
         return labels, 1.0
-    band = 3.0 + 3.0 * max(sigma, 1.0)
+    # the outlines were drawn at ``outline_sigma``: the edge may be that far inside them
+    outline_sigma = sigma if outline_sigma is None else max(sigma, outline_sigma)
+    band = 3.0 + 3.0 * max(outline_sigma, 1.0)
 
     def outer_band(rho):
         # past the true edge into the background, wider for big particles
@@ -1425,7 +1484,8 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise):
     counts, sums = _cut_hollow(xs, counts, sums, hollow)
     with threadpool_limits(1):  # many small products: BLAS threads only add contention
         level, shift, base, blur, round_ = _fit_profiles(
-            xs, counts, sums, rho, sigma, curved=hollow, turn=_turn(labels, n))
+            xs, counts, sums, rho, sigma, curved=hollow, turn=_turn(labels, n),
+            outline_sigma=outline_sigma)
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     px_level = _member_levels(labels, px, owner, rho, level, base, shift,
                               by_level & round_ & ~hollow,

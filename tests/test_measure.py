@@ -490,13 +490,6 @@ def _lone_particle_frames(sample, *, detector, size=512, want=5, seed=4):
     pytest.fail(f"{sample}: only {len(out)} frames with one or two particles found")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "segment._auto_sigma: with fewer than three clear peaks _peak_contrast returns None and "
-    "the frame's 99.5th percentile (background on such a frame) sets 4 px of smoothing, "
-    "1 px on a crowded frame of the same dose; the edge fit cannot pull the outline back "
-    "(its shift stops at _SHIFTS[0] = -4 px): au10 +6..+23%, cubes +16%. With one particle "
-    "and film bumps just past 6 sigma the 10th percentile of the peaks is a bump (same "
-    "result). To be fixed in segment.py; remove this mark with it"))
 @pytest.mark.parametrize("sample,detector", [("au10", "haadf"), ("cubes", "haadf"),
                                              ("au10", "bf")])
 def test_lone_particles_are_sized_like_crowded_ones(sample, detector):
