@@ -746,7 +746,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     # of its sensitivity from every record, occupied segments' included
                     checked, unseen = (survey_detections(
                         survey_labels, survey.pixel_nm, seg, peaks, objects,
-                        frame.image.shape, frame.pixel_nm)
+                        frame.image.shape, frame.pixel_nm, margin=segments.overlap / 2,
+                        bin_px=segments.record_bin_px)
                         if calibration.state == "calibrating" and seen else (0, 0))
                     calibration.add(survey_occupied=seg.has_particles, record_occupied=seen,
                                     particles_checked=checked, particles_missed=unseen)

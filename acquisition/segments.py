@@ -484,7 +484,8 @@ def particle_region(image, pixel_nm: float, *, margin_px: float = 8.0, bin_px: i
 
 def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, peaks,
                       objects, record_shape: tuple[int, int], record_pixel_nm: float, *,
-                      tolerance_px: int = 2) -> tuple[int, int]:
+                      tolerance_px: int = 2, margin: float = 0.0,
+                      bin_px: int = 4) -> tuple[int, int]:
     """How many of a record frame's particles the survey saw: ``(checked, missed)``.
 
     The record frame was taken centred on ``segment``; each of its particle objects
@@ -493,7 +494,12 @@ def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, p
     (blur and the survey's coarser pixels shift a peak by a pixel or so). A survey object
     that two or more record particles fall on is no evidence for any of them (a faint
     particle next to a bright one is "seen" only through its neighbour), and particles
-    mapped outside the survey image are not counted. Particles are what the survey detects
+    mapped outside the survey image are not counted. Nor are particles with no peak in the
+    record's counted part (``margin``, as in :func:`record_particle_peaks`): the border band
+    holds particles cut by the frame's edge, judged with the neighbouring segment, and the
+    edge's own artefacts (a beam-profile residue in a corner peaks there like a dark
+    particle that no survey can see), which counted as misses and kept skipping off where
+    the survey had missed nothing. Particles are what the survey detects
     or misses one by one: a segment is skipped wrongly only when the survey misses every
     particle in it, so the share of particles missed bounds the share of occupied segments
     missed, and every record of an occupied segment (recorded anyway) adds several
@@ -512,6 +518,11 @@ def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, p
     record_pixel_nm : float
     tolerance_px : int
         Survey pixels between a record peak and a survey object that still count as one.
+    margin : float
+        The record check's border band (fraction of the frame's size, as in
+        :func:`record_particle_peaks`; 0: every particle counts).
+    bin_px : int
+        The binning ``peaks`` were found with.
 
     Returns
     -------
@@ -526,6 +537,10 @@ def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, p
                          "have the same length")
     if len(peaks) == 0:
         return 0, 0
+    # particles with a peak in the counted part: only they decide whether this segment is
+    # occupied, so only they are trials of the survey's sensitivity for it
+    counted = set(objects[_inside_counted(peaks, record_shape, margin=margin,
+                                          bin_px=bin_px)].tolist())
     rows, cols = survey_labels.shape
     centre = np.array([(segment.row0 + segment.row1) / 2, (segment.col0 + segment.col1) / 2])
     scale = record_pixel_nm / survey_pixel_nm
@@ -544,8 +559,8 @@ def survey_detections(survey_labels, survey_pixel_nm: float, segment: Segment, p
         for label in found - {-1}:
             owners[label] = owners.get(label, 0) + 1
     checked = missed = 0
-    for found in hits.values():
-        if -1 in found:
+    for obj, found in hits.items():
+        if -1 in found or obj not in counted:
             continue
         if not found:
             checked += 1
@@ -560,6 +575,17 @@ def _record_binning(shape: tuple[int, int], bin_px: int) -> int:
     return int(min(bin_px, max(1, min(shape) // 32)))
 
 
+def _inside_counted(peaks: np.ndarray, image_shape: tuple[int, int], *, margin: float,
+                    bin_px: int) -> np.ndarray:
+    """Which of a frame's peaks lie in its counted part (see :func:`peaks_inside`)."""
+    peaks = np.asarray(peaks, dtype=int).reshape(-1, 2)
+    b = _record_binning(image_shape, bin_px)
+    shape = np.asarray(image_shape) // b  # the binned frame's shape
+    edge = np.maximum(2 if margin > 0 else 0, np.floor(margin * shape)).astype(int)
+    binned = peaks // b  # the binned pixel each peak came from (peaks sit at its centre)
+    return np.all((binned >= edge) & (binned < shape - edge), axis=1)
+
+
 def peaks_inside(peaks, image_shape: tuple[int, int], *, margin: float,
                  bin_px: int = 4) -> np.ndarray:
     """Those of a frame's peaks that :func:`record_particle_peaks` counts with ``margin``.
@@ -569,12 +595,7 @@ def peaks_inside(peaks, image_shape: tuple[int, int], *, margin: float,
     ``margin``, without searching the frame again (one search serves several margins).
     """
     peaks = np.asarray(peaks, dtype=int).reshape(-1, 2)
-    b = _record_binning(image_shape, bin_px)
-    shape = np.asarray(image_shape) // b  # the binned frame's shape
-    edge = np.maximum(2 if margin > 0 else 0, np.floor(margin * shape)).astype(int)
-    binned = peaks // b  # the binned pixel each peak came from (peaks sit at its centre)
-    inside = np.all((binned >= edge) & (binned < shape - edge), axis=1)
-    return peaks[inside]
+    return peaks[_inside_counted(peaks, image_shape, margin=margin, bin_px=bin_px)]
 
 
 def miss_rate_upper_bound(missed: int, checked: int, *, confidence: float = 0.95) -> float:
