@@ -1268,7 +1268,8 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
         return sep
     boxes = list(sep.agglomerate_boxes)
     slices = ndi.find_objects(labels)
-    splits = []  # (row0, col0, pieces, owner) of thick particles split into two discs
+    splits = []  # (label, row0, col0, pieces, owner, mask) of thick particles split in two
+    frame_thick = None  # the frame's smoothed thickness map, when a lens split needs it
     for lab in np.flatnonzero(thick):
         if lab in sep.masks:
             r0, c0, m = sep.masks[lab]
@@ -1283,11 +1284,15 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
         two = None
         if lab not in sep.masks:
             two = _two_discs(m, min_marker_px)
+            if two is None and frame_thick is None:
+                # once per frame (its background model is the whole frame's)
+                rows, cols = np.indices(labels.shape)
+                frame_thick = _thickness_map(image, labels, rows, cols, labels > 0)
+                frame_thick = (np.zeros(labels.shape) if frame_thick is None
+                               else ndi.gaussian_filter(frame_thick, 1.0))
             if two is None:
-                rows, cols = np.mgrid[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
-                thick_map = _thickness_map(image, labels, rows, cols, m)
-                if thick_map is not None:
-                    two = _lens_split(m, ndi.gaussian_filter(thick_map, 1.0), min_marker_px)
+                two = _lens_split(m, frame_thick[r0:r0 + m.shape[0], c0:c0 + m.shape[1]],
+                                  min_marker_px)
         if two is None:
             boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
             continue
