@@ -10,7 +10,8 @@ of that width:
 - *axis candidates*: a rod's axis is a straight segment along which a disc of the rod's radius
   fits inside the region. The admissible centres are the region's distance transform above
   that radius (less a tolerance for the width spread); every maximal straight run of them, in
-  120 directions, is a candidate axis (a Hough transform restricted to admissible segments).
+  directions 6° apart and then 3° either side of each pick, is a candidate axis (a Hough
+  transform restricted to admissible segments).
 - *selection*: the outline of the region must be explained by the outlines of its rods. Each
   candidate explains the outline pixels lying at the rod radius from its axis; candidates are
   picked greedily by the outline they newly explain (the region's straight sides pick the
@@ -38,9 +39,12 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 __all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead", "stadium_distance"]
 
-# Directions of candidate axes: 3° steps. A 40 px axis tilted by half a step is off by 0.5 px
-# at its ends, inside the admissible band (2 × the tolerance below wide); the fit refines it.
-_ANGLES = np.deg2rad(np.arange(0.0, 180.0, 3.0))
+# Directions of candidate axes, coarse to fine: 6° steps, then 3° either side of each pick's
+# direction (a 40 px axis tilted by 1.5° is off by 0.5 px at its ends, inside the admissible
+# band; the fit refines it). The fine search sees few directions: about half the work of 3°
+# steps everywhere.
+_COARSE_DEG = 6.0
+_FINE_DEG = 3.0
 # Tolerance on the radius of admissible axis points: rods of a sample vary in width (~10%) and
 # a digitised edge by ±0.5 px. Thinner than the frame's radius by up to 3 SD of that spread
 # plus the edge (a rod 20% thin has no axis point deeper than 0.8 r: it was left as an
@@ -253,11 +257,11 @@ def rod_geometry_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
     return float(np.median(widths)) / 2, float(np.median(lengths))
 
 
-def _candidates(admissible, min_len):
-    """Maximal straight runs of admissible pixels in every direction.
+def _candidates(admissible, min_len, angles):
+    """Maximal straight runs of admissible pixels in each direction of ``angles`` (radians).
 
     Returns the end points ``a``, ``b`` (C, 2) and each run in its direction's frame, ``runs``
-    (C, 4): direction index into ``_ANGLES``, offset across (an integer line), start and end
+    (C, 4): direction index into ``angles``, offset across (an integer line), start and end
     along it.
     """
     none = np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 4))
@@ -265,8 +269,8 @@ def _candidates(admissible, min_len):
     if len(pts) < 2:
         return none
     # every direction at once: one sort of (direction, line, position along it)
-    d = np.column_stack([np.sin(_ANGLES), np.cos(_ANGLES)])  # (row, col) direction of the axis
-    nrm = np.column_stack([np.cos(_ANGLES), -np.sin(_ANGLES)])
+    d = np.column_stack([np.sin(angles), np.cos(angles)])  # (row, col) direction of the axis
+    nrm = np.column_stack([np.cos(angles), -np.sin(angles)])
     u = (pts @ d.T).T  # (directions, points)
     line = np.round(pts @ nrm.T).T
     # sort each direction's points by line, then position: one float key per point (lines
@@ -276,7 +280,7 @@ def _candidates(admissible, min_len):
     order = np.argsort(line * span + u, axis=1)
     u = np.take_along_axis(u, order, axis=1).ravel()
     line = np.take_along_axis(line, order, axis=1).ravel().astype(np.int64)
-    ang = np.repeat(np.arange(len(_ANGLES)), len(pts))
+    ang = np.repeat(np.arange(len(angles)), len(pts))
     brk = np.flatnonzero((np.diff(ang) != 0) | (np.diff(line) != 0)
                          | (np.diff(u) > _RUN_GAP_PX))
     first = np.concatenate([[0], brk + 1])
@@ -301,7 +305,7 @@ def _candidates(admissible, min_len):
     return a[one], b[one], runs[one]
 
 
-def _band_pairs(outline, runs, lo, hi):
+def _band_pairs(outline, runs, lo, hi, angles):
     """Which outline points lie within ``lo``..``hi`` of which candidate axis.
 
     Returns (candidate index, outline point index, distance) of every such pair. In each
@@ -311,8 +315,8 @@ def _band_pairs(outline, runs, lo, hi):
     only the points of its box (one sorted range per integer ``v``): a small fraction of the
     dense candidates × outline work.
     """
-    d = np.column_stack([np.sin(_ANGLES), np.cos(_ANGLES)])
-    nrm = np.column_stack([np.cos(_ANGLES), -np.sin(_ANGLES)])
+    d = np.column_stack([np.sin(angles), np.cos(angles)])
+    nrm = np.column_stack([np.cos(angles), -np.sin(angles)])
     u = (outline @ d.T).T  # (directions, points): along and across each direction
     v = (outline @ nrm.T).T
     vbin = np.floor(v)
@@ -320,7 +324,7 @@ def _band_pairs(outline, runs, lo, hi):
     nv = float(max(vbin.max(), np.floor(runs[:, 1].max() + hi)) - vmin + 1)
     umin = float(min(u.min(), runs[:, 2].min() - hi)) - 1.0
     span = float(max(u.max(), runs[:, 3].max() + hi)) - umin + 1.0
-    row = np.arange(len(_ANGLES))[:, None] * nv
+    row = np.arange(len(angles))[:, None] * nv
     key = ((row + vbin - vmin) * span + (u - umin)).ravel()
     order = np.argsort(key)
     key = key[order]
@@ -396,7 +400,7 @@ def _fit_rod(pts, a, b, r, *, max_iter=40):
                 break
         if step is None:
             break
-        done = c - cn <= 1e-6 * max(c, 1e-12) or float(np.abs(step).max()) < 1e-3
+        done = c - cn <= 1e-4 * max(c, 1e-12) or float(np.abs(step).max()) < 1e-2
         q, f, t, n, c = qn, fn, tn, nn, cn
         lam = max(lam / 10.0, 1e-9)
         if done:
@@ -526,6 +530,27 @@ def _rest_boxes(rest, min_px):
             if sl is not None and sizes[k + 1] >= min_px and deepest[k] > _REST_DEPTH_PX]
 
 
+def _greedy(cand, point, closeness, n_cand, n_outline, min_gain):
+    """Candidates picked one by one by the outline points they newly explain.
+
+    ``cand``, ``point``, ``closeness``: the (candidate, outline point) pairs of
+    :func:`_band_pairs` and how near the point lies to the candidate's rim (ties). Returns the
+    picks and which outline points they explain.
+    """
+    done = np.zeros(n_outline, bool)
+    picked = []
+    while len(picked) < _MAX_RODS and len(cand):
+        free = ~done[point]
+        gain = np.bincount(cand[free], minlength=n_cand)
+        score = gain + np.bincount(cand[free], closeness[free], minlength=n_cand) * 1e-3
+        best = int(np.argmax(score))
+        if gain[best] < min_gain:
+            break
+        picked.append(best)
+        done[point[cand == best]] = True
+    return picked, done
+
+
 def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     """Decompose one region into rods of about the given radius.
 
@@ -578,43 +603,52 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     tol_lo = max(_RADIUS_TOL_PX, _RADIUS_TOL_LO_FRAC * r)
     # the axis of a digitised band of width 2r lies ~0.25 px deeper than r on average
     admissible = depth >= r + 0.25 - tol_lo
-    a, b, runs = _candidates(admissible, min_len=r)
-    if not len(a):
-        return None
     outline = _boundary(m)
     rim = r - _EDGE_INSET_PX  # outline pixels of a rod lie about here from its axis
-    # the outline band stays narrow (a wide one gathers a crossing neighbour's notch); a thin
-    # rod's outline, ~0.8 r out, still lies in it
-    cand, point, dist = _band_pairs(outline, runs, max(rim - tol, 0.0), rim + tol)
-    closeness = 1.0 - np.abs(dist - rim) / (2 * tol)
-    # a candidate's gain only shrinks as the picks explain more: one that explains too little
-    # of the whole outline is never picked (its score, gain + closeness·1e-3 with closeness
-    # at most the gain, stays under that of any candidate the loop could still pick)
     min_gain = _MIN_GAIN_RADII * r
-    alive = np.bincount(cand, minlength=len(a)) >= min_gain
-    if not alive.any():
+
+    def search(angles):
+        """Candidates in ``angles`` and their (candidate, outline point, closeness) pairs."""
+        a, b, runs = _candidates(admissible, r, angles)
+        if not len(a):
+            return a, b, np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+        # the outline band stays narrow (a wide one gathers a crossing neighbour's notch); a
+        # thin rod's outline, ~0.8 r out, still lies in it
+        cand, point, dist = _band_pairs(outline, runs, max(rim - tol, 0.0), rim + tol, angles)
+        # a candidate's gain only shrinks as the picks explain more: one that explains too
+        # little of the whole outline is never picked (its score, gain + closeness·1e-3 with
+        # closeness at most the gain, stays under that of any candidate the loop could pick)
+        alive = np.bincount(cand, minlength=len(a)) >= min_gain
+        keep = np.flatnonzero(alive)
+        index = np.full(len(a), -1)
+        index[keep] = np.arange(len(keep))
+        sel = alive[cand]
+        return (a[keep], b[keep], runs[keep, 0], index[cand[sel]], point[sel],
+                1.0 - np.abs(dist[sel] - rim) / (2 * tol))
+
+    coarse = np.deg2rad(np.arange(0.0, 180.0, _COARSE_DEG))
+    a, b, ang, cand, point, closeness = search(coarse)
+    picked, done = _greedy(cand, point, closeness, len(a), len(outline), min_gain)
+    if not picked:
         return None
-    sel = alive[cand]
-    cand, point, closeness = cand[sel], point[sel], closeness[sel]
-    done = np.zeros(len(outline), bool)
-    picked = []
-    while len(picked) < _MAX_RODS:
-        free = ~done[point]
-        gain = np.bincount(cand[free], minlength=len(a))
-        score = gain + np.bincount(cand[free], closeness[free], minlength=len(a)) * 1e-3
-        best = int(np.argmax(score))
-        if gain[best] < min_gain:
-            break
-        picked.append(best)
-        done[point[cand == best]] = True
+    # the fine directions beside each pick's, searched anew and picked among with the coarse
+    fine = np.unique(np.round(coarse[ang[picked].astype(int)][:, None]
+                              + np.deg2rad([-_FINE_DEG, _FINE_DEG]), 9) % np.pi)
+    fa, fb, _, fcand, fpoint, fclose = search(fine)
+    if len(fa):
+        a, b = np.concatenate([a, fa]), np.concatenate([b, fb])
+        cand = np.concatenate([cand, fcand + len(a) - len(fa)])
+        point, closeness = np.concatenate([point, fpoint]), np.concatenate([closeness, fclose])
+        picked, done = _greedy(cand, point, closeness, len(a), len(outline), min_gain)
     axes = np.stack([a[picked], b[picked]], axis=1)
     radii = np.full(len(picked), r - _EDGE_INSET_PX)
     # each outline pixel explained by a pick fits the rod whose outline it lies closest to
     dev = np.abs(np.sqrt(_segment_sq_distances(outline, a[picked], b[picked])) - rim)
     mine = np.where(done, np.argmin(dev, axis=0), -1)
     for k in range(len(picked)):
+        # a few steps straighten a tilted candidate; the refit below converges
         axes[k, 0], axes[k, 1], radii[k] = _fit_rod(outline[mine == k], axes[k, 0], axes[k, 1],
-                                                   radii[k])
+                                                   radii[k], max_iter=3)
     # once more with the explained outline pixels nearest each fitted rod: a candidate tilted by a
     # direction step (the admissible band of a thin-rod tolerance holds one) misses part of
     # its rod's sides, and the fit from those alone stays tilted
