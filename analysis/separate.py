@@ -1269,7 +1269,7 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
     boxes = list(sep.agglomerate_boxes)
     slices = ndi.find_objects(labels)
     splits = []  # (label, row0, col0, pieces, owner, mask) of thick particles split in two
-    frame_thick = None  # the frame's smoothed thickness map, when a lens split needs it
+    regions = []  # (label, row0, col0, mask, two-member split or None)
     for lab in np.flatnonzero(thick):
         if lab in sep.masks:
             r0, c0, m = sep.masks[lab]
@@ -1281,18 +1281,23 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
             continue
         # a particle that a split left whole (no full extent of its own): two discs, or two
         # flat particles around a lens?
-        two = None
-        if lab not in sep.masks:
-            two = _two_discs(m, min_marker_px)
-            if two is None and frame_thick is None:
-                # once per frame (its background model is the whole frame's)
-                rows, cols = np.indices(labels.shape)
-                frame_thick = _thickness_map(image, labels, rows, cols, labels > 0)
-                frame_thick = (np.zeros(labels.shape) if frame_thick is None
-                               else ndi.gaussian_filter(frame_thick, 1.0))
-            if two is None:
-                two = _lens_split(m, frame_thick[r0:r0 + m.shape[0], c0:c0 + m.shape[1]],
-                                  min_marker_px)
+        regions.append((lab, r0, c0, m, None if lab in sep.masks else _two_discs(
+            m, min_marker_px)))
+    lens = [k for k, (lab, _, _, _, two) in enumerate(regions)
+            if two is None and lab not in sep.masks]
+    if lens:
+        # the thickness of all their crops in one call (its background model is the frame's)
+        crops = [np.indices(regions[k][3].shape).reshape(2, -1)
+                 + np.array(regions[k][1:3])[:, None] for k in lens]
+        rows, cols = np.concatenate(crops, axis=1)
+        flat = _thickness_map(image, labels, rows, cols,
+                              np.concatenate([regions[k][3].ravel() for k in lens]))
+        if flat is not None:
+            for k, part in zip(lens, np.split(flat, np.cumsum([c.shape[1] for c in crops])[:-1])):
+                lab, r0, c0, m, _ = regions[k]
+                regions[k] = (lab, r0, c0, m, _lens_split(
+                    m, ndi.gaussian_filter(part.reshape(m.shape), 1.0), min_marker_px))
+    for lab, r0, c0, m, two in regions:
         if two is None:
             boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
             continue
