@@ -1004,7 +1004,6 @@ def _radial_profiles(labels, image, ids, yc, xc, radius, bg, sign):
     return sums, counts, noise[0], noise[1]
 
 
-
 def _disc_pixels(yc, xc, reach):
     """The pixels of every disc (centre ``yc, xc``, radius ``reach``), with their offsets.
 
@@ -1033,6 +1032,7 @@ def _disc_pixels(yc, xc, reach):
         parts.append((g[disc], rows[disc, i], cols[disc, j], fy[disc, i], fx[disc, j],
                       rho[disc, i, j]))
     return tuple(np.concatenate(a) for a in zip(*parts))
+
 
 def _hollow(sums, counts, noise, noise_bins):
     """Which particles are hollow: their radial profile rises from the centre outwards,
