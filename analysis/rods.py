@@ -37,7 +37,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
-__all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead", "stadium_distance"]
+__all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead",
+           "stadium_distance"]
 
 # Directions of candidate axes, coarse to fine: 6° steps, then 3° either side of each pick's
 # direction (a 40 px axis tilted by 1.5° is off by 0.5 px at its ends, inside the admissible

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from separate_accuracy import (_match, _variant, frames_for, score, seg_tag,  # noqa: E402
@@ -176,7 +175,8 @@ def main(argv=None):
     print(f"frames: simulator {sim_tag()}, segmentation {seg_tag()}; pair split: both ECDs "
           f"within {args.tol:.0%}; len/wid: median |error| of rod members of pairs matched "
           "to two particles")
-    print(f"{'sample':24} {'hook':>4} {'pairs':>5} {'split':>6} {'split*':>6} {'one':>6} {'agglo':>6} "
+    print(f"{'sample':24} {'hook':>4} {'pairs':>5} {'split':>6} {'split*':>6} {'one':>6} "
+          f"{'agglo':>6} "
           f"{'len':>6} {'wid':>6} {'n':>4} {'iso':>5} {'over':>5} {'lost':>5} {'agglos':>6} "
           f"{'rods':>5} {'cpu ms':>6}")
     for sample in args.samples.split(","):
@@ -193,7 +193,8 @@ def main(argv=None):
                 n = max(t["pairs"], 1)
                 med = np.median(e, axis=0) * 100 if len(e) else np.full(2, np.nan)
                 print(f"{name:24} {'yes' if hook else 'no':>4} {t['pairs']:>5d} "
-                      f"{t['split'] / n:>6.2f} {t['split_alone'] / n:>6.2f} {t['merged_pair'] / n:>6.2f} "
+                      f"{t['split'] / n:>6.2f} {t['split_alone'] / n:>6.2f} "
+                      f"{t['merged_pair'] / n:>6.2f} "
                       f"{t['agglo_pair'] / n:>6.2f} {med[0]:>5.1f}% {med[1]:>5.1f}% "
                       f"{len(e):>4d} {t['iso']:>5d} {t['oversplit']:>5d} {t['lost']:>5d} "
                       f"{t['agglos']:>6d} {t['replaced']:>5d} {t['cpu_ms']:>6.0f}", flush=True)
