@@ -709,8 +709,8 @@ def test_autofocus_on_a_sparse_weak_sample_lands_within_the_depth_of_field():
 
 
 def test_survey_detections_counts_particles_the_survey_saw_and_missed():
-    from particlewatch.acquisition.segments import (record_particles, survey_detections,
-                                                    survey_segments)
+    from particlewatch.acquisition.segments import (peaks_inside, record_particles,
+                                                    survey_detections, survey_segments)
 
     scope = _scope("au10")
     x, y = _populated_positions(scope, 1, seed=4, min_density=0.3)[0]
@@ -735,6 +735,28 @@ def test_survey_detections_counts_particles_the_survey_saw_and_missed():
     checked, missed = survey_detections(np.zeros_like(labels), survey.pixel_nm, seg, peaks,
                                         objects, frame.image.shape, frame.pixel_nm)
     assert checked > 0 and missed == checked
+
+    # only particles with a peak in the counted part are trials: a peak in the border band
+    # (a corner's beam-profile residue, a particle cut by the edge) that no survey object
+    # covers is not a miss, one in the middle is
+    rows, cols = frame.image.shape
+    inside = peaks_inside(peaks, frame.image.shape, margin=0.05)
+    counted = survey_detections(np.zeros_like(labels), survey.pixel_nm, seg, peaks, objects,
+                                frame.image.shape, frame.pixel_nm, margin=0.05)
+    assert 0 < counted[0] <= len(inside) and counted[1] == counted[0]
+    corner = np.vstack([peaks, [[2, 2]]])
+    extra = np.append(objects, objects.max() + 1)
+    assert survey_detections(labels, survey.pixel_nm, seg, corner, extra, frame.image.shape,
+                             frame.pixel_nm, margin=0.05) == survey_detections(
+        labels, survey.pixel_nm, seg, peaks, objects, frame.image.shape, frame.pixel_nm,
+        margin=0.05)
+    middle = np.vstack([peaks, [[rows // 2, cols // 2]]])
+    hidden = labels.copy()
+    r0, c0 = (seg.row0 + seg.row1) // 2, (seg.col0 + seg.col1) // 2
+    hidden[r0 - 3:r0 + 4, c0 - 3:c0 + 4] = 0  # the survey saw nothing at the middle
+    checked1, missed1 = survey_detections(hidden, survey.pixel_nm, seg, middle, extra,
+                                          frame.image.shape, frame.pixel_nm, margin=0.05)
+    assert missed1 >= 1 and checked1 >= 1
 
 
 def test_calibration_turns_skipping_on_from_particles_and_not_with_a_particle_missed():
