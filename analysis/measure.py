@@ -53,7 +53,7 @@ _KEEP_ABOVE_NOISE = 5.0  # harmonic power / noise floor needed to keep a harmoni
 _KEY_STRIDE = 32.0  # angle keys of successive particles are this far apart (> 4π + margin)
 
 
-def measure(labels, image, pixel_nm, *, masks=None):
+def measure(labels, image, pixel_nm, *, masks=None, exact=()):
     """Measure every labelled particle.
 
     Parameters
@@ -68,6 +68,13 @@ def measure(labels, image, pixel_nm, *, masks=None):
         ``label -> (row0, col0, mask)``: the full extent of particles that overlap a neighbour
         (:attr:`~particlewatch.analysis.separate.Separation.masks`); such a particle is
         measured from its mask, not from its pixels in ``labels``.
+    exact : iterable of int, optional
+        Labels whose extent (their mask, or their pixels in ``labels``) is a fitted model of
+        the whole particle (:attr:`~particlewatch.analysis.separate.Separation.exact`: rods
+        fitted as stadiums, a hidden end included). They are measured as they are: where
+        they meet a neighbour the outline is the model's, not rebuilt from the free outline
+        (which knows nothing of an end hidden under the neighbour and cuts it short), and
+        their area is their pixel count. Everything else is measured as for any label.
 
     Returns
     -------
@@ -96,14 +103,16 @@ def measure(labels, image, pixel_nm, *, masks=None):
     (1, True)
     """
     labels, image, pixel_nm, masks = _validate_inputs(labels, image, pixel_nm, masks)
+    exact = np.unique(np.asarray(list(exact), dtype=np.int64))
     smooth = _edge_image(image)
-    parts = [_measure_labels(labels, image, smooth, skip=masks.keys())]
+    parts = [_measure_labels(labels, image, smooth, skip=masks.keys(), exact=exact)]
     if masks:
         sheet, sheet_image, offsets = _mosaic(masks, image)
         # a mask's outline is refined on the frame itself: where it faces the background the
         # image has an edge, where it crosses a neighbour it has none (see _edge_points)
         part = _measure_labels(sheet, sheet_image, smooth,
-                               frame=(labels, offsets, _smooth_noise(smooth, labels)))
+                               frame=(labels, offsets, _smooth_noise(smooth, labels)),
+                               exact=exact)
         shift = offsets[part["particle_id"]]
         part["y"] = part["y"] + shift[:, 0]
         part["x"] = part["x"] + shift[:, 1]
@@ -182,7 +191,7 @@ def _mosaic(masks, image):
     return sheet, sheet_image, offsets
 
 
-def _measure_labels(labels, image, smooth, *, skip=(), frame=None):
+def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=()):
     """Geometry and intensities of every label in ``labels`` except ``skip``, as arrays.
 
     ``smooth``: the frame's :func:`_edge_image`, for sub-pixel outline points (see
@@ -192,7 +201,8 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None):
     free (facing the background) or shared.
     A particle whose outline is partly shared (it touches or overlaps a neighbour) takes its
     area from its reconstructed outline (see :func:`_outline_geometry`), not from its pixels:
-    where neighbours overlap its mask is a guess, where they touch the cut is one.
+    where neighbours overlap its mask is a guess, where they touch the cut is one. Labels in
+    ``exact`` (fitted models of the whole particle) are taken as they are.
     """
     h, w = labels.shape
     flat = labels.ravel()
@@ -233,7 +243,8 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None):
         i_centre = np.bincount(lab, np.where(centre, vals, 0.0), n) / np.bincount(lab, centre, n)
         i_ring = np.bincount(lab, np.where(ring, vals, 0.0), n) / np.bincount(lab, ring, n)
 
-    geo = _outline_geometry(labels, ids, cy, cx, smooth, frame)
+    geo = _outline_geometry(labels, ids, cy, cx, smooth, frame,
+                            exact=np.isin(ids, exact) if len(exact) else None)
     a = np.where(geo["shared"], geo["poly_area"], area[ids])
     perim = geo["perimeter"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -458,14 +469,16 @@ def _march_out(frame_labels, smooth, lab, fr, fc, dr, dc, level, sign, which, no
     return reach, found
 
 
-def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None):
+def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
     """Perimeter, polygon and hull area, hull perimeter and Feret diameters (px) of ``ids``.
 
     An outline partly shared with a neighbour (see :func:`_edge_points`) is written as r(θ)
     from its free points only and completed across the shared arcs by its own low-order
     harmonics (:func:`_fill_gaps`): a convex particle's outline is smooth, and the cut or the
     overlap says nothing about where its edge runs. ``shared`` in the result marks those
-    outlines (when too little of an outline is free, the mask is used as it is).
+    outlines (when too little of an outline is free, the mask is used as it is). ``exact``:
+    bool per id, outlines that are fitted models of the whole particle, never completed (their
+    shared points stay on the model's pixel edges).
     """
     k = len(ids)
     res = {name: np.zeros(k) for name in ("perimeter", "poly_area", "hull_area",
@@ -486,6 +499,8 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_free = np.bincount(seg, free, k)
     fill = (n_free < counts) & (n_free >= _MIN_FREE * counts) & (n_free >= _MIN_POINTS)
+    if exact is not None:
+        fill &= ~exact
     res["shared"] = fill
     if fill.any():
         # the free points alone, still in (particle, angle) order

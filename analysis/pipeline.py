@@ -269,7 +269,8 @@ def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarit
     labels = sep.labels
     # each split particle is measured from its own whole mask: overlapping particles share
     # the overlap instead of one of them losing it
-    table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None))
+    table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None),
+                    exact=getattr(sep, "exact", ()))
     ids = np.asarray(table["particle_id"], dtype=np.int64)
     flags = np.asarray(sep.separated, dtype=bool)
     separated = np.array([bool(flags[i]) if i < flags.size else False for i in ids], bool)

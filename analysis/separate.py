@@ -92,6 +92,12 @@ class Separation:
         particles that overlap a neighbour): ``label -> (row0, col0, mask)``, the mask's top-left
         corner in the frame and its full, possibly overlapping, extent. Pass it to
         ``measure(..., masks=...)`` so each overlapping particle is measured whole.
+    exact : frozenset of int
+        Labels whose extent (mask, or pixels in ``labels`` when the label has no mask) is a
+        fitted model of the whole particle: rods split by :func:`rods.rods_instead`, stadiums
+        fitted to the outline with an end hidden under a neighbour included. Pass it to
+        ``measure(..., exact=...)`` so they are measured as they are, not rebuilt from their
+        free outline (which cuts a hidden end short).
     """
 
     labels: np.ndarray
@@ -99,6 +105,7 @@ class Separation:
     agglomerates: int = 0
     agglomerate_boxes: list = field(default_factory=list)
     masks: dict = field(default_factory=dict)
+    exact: frozenset = field(default_factory=frozenset)
 
 
 def notch_depth(mask):
@@ -298,6 +305,7 @@ def _uecs(labels, *, min_marker_px):
     separated = [False]
     boxes = []
     masks = {}
+    exact = set()  # labels whose extent is a fitted model (rods)
     plain = [False]  # came from a region that needed no split attempt (a thickness reference)
     areas = np.bincount(labels.ravel())
     round_ = _roundness(labels, areas) > _SKIP_ROUNDNESS
@@ -321,6 +329,7 @@ def _uecs(labels, *, min_marker_px):
             pieces, owner, rest = [mask], np.where(mask, 0, -1), []
         else:
             pieces, owner, rest = _split_region(mask, min_marker_px=min_marker_px)
+        by_rods = None
         if rod_geometry is not None and area >= 2 * min_marker_px:
             by_rods = rods.rods_instead(mask, rod_geometry[0], pieces=pieces, rest=rest,
                                         length_px=rod_geometry[1], min_px=min_marker_px)
@@ -338,11 +347,14 @@ def _uecs(labels, *, min_marker_px):
             plain.append(False)
             if not np.array_equal(piece, owner == i):
                 masks[next_label] = (r0, c0, piece)
+            if by_rods is not None:
+                # a stadium fitted to the outline: its hidden end is the model's, not a guess
+                exact.add(next_label)
             next_label += 1
         # every pixel is explained by a particle or lies in an agglomerate's box
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
-    return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks),
-            np.array(plain, bool))
+    return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
+                       frozenset(exact)), np.array(plain, bool))
 
 
 def _roundness(labels, areas):
@@ -1340,6 +1352,7 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
     new[~keep] = 0
     out = new[labels].astype(np.int32)
     masks = {int(new[k]): v for k, v in sep.masks.items() if keep[k]}
+    exact = {int(new[k]) for k in sep.exact if keep[k]}
     separated = list(sep.separated[keep])
     next_label = int(new.max()) + 1
     for _, r0, c0, pieces, owner, m in splits:
@@ -1353,7 +1366,8 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
         # explained by a particle or boxed
         rest = _unexplained_boxes(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
-    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks)
+    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
+                      frozenset(exact))
 
 
 # -- watershed ------------------------------------------------------------------------------

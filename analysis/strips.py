@@ -368,7 +368,8 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
                   clear_border=(not cut_top, not cut_bottom, True, True))
     sep = separate_particles(raw, pixel_nm, method=separate, image=image)
     labels = sep.labels
-    table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None))
+    table = measure(labels, image, pixel_nm, masks=getattr(sep, "masks", None),
+                    exact=getattr(sep, "exact", ()))
     ids = np.asarray(table["particle_id"], dtype=np.int64)
     # Edges are judged on the segmented regions (touching groups), not on the separated
     # pieces: separation reshapes a region cut by the image edge (a cropped half-disc comes
