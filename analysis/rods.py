@@ -80,6 +80,7 @@ _REST_DEPTH_PX = 2.0
 _CONVEX_PX = 1.5
 _MIN_ASPECT = 2.0
 _MIN_RODS = 5
+_MIN_RADIUS_PX = 1.5  # split_rods needs a radius above 1 px and room for its tolerances
 _CAP = 1.0 - np.pi / 4  # a stadium's area is w·L - (1 - π/4)·w² (L tip to tip)
 
 
@@ -231,7 +232,10 @@ def rod_geometry_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
     bound = ext / np.cos(np.pi / 8) + 1.0
     disc = bound * bound - 4 * _CAP * areas
     w_min = (bound - np.sqrt(np.maximum(disc, 0.0))) / (2 * _CAP)
-    maybe = (areas >= 30) & (disc > 0) & (bound >= min_aspect * w_min)
+    # a region cut by the image's edge (or a strip's cut) is no whole rod: its length lies
+    border = np.zeros(int(ids.max()) + 1, bool)
+    border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    maybe = (areas >= 30) & (disc > 0) & (bound >= min_aspect * w_min) & ~border[ids]
     for i in np.flatnonzero(maybe):
         pts = rc[starts[i]:starts[i] + counts[i]]
         area = int(areas[i])
@@ -255,7 +259,10 @@ def rod_geometry_px(labels, *, min_aspect=_MIN_ASPECT, min_rods=_MIN_RODS):
             lengths.append(length)
     if len(widths) < min_rods:
         return None
-    return float(np.median(widths)) / 2, float(np.median(lengths))
+    radius = float(np.median(widths)) / 2
+    if radius < _MIN_RADIUS_PX:
+        return None  # rods a few pixels wide (or scratches): too thin to fit stadiums to
+    return radius, float(np.median(lengths))
 
 
 def _candidates(admissible, min_len, angles):
@@ -612,7 +619,8 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
         """Candidates in ``angles`` and their (candidate, outline point, closeness) pairs."""
         a, b, runs = _candidates(admissible, r, angles)
         if not len(a):
-            return a, b, np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+            return (a, b, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int),
+                    np.zeros(0))
         # the outline band stays narrow (a wide one gathers a crossing neighbour's notch); a
         # thin rod's outline, ~0.8 r out, still lies in it
         cand, point, dist = _band_pairs(outline, runs, max(rim - tol, 0.0), rim + tol, angles)

@@ -229,3 +229,40 @@ def test_rod_pairs_uecs_left_unsplit_come_out_as_two_right_sized_rods(sample, de
     # a rod whose end lies under its neighbour gets the frame's typical length there (off
     # by the population's spread, ~9%): the median member is right
     assert np.median(np.abs(errors)) < 0.05, np.round(errors, 3)
+
+
+def _rod_frame(shape=(240, 320), radius=6):
+    """Six isolated horizontal rods (the frame's rod geometry) in the top rows."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, int)
+    for k in range(6):
+        cy, cx = 20 + 30 * (k // 3), 50 + 90 * (k % 3)
+        labels[np.hypot(yy - cy, np.clip(np.abs(xx - cx) - 20, 0, None)) <= radius] = k + 1
+    return labels, yy, xx
+
+
+def test_a_region_without_any_rod_axis_in_a_rod_frame_is_no_crash():
+    # a chain of discs thinner than the frame's rods: no admissible axis at all
+    labels, yy, xx = _rod_frame()
+    for k in range(4):
+        labels[np.hypot(yy - 150, xx - (60 + 8 * k)) <= 4.5] = 10
+    s = separate(labels, 1.0)
+    assert s.labels[150, 60] > 0 or any(
+        r0 <= 150 <= r1 and c0 <= 60 <= c1 for r0, c0, r1, c1 in s.agglomerate_boxes)
+    assert split_rods(np.ones((3, 3), bool), 3.0) is None
+
+
+def test_rods_too_thin_to_split_turn_the_rod_split_off():
+    labels = np.zeros((200, 200), int)
+    for k in range(6):  # two-pixel-wide diagonal scratches, 30 px long
+        for i in range(30):
+            labels[10 + 30 * k + i, 20 + i:22 + i] = k + 1
+    assert rod_geometry_px(labels) is None
+
+
+def test_rods_cut_by_the_image_edge_do_not_set_the_frame_length():
+    labels, yy, xx = _rod_frame()
+    whole_radius, whole_length = rod_geometry_px(labels)
+    for k in range(6):  # six more rods, cut short by the left edge
+        labels[np.hypot(yy - (120 + 18 * k), np.clip(np.abs(xx + 5) - 20, 0, None)) <= 6] = 30 + k
+    assert rod_geometry_px(labels) == (whole_radius, whole_length)
