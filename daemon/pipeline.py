@@ -100,6 +100,14 @@ def _default_statistics(*, precision: float, seed: int):
     return RunningStatistics(precision=precision, seed=seed)
 
 
+@dataclass
+class _SettleRequest:
+    """A :meth:`Daemon.settle` call waiting for the daemon thread, and its answer."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    summary: dict | None = None
+
+
 class Outputs:
     """The files in ``--out DIR``, written by :mod:`particlewatch.analysis.outputs`.
 
@@ -342,7 +350,7 @@ class Daemon:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._converged = threading.Event()
-        self._settle_requests: list[threading.Event] = []
+        self._settle_requests: list[_SettleRequest] = []
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -403,14 +411,19 @@ class Daemon:
         TimeoutError
             The daemon did not answer within ``timeout`` seconds.
         """
-        done = threading.Event()
+        request = _SettleRequest()
         with self._lock:
-            self._settle_requests.append(done)
-        if not done.wait(timeout):
+            self._settle_requests.append(request)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # short waits: a daemon that stops or dies meanwhile answers no request
+        while not request.done.wait(0.1):
             if self._error is not None:
                 raise self._error
-            raise TimeoutError(f"daemon did not settle its statistics within {timeout} s")
-        return self.summary
+            if not self.running:
+                raise RuntimeError("the daemon is not running: nothing to settle")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"daemon did not settle its statistics within {timeout} s")
+        return request.summary
 
     def wait_idle(self, timeout: float | None = None, *, frames: int | None = None) -> bool:
         """Block until nothing is waiting, pending or running (and, if given, at least
@@ -427,6 +440,11 @@ class Daemon:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        """Whether the daemon's thread is running (started and not stopped or dead)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def summary(self) -> dict | None:
@@ -1081,8 +1099,9 @@ class Daemon:
         if self._summary_now is not None:
             self._publish_stats()
             self._announce()
-        for done in requests:
-            done.set()
+        for request in requests:
+            request.summary = self._summary_now
+            request.done.set()
 
     def _publish(self, message: dict) -> None:
         self._pub.send(messages.encode(message))

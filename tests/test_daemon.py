@@ -167,6 +167,15 @@ def test_convergence_undone_by_a_later_frame_is_withdrawn_and_announced_again(di
     assert settled["populations"] == final["populations"]
 
 
+def test_settle_on_a_stopped_daemon_says_so_at_once(dirs):
+    folder, out = dirs
+    daemon = Daemon(folder, out, **FAST).start()
+    daemon.stop()
+    assert not daemon.running
+    with pytest.raises(RuntimeError, match="not running"):
+        daemon.settle(timeout=None)  # without the check this would wait forever
+
+
 def _slow_write(path, data, *, chunks, pause_s):
     step = -(-len(data) // chunks)
     with open(path, "wb") as fh:

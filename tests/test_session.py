@@ -113,10 +113,11 @@ def test_session_resumes_when_frames_analysed_late_undo_convergence(tmp_path, mo
 
     class LenientWhileRunning(RunningStatistics):
         # the daemon's first statistics (built at start) converge at 2 frames; every
-        # rebuild over all saved frames (settle, stop) asks for 5: a late frame's effect
+        # rebuild over all saved frames (settle, stop) asks for 8 (the first round stops
+        # with at most ~5 saved: analysis may lag by n_workers + 1 frames)
         def summary(self, **kwargs):
             s = super().summary(**kwargs)
-            s["converged"] = self.n_frames >= (2 if self is instances[0] else 5)
+            s["converged"] = self.n_frames >= (2 if self is instances[0] else 8)
             return s
 
     def statistics(*, precision, seed):
@@ -125,10 +126,10 @@ def test_session_resumes_when_frames_analysed_late_undo_convergence(tmp_path, mo
 
     monkeypatch.setattr(pipeline, "_default_statistics", statistics)
     out = tmp_path / "session"
-    result = run_session(out, sample="au10", precision=0.05, max_frames=12, seed=0,
+    result = run_session(out, sample="au10", precision=0.05, max_frames=16, seed=0,
                          workers=1, dashboard=False, size_px=512)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["converged"] and summary["frames_ok"] >= 5
+    assert summary["converged"] and summary["frames_ok"] >= 8
     assert result.acquisition.stop_reason == "converged"
     assert "resumed 1 time(s)" in result.stop_reason
     # one numbering across the rounds: nothing overwritten, nothing counted twice

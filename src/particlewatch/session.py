@@ -381,7 +381,8 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                 # Frames saved while the converged message travelled are analysed too, and
                 # can undo it; the verdict that counts is the final one over every frame.
                 set_state("analysing the last frames")
-                _drain(daemon, frames_dir)
+                if not _drain(daemon, frames_dir, stop=stop_acquisition):
+                    return  # Ctrl-C: the main thread finishes up
                 final = daemon.settle()
                 if not final or final.get("converged") or stop_acquisition.is_set():
                     return
@@ -502,12 +503,20 @@ def write_overlays(out: Path, frames_dir: Path, *, count: int = SESSION_OVERLAYS
     return written
 
 
-def _drain(daemon, frames_dir: Path, *, timeout_s: float = 600.0) -> None:
-    """Wait until the daemon has analysed every frame in the folder (earlier runs included)."""
+def _drain(daemon, frames_dir: Path, *, timeout_s: float = 600.0, stop=None) -> bool:
+    """Wait until the daemon has analysed every frame in the folder (earlier runs included);
+    False when ``stop`` (an Event) was set or the time ran out first."""
     from particlewatch.frames import is_temporary_name
 
     saved = [p for p in frames_dir.glob("frame_*.mrc") if not is_temporary_name(p)]
-    daemon.wait_idle(timeout_s, frames=len(saved))
+    deadline = time.monotonic() + timeout_s
+    while (stop is None or not stop.is_set()) and daemon.running:
+        if daemon.wait_idle(min(1.0, max(deadline - time.monotonic(), 0.0)),
+                            frames=len(saved)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+    return False
 
 
 def combine_reports(rounds: list) -> Any:
@@ -546,7 +555,8 @@ def _explain_stop(report, summary: dict | None, *, resumed: int = 0) -> str:
     if reason == "finished":
         return "the stage area was covered before the statistics converged" + again
     if reason == "max_frames":
-        return "the frame limit (--max-frames) was reached" + (f"; {final}" if final else "")
+        return ("the frame limit (--max-frames) was reached" + (f"; {final}" if final else "")
+                + again)
     return reason
 
 
