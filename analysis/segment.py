@@ -1539,7 +1539,9 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise, outline_sigma=Non
     px_level = _member_levels(labels, px, owner, rho, level, base, shift,
                               by_level & round_ & ~hollow,
                               total=float(np.round(np.hypot(blur, sigma), 2)),
-                              floor=base + _LEVEL_NOISE * noise)
+                              floor=base + _LEVEL_NOISE * noise,
+                              around=(signed, np.where(ok, sm, np.nan),
+                                      noise * noise * 4.0 * np.pi * max(sigma, 0.5) ** 2))
     level = np.concatenate([[np.inf], np.where(by_level, level, np.inf)]).astype(np.float32)
     lev = level[owner]
     if px_level is not None:
@@ -1568,9 +1570,12 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise, outline_sigma=Non
 _MERGED_AREA = 1.1  # area / (π ρ²) above which a region may hold several particles
 _MEMBER_H_PX = 1.5  # px, a member's inscribed radius stands this far above its neck
 _MIN_MEMBER_PX = 1.0  # px, a member's inscribed radius at the fitted edge, at least
+_FAR_BLURS = 2.0  # the background beside a member: this many blur widths beyond its edge
+_MIN_FAR_PX = 12  # pixels of that background a member needs for a level of its own
 
 
-def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total, floor):
+def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total, floor,
+                   around=None):
     """Edge level per pixel of each member of a region holding several touching particles.
 
     Detection keeps touching particles in one region where blur and low contrast leave no
@@ -1585,6 +1590,17 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
     of that member's radius (:func:`_disc_edge_level`), never below ``floor`` (noise). The
     largest member keeps the region's level. Only round (curved-model) regions of area
     above ``_MERGED_AREA`` times their largest inscribed disc are looked at.
+
+    The region's fitted background is an average along its whole outline, but a group spans
+    several particle widths, across which the film's texture (and what is left of uneven
+    illumination) drifts by a fair share of a weak particle's contrast: a member on the
+    brighter side then grows, its partner on the darker side shrinks (PS50 BF pairs: the
+    outline ±1 px off, correlation 0.7 with that drift). With ``around`` = ``(signed,
+    values, noise_area)`` (signed distance to the outline and the smoothed frame, NaN where
+    invalid, per ``px``; the frame's noise variance times its correlation area), each member's level and floor move by how far the median of the band
+    beside it (more than ``_FAR_BLURS`` blur widths beyond the fitted edge, where the edge
+    has faded) stands from the members' mean (:func:`_member_drift`); a member with fewer
+    than ``_MIN_FAR_PX`` such pixels keeps the region's background.
 
     Returns ``(indices into px, levels)`` or None when no region has several members.
     """
@@ -1618,7 +1634,7 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
         e_part = np.array([_disc_edge_level(float(_rho_classes(r)), float(r), total)
                            for r in r_part])
         amp = (level[j] - base[j]) / max(e_big, 1e-12)
-        lv = np.maximum(base[j] + amp * e_part, floor[j])
+        lv = base[j] + amp * e_part
         # a member the fitted edge leaves (almost) nothing of (the edge inside the outline
         # by more than its inscribed radius: a bump of a blurred outline) is no particle of
         # its own: it keeps the region's level
@@ -1631,11 +1647,45 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
         inb = (rr >= 0) & (rr < r1 - r0) & (cc >= 0) & (cc < c1 - c0)
         at = at[inb]
         member = near[rr[inb], cc[inb]]
+        drift = np.zeros(m)
+        if around is not None:
+            drift = _member_drift(around[0][at], around[1][at], member, m,
+                                  beyond=float(shift[j]) + _FAR_BLURS * total,
+                                  noise_area=around[2])
+        lv = np.maximum(lv + drift, floor[j] + drift)
         sel_at.append(at)
         sel_val.append(lv[member - 1])
     if not sel_at:
         return None
     return np.concatenate(sel_at), np.concatenate(sel_val).astype(np.float32)
+
+
+def _member_drift(signed, values, member, m, *, beyond, noise_area=0.0):
+    """Per member 1..m, the median of ``values`` over its band pixels further than
+    ``beyond`` px outside the region (``signed`` > ``beyond``; NaN values left out), less
+    the mean of those medians weighted by pixel count (the region's own background level,
+    which its fit has already taken); 0 for a member with fewer than ``_MIN_FAR_PX``.
+
+    Medians: a faint neighbour the detection missed, or another particle's blurred tail,
+    takes a few pixels of the band and would pull a mean up. At low dose a band of a few
+    correlation areas is noisy: each drift is shrunk by d² / (d² + u²), u² its variance
+    from the noise (``noise_area``: the smoothed frame's noise variance times its
+    correlation area 4πσ², over the pixel count, times (π/2) for a median), so noise alone
+    does not move a member's outline."""
+    far = (signed > beyond) & np.isfinite(values)
+    med, cnt = np.zeros(m), np.zeros(m)
+    for k in range(m):
+        sel = far & (member == k + 1)
+        cnt[k] = np.count_nonzero(sel)
+        if cnt[k] >= _MIN_FAR_PX:
+            med[k] = float(np.median(values[sel]))
+    has = cnt >= _MIN_FAR_PX
+    if has.sum() < 2:
+        return np.zeros(m)
+    d = np.where(has, med - np.average(med[has], weights=cnt[has]), 0.0)
+    u2 = np.pi / 2.0 * float(noise_area) / np.maximum(cnt, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(has & (d * d > 0), d * d * d / (d * d + u2), 0.0)
 
 
 def _members(labels, todo, boxes):

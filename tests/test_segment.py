@@ -367,3 +367,50 @@ def test_haadf_film_patches_among_weak_particles_are_not_detected():
     errors, missed = _isolated_errors(frame, table)
     assert errors.size >= 3
     assert missed / (errors.size + missed) <= 0.02
+
+
+def test_each_member_of_a_group_is_leveled_against_its_own_background():
+    from scipy import ndimage as ndi
+
+    from particlewatch.analysis.segment import _member_levels
+
+    # two equal discs fused in one region, the film beside the left one 0.1 brighter than
+    # beside the right one (texture drifting across the group): a common level would grow
+    # one member and shrink the other, each must sit its own background's drift above it
+    yy, xx = np.mgrid[:64, :80]
+    region = ((yy - 32) ** 2 + (xx - 29) ** 2 <= 10 ** 2) | \
+        ((yy - 32) ** 2 + (xx - 49) ** 2 <= 10 ** 2)
+    labels = region.astype(np.int32)
+    outside = ndi.distance_transform_edt(~region)
+    signed = np.where(region, 0.5 - ndi.distance_transform_edt(region), outside - 0.5)
+    px = np.flatnonzero(signed.ravel() <= 12.0)
+    owner = np.ones(px.size, np.int64)
+    film = np.where(xx < 39, 0.1, -0.1)
+    values = np.where(signed > 0, film, 1.0).ravel()[px]
+    rho = np.array([ndi.distance_transform_edt(region).max()])
+    got = _member_levels(labels, px, owner, rho, np.array([0.5]), np.array([0.0]),
+                         np.array([0.0]), np.array([True]), total=1.0,
+                         floor=np.array([0.05]),
+                         around=(signed.ravel()[px], values, 0.0))
+    assert got is not None
+    at, value = got
+    col = px[at] % labels.shape[1]
+    left, right = value[col < 30], value[col > 48]
+    assert left.size and right.size
+    # each a constant level, 0.2 apart, about the region's fitted level on average
+    assert np.ptp(left) < 1e-6 and np.ptp(right) < 1e-6
+    assert abs(left[0] - right[0] - 0.2) < 1e-6
+    assert abs((left[0] + right[0]) / 2 - 0.5) < 0.02
+    # without a drift the two equal members share the region's level
+    flat = np.where(signed > 0, 0.0, 1.0).ravel()[px]
+    at, value = _member_levels(labels, px, owner, rho, np.array([0.5]), np.array([0.0]),
+                               np.array([0.0]), np.array([True]), total=1.0,
+                               floor=np.array([0.05]), around=(signed.ravel()[px], flat, 0.0))
+    assert np.allclose(value, 0.5)
+    # a drift no larger than the noise of its band's median is mostly noise: kept small
+    at, value = _member_levels(labels, px, owner, rho, np.array([0.5]), np.array([0.0]),
+                               np.array([0.0]), np.array([True]), total=1.0,
+                               floor=np.array([0.05]),
+                               around=(signed.ravel()[px], values, 0.1 ** 2 * 2000.0))
+    col = px[at] % labels.shape[1]
+    assert 0.0 < value[col < 30][0] - value[col > 48][0] < 0.1
