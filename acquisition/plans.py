@@ -637,14 +637,16 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             min_size_nm=segments.min_size_nm, polarity=segments.polarity)
         centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
                   for s in found}
-        eligible = [s for s in found if _inside(*centre[id(s)], limits_um)
-                    and not _already_done(centre[id(s)], done_um, record_field_um)]
+        inside = [s for s in found if _inside(*centre[id(s)], limits_um)]
+        eligible = [s for s in inside
+                    if not _already_done(centre[id(s)], done_um, record_field_um)]
         # Survey-empty segments are recorded too while the check calibrates, after it was
         # switched off, and as spot checks: each decided when its turn comes (serpentine
         # order), so that what the records before it showed about the survey (segments and
         # particles it saw and missed) counts already within the tile.
         chosen = list(eligible)
-        skipped += len(found) - len(chosen)
+        # segments an earlier run saved are done, not skipped
+        skipped += len(found) - len(inside)
         yield Report({"skipped_segments": skipped})
         recording = False
         tried: set[int] = set()  # focus sites that came out empty in this tile

@@ -40,3 +40,5 @@ def test_resumed_run_skips_fields_already_acquired(tmp_path):
     for i in range(len(positions)):
         for j in range(i):
             assert math.dist(positions[i], positions[j]) >= 0.5 * field_um
+    # the segments the first run saved are done, not counted as skipped by the second
+    assert again.skipped_segments <= first.skipped_segments
