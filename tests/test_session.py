@@ -138,3 +138,39 @@ def test_session_resumes_when_frames_analysed_late_undo_convergence(tmp_path, mo
     assert len({p.name for p in result.acquisition.frames}) == len(frames)
     report = (out / "report.md").read_text()
     assert "converged: True" in report
+
+
+class _CtrlCConsole:
+    """A console whose third progress line is interrupted, as Ctrl-C would be."""
+
+    width, height = 80, 24
+
+    def __init__(self):
+        self.lines = 0
+
+    def print(self, *args, **kwargs):
+        self.lines += 1
+        if self.lines == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_reports_what_was_done_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "session"
+    first = run_session(out, sample="au10", precision=0.001, max_frames=20, seed=0, workers=1,
+                        dashboard=False, size_px=512, console=_CtrlCConsole())
+    assert first.stop_reason == "interrupted by the user (Ctrl-C)"
+    report = (out / "report.md").read_text()
+    assert "stopped because: interrupted by the user (Ctrl-C)" in report
+    done = sorted(p.name for p in (out / "frames").glob("frame_*.mrc"))
+    assert done and json.loads((out / "summary.json").read_text())["frames_ok"] == len(done)
+
+    again = run_session(out, sample="au10", precision=0.001, max_frames=2, seed=0, workers=1,
+                        dashboard=False, size_px=512)
+    assert again.frames_saved == 2
+    frames = sorted(p.name for p in (out / "frames").glob("frame_*.mrc"))
+    # numbering goes on, nothing overwritten, every frame analysed once
+    assert frames[:len(done)] == done and len(frames) == len(done) + 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames_ok"] == len(frames)
+    rows = (out / "frames.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(frames) == len({r.split(",")[0] for r in rows})
