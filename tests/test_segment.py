@@ -363,7 +363,7 @@ def test_haadf_film_patches_among_weak_particles_are_not_detected():
                  table["y_px"][:, None] - centres[None, :, 1])
     false = int((~(d <= reach[None]).any(axis=1)).sum())
     assert len(table["x_px"]) >= 5
-    assert 1 - false / len(table["x_px"]) >= 0.98
+    assert false <= 0.02 * len(table["x_px"])  # precision >= 0.98 (3 of 10 false before)
     errors, missed = _isolated_errors(frame, table)
     assert errors.size >= 3
     assert missed / (errors.size + missed) <= 0.02

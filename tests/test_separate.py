@@ -339,11 +339,16 @@ def _thickness_frame(detector, *, seed, ratios, cell=56, grid=10, dose=400.0, bl
             thick += 2 * np.sqrt(np.clip(r ** 2 - (yy - y) ** 2 - (xx - x) ** 2, 0, None))
         groups.append(centres)
         sizes.append(radii)
+    return _image_of(thick, detector, dose=dose, blur=blur, rng=rng), groups, sizes
+
+
+def _image_of(thick, detector, *, dose, blur, rng):
+    """Counts of a projected-thickness map (px) seen by ``detector``, blurred, shot noise."""
     if detector == "bf":  # gold-like: a 20 px sphere absorbs 1 - exp(-1.2)
         expected = dose * np.exp(-ndi.gaussian_filter(thick, blur) / 17.0)
     else:
         expected = dose * (0.1 + ndi.gaussian_filter(thick, blur) / 40.0)
-    return rng.poisson(expected).astype(float), groups, sizes
+    return rng.poisson(expected).astype(float)
 
 
 @pytest.mark.parametrize("detector", ["bf", "haadf"])
@@ -573,11 +578,7 @@ def _square_frame(detector, *, seed, offsets, cell=56, grid=10, dose=400.0, blur
             thick += 16.0 * ((np.abs(u) < side / 2) & (np.abs(v) < side / 2))
         groups.append(centres)
         areas.append(sides ** 2)
-    if detector == "bf":
-        expected = dose * np.exp(-ndi.gaussian_filter(thick, blur) / 17.0)
-    else:
-        expected = dose * (0.1 + ndi.gaussian_filter(thick, blur) / 40.0)
-    return rng.poisson(expected).astype(float), groups, areas
+    return _image_of(thick, detector, dose=dose, blur=blur, rng=rng), groups, areas
 
 
 @pytest.mark.parametrize("detector", ["bf", "haadf"])
