@@ -322,6 +322,26 @@ def focus_window(image_shape: tuple[int, int], peaks, *, side_fraction: float = 
     return slice(r0, r0 + side), slice(c0, c0 + side)
 
 
+def _binned_particles(image, pixel_nm, *, bin_px, threshold_sigma, min_size_nm, polarity):
+    """The record check's detection: the frame binned, its beam profile removed, and
+    :func:`particle_mask` run on it. Returns ``(mask, peaks, b, (r, c))`` in binned pixels
+    (``b`` the binning used, ``r × c`` the frame part it covers), or None for a flat frame."""
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
+        raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
+    b = _record_binning(a.shape, int(bin_px))
+    r, c = (a.shape[0] // b) * b, (a.shape[1] // b) * b
+    binned = a[:r, :c].reshape(r // b, b, c // b, b).mean(axis=(1, 3))
+    if not np.ptp(binned) > 0:
+        return None
+    mask, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * b,
+                                polarity=polarity, threshold_sigma=threshold_sigma,
+                                min_size_nm=min_size_nm)
+    return mask, peaks, b, (r, c)
+
+
 def record_particle_peaks(image, pixel_nm: float, *, bin_px: int = 4,
                           threshold_sigma: float = 5.0, min_size_nm: float = 2.0,
                           polarity: str = "auto", margin: float = 0.05) -> np.ndarray:
@@ -356,22 +376,10 @@ def record_particle_peaks(image, pixel_nm: float, *, bin_px: int = 4,
     ndarray of int, shape (n, 2)
         ``(row, col)`` of the particle peaks found, in the frame's (unbinned) pixels.
     """
-    a = np.asarray(image, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {a.shape}")
-    if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
-        raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
-    requested = int(bin_px)
-    bin_px = _record_binning(a.shape, requested)
-    r, c = (a.shape[0] // bin_px) * bin_px, (a.shape[1] // bin_px) * bin_px
-    binned = a[:r, :c].reshape(r // bin_px, bin_px, c // bin_px, bin_px).mean(axis=(1, 3))
-    if not np.ptp(binned) > 0:
-        return np.zeros((0, 2), int)
-    _, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * bin_px,
-                             polarity=polarity, threshold_sigma=threshold_sigma,
-                             min_size_nm=min_size_nm)
-    return peaks_inside(peaks * bin_px + bin_px // 2, a.shape, margin=margin,
-                        bin_px=requested)
+    peaks, _ = record_particles(image, pixel_nm, bin_px=bin_px,
+                                threshold_sigma=threshold_sigma, min_size_nm=min_size_nm,
+                                polarity=polarity)
+    return peaks_inside(peaks, np.shape(image), margin=margin, bin_px=int(bin_px))
 
 
 def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
@@ -389,19 +397,12 @@ def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
     """
     from scipy import ndimage as ndi
 
-    a = np.asarray(image, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {a.shape}")
-    if not (isinstance(bin_px, (int, np.integer)) and bin_px >= 1):
-        raise ValueError(f"bin_px must be an integer >= 1, got {bin_px!r}")
-    b = _record_binning(a.shape, int(bin_px))
-    r, c = (a.shape[0] // b) * b, (a.shape[1] // b) * b
-    binned = a[:r, :c].reshape(r // b, b, c // b, b).mean(axis=(1, 3))
-    if not np.ptp(binned) > 0:
+    found = _binned_particles(image, pixel_nm, bin_px=bin_px,
+                              threshold_sigma=threshold_sigma, min_size_nm=min_size_nm,
+                              polarity=polarity)
+    if found is None:
         return np.zeros((0, 2), int), np.zeros(0, int)
-    mask, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * b,
-                                polarity=polarity, threshold_sigma=threshold_sigma,
-                                min_size_nm=min_size_nm)
+    mask, peaks, b, _ = found
     labels, _ = ndi.label(mask)
     objects = labels[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0, int)
     return peaks * b + b // 2, objects
@@ -460,24 +461,17 @@ def particle_region(image, pixel_nm: float, *, margin_px: float = 8.0, bin_px: i
     """
     from scipy import ndimage as ndi
 
-    a = np.asarray(image, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {a.shape}")
-    b = _record_binning(a.shape, int(bin_px))
-    r, c = (a.shape[0] // b) * b, (a.shape[1] // b) * b
-    binned = a[:r, :c].reshape(r // b, b, c // b, b).mean(axis=(1, 3))
-    if not np.ptp(binned) > 0:
+    found = _binned_particles(image, pixel_nm, bin_px=bin_px,
+                              threshold_sigma=threshold_sigma, min_size_nm=min_size_nm,
+                              polarity=polarity)
+    if found is None or not len(found[1]):
         return None
-    mask, peaks = particle_mask(_flatten_illumination(binned), pixel_nm * b,
-                                polarity=polarity, threshold_sigma=threshold_sigma,
-                                min_size_nm=min_size_nm)
-    if not len(peaks):
-        return None
+    mask, _, b, (r, c) = found
     steps = int(math.ceil(margin_px / b))
     if steps:
         mask = ndi.binary_dilation(mask, structure=ndi.generate_binary_structure(2, 2),
                                    iterations=steps)
-    full = np.zeros(a.shape, bool)
+    full = np.zeros(np.shape(image), bool)
     full[:r, :c] = np.repeat(np.repeat(mask, b, axis=0), b, axis=1)
     return full
 
