@@ -408,7 +408,8 @@ def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
     return peaks * b + b // 2, objects
 
 
-def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float = 0.05) -> bool:
+def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float = 0.05,
+              bin_px: int = 4) -> bool:
     """Whether a record frame's counted part holds nothing but the support film's texture.
 
     The second opinion on a record check that saw particles where the survey saw none: a
@@ -424,8 +425,9 @@ def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float =
     image : array_like, 2-D
     pixel_nm : float
     polarity : {"auto", "dark", "bright"}
-    margin : float
-        Fraction of the frame's size at its border that is not counted.
+    margin, bin_px : float, int
+        The record check's border band and binning: the counted part is
+        :func:`counted_part`'s, the same as :func:`record_particle_peaks` counts in.
 
     Returns
     -------
@@ -441,9 +443,7 @@ def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float =
     if n == 0:
         return True
     centres = np.asarray(ndi.center_of_mass(np.ones(a.shape), labels, np.arange(1, n + 1)))
-    edge = np.floor(margin * np.asarray(a.shape))
-    inside = np.all((centres >= edge) & (centres < np.asarray(a.shape) - edge), axis=1)
-    return not bool(inside.any())
+    return not bool(_inside_counted(centres, a.shape, margin=margin, bin_px=bin_px).any())
 
 
 def particle_region(image, pixel_nm: float, *, margin_px: float = 8.0, bin_px: int = 4,
@@ -569,15 +569,35 @@ def _record_binning(shape: tuple[int, int], bin_px: int) -> int:
     return int(min(bin_px, max(1, min(shape) // 32)))
 
 
-def _inside_counted(peaks: np.ndarray, image_shape: tuple[int, int], *, margin: float,
-                    bin_px: int) -> np.ndarray:
-    """Which of a frame's peaks lie in its counted part (see :func:`peaks_inside`)."""
-    peaks = np.asarray(peaks, dtype=int).reshape(-1, 2)
+def counted_part(image_shape: tuple[int, int], *, margin: float, bin_px: int = 4
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a record frame the record check counts, in the frame's own pixels.
+
+    One rule for every judge of a record frame (:func:`peaks_inside`, :func:`film_only`,
+    :func:`survey_detections`): the border band is ``margin`` of the binned frame's size
+    (binned as :func:`record_particle_peaks` bins, :func:`_record_binning`), at least 2
+    binned pixels when ``margin`` > 0, and whole binned pixels, so that a peak found in the
+    binned frame and a position measured at full resolution are judged alike.
+
+    Returns
+    -------
+    lo, hi : ndarray of int, shape (2,)
+        ``(row, col)`` bounds: a point ``p`` is counted when ``lo <= p < hi``.
+    """
     b = _record_binning(image_shape, bin_px)
-    shape = np.asarray(image_shape) // b  # the binned frame's shape
+    shape = np.asarray(image_shape[:2]) // b  # the binned frame's shape
     edge = np.maximum(2 if margin > 0 else 0, np.floor(margin * shape)).astype(int)
-    binned = peaks // b  # the binned pixel each peak came from (peaks sit at its centre)
-    return np.all((binned >= edge) & (binned < shape - edge), axis=1)
+    return edge * b, (shape - edge) * b
+
+
+def _inside_counted(points, image_shape: tuple[int, int], *, margin: float,
+                    bin_px: int) -> np.ndarray:
+    """Which of a frame's points (``(row, col)``, frame pixels) lie in its counted part
+    (:func:`counted_part`). A binned peak sits inside its binned pixel, so it is counted
+    exactly when that binned pixel is."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    lo, hi = counted_part(image_shape, margin=margin, bin_px=bin_px)
+    return np.all((points >= lo) & (points < hi), axis=1)
 
 
 def peaks_inside(peaks, image_shape: tuple[int, int], *, margin: float,
