@@ -1693,17 +1693,15 @@ def _members(labels, todo, boxes):
     distance transform, its members (h-maxima of the distance, ``_MEMBER_H_PX``, labelled
     in raster order) and their count.
 
-    Most regions hold one particle; the grey reconstruction behind ``h_maxima`` sorts every
-    pixel it is given, and the boxes are mostly padding. So each region's own bounding box,
-    one zero pixel round it, is packed side by side with the others into one canvas,
-    transformed at once and put back into its box; only regions whose distance has two
-    separate high points (:func:`_tops`) go on to ``h_maxima``, in a second canvas (``m``
-    is 1 for the others). That is exact: a region pixel's nearest zero is in its own
-    ring-bounded box, as in its padded box, and a path between two regions passes through
-    zeros, which lifts no reconstruction above the zero that the region's own border
-    already gives (its deepest pixel stands above ``_MEMBER_H_PX``, or it has no two
-    members either way). Regions reaching the frame border (their padded box has no zero
-    beyond them there) are transformed one by one.
+    Most regions hold one particle, and the boxes are mostly padding. So each region's own
+    bounding box, one zero pixel round it, is packed side by side with the others into one
+    canvas, transformed at once and put back into its box; only regions whose distance has
+    two separate high points (:func:`_tops`) go on to the h-maxima (``m`` is 1 for the
+    others), found from their tops alone (:func:`_top_maxima`, where the grey
+    reconstruction behind ``h_maxima`` sorted every pixel of them: a third of segment's
+    time on a crowded frame). That is exact: a region pixel's nearest zero is in its own
+    ring-bounded box, as in its padded box. Regions reaching the frame border (their padded
+    box has no zero beyond them there) are transformed one by one.
     """
     shape = labels.shape
     objects = ndi.find_objects(labels)
@@ -1731,11 +1729,6 @@ def _members(labels, todo, boxes):
     # the tops stand 2 px inside their region, so their window stays in their own box
     groups, _ = ndi.label(_tops(dist), np.ones((3, 3), bool))
     two = [np.unique(groups[sl]).size > 2 for sl in where]  # 0 and at least two groups
-    again = [k for k, t in enumerate(two) if t]
-    if again:
-        canvas2, where2 = _pack([canvas[where[k]] for k in again])
-        dist2 = ndi.distance_transform_edt(canvas2)
-        peaks, _ = ndi.label(morphology.h_maxima(dist2, _MEMBER_H_PX) & canvas2)
     for k, (i, sl, src) in enumerate(zip(packed, tight, where)):
         r0, r1, c0, c1 = boxes[i]
         dst = (slice(sl[0].start - r0, sl[0].stop - r0), slice(sl[1].start - c0, sl[1].stop - c0))
@@ -1747,13 +1740,36 @@ def _members(labels, todo, boxes):
         if not two[k]:
             out[i] = (region, d, markers, 1)
             continue
-        mk = peaks[where2[again.index(k)]]
-        ids = np.unique(mk)
-        ids = ids[ids > 0]  # canvas labels in raster order: the box's own order kept
-        lut = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int32)
-        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-        markers[dst] = lut[mk]
-        out[i] = (region, d, markers, int(ids.size))
+        # h-maxima labelled as ``ndi.label(h_maxima(...))`` does (4-connected, raster order)
+        mk, m = ndi.label(_top_maxima(dist[src], groups[src]) & canvas[src])
+        markers[dst] = mk
+        out[i] = (region, d, markers, m)
+    return out
+
+
+def _top_maxima(dist, groups):
+    """``h_maxima(dist, _MEMBER_H_PX)`` (as a bool mask) of one region's distance transform,
+    ``dist`` (zero outside the region), from its tops ``groups`` (the 8-connected groups of
+    :func:`_tops`, labelled) alone.
+
+    An h-maximum pixel is one that is the highest of the 8-connected component of
+    ``dist > its value - h`` holding it (no path to a higher pixel dips less than h); such
+    a pixel stands above h (else that component is the whole canvas, zeros included) and no
+    pixel within two is higher (:func:`_tops`), so it is a top, and a group of tops (one
+    plateau value) either is an h-maximum or is not. One labelling per group, on the
+    region's box, where the reconstruction sorts every pixel. The threshold never ties a
+    value: distances are square roots of integers, and none differs from another by
+    exactly h = 1.5.
+    """
+    out = np.zeros(dist.shape, bool)
+    eight = np.ones((3, 3), bool)
+    for g in np.unique(groups)[1:]:
+        at = groups == g
+        first = np.argmax(at)  # raveled index of one of the group's pixels
+        v = dist.flat[first]  # neighbouring tops are equal: one plateau value
+        comp, _ = ndi.label(dist > v - _MEMBER_H_PX, eight)
+        if dist[comp == comp.flat[first]].max() <= v:
+            out |= at
     return out
 
 
