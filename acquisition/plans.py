@@ -17,7 +17,7 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 import numpy as np
 
 from .focus import (FocusModel, band_sharpness, fit_focus_curve, local_band_sharpness,
-                    noise_floor, parabola_vertex, sharpness_and_noise)
+                    next_focus_image, noise_floor, parabola_vertex, sharpness_and_noise)
 from .protocol import Frame, validate_mode
 from .segments import (Segment, SegmentCheckCalibration, film_only, focus_window,
                        particle_region, peaks_inside, record_particles, survey_detections,
@@ -99,13 +99,20 @@ class FocusSettings:
         Images of the coarse sweep (5: the fewest that fit the focus curve's five
         parameters; at least 5).
     max_rounds : int
-        Sweeps before giving up (coarse sweeps shifted or widened after the last, and short
-        refining sweeps).
+        Coarse sweeps before giving up (the first, and those shifted or widened after it).
+    max_images : int
+        The most images one :func:`autofocus` takes (coarse sweeps and refining images
+        together). Refining images are taken one at a time until the fitted centre's
+        standard error reaches ``measurement_sd_um``, so a noisy curve (weak specimen, low
+        dose, small frames) gets more of them and a clean one none; this only bounds the
+        cost where the precision cannot be reached (the result then says how precise it
+        is, ``FocusResult.center_sd_um``).
     quick_steps : int
         Images of the quick check around a predicted focus (3).
     refine_steps : int
-        Images of each refining sweep over the flanks of a peak found but not yet pinned to
-        ``measurement_sd_um`` (weak contrast, low dose, small frames).
+        Images of each refining step of :func:`quick_focus` over the flanks of a peak found
+        but not yet pinned to ``measurement_sd_um`` (:func:`autofocus` refines one image at
+        a time, up to ``max_images``).
     quick_step_um : float or None
         Spacing of the quick check; None: from the shape of the last fitted focus curve.
     radius_px : float
@@ -141,6 +148,7 @@ class FocusSettings:
     span_um: float = 1.2
     steps: int = 5
     max_rounds: int = 5
+    max_images: int = 20
     quick_steps: int = 3
     refine_steps: int = 2
     quick_step_um: float | None = None
@@ -161,6 +169,9 @@ class FocusSettings:
             raise ValueError(f"metric must be 'local', 'band' or 'ring', got {self.metric!r}")
         if not 2 <= self.refine_steps <= 7:
             raise ValueError(f"refine_steps must be between 2 and 7, got {self.refine_steps}")
+        if not self.max_images >= self.steps:
+            raise ValueError(f"max_images ({self.max_images}) must be at least steps "
+                             f"({self.steps})")
         if self.quick_steps != 3:
             raise ValueError(f"quick_steps must be 3, got {self.quick_steps}")
         if not 0 <= self.measurement_sd_um < self.tolerance_um:
@@ -215,6 +226,12 @@ def _measure(metric, image) -> tuple[float, float]:
 
 
 def _sweep(defoci, metric, window=None) -> Plan:
+    """Take one image at each defocus and measure them.
+
+    A metric with a ``fix(images, pixel_nm)`` method decides where to measure from the first
+    images it is given (see :class:`LocalSharpness`); it may return their measurements when
+    it took them already, so no image is measured twice.
+    """
     images, pixel_nm = [], None
     for d in defoci:
         yield SetDefocus(float(d))
@@ -222,9 +239,9 @@ def _sweep(defoci, metric, window=None) -> Plan:
         images.append(np.asarray(frame.image if window is None else frame.image[window]))
         pixel_nm = getattr(frame, "pixel_nm", None)
     fix = getattr(metric, "fix", None)
-    if fix is not None:  # a metric that decides where to measure from the first images
-        fix(images, pixel_nm)
-    measured = [_measure(metric, image) for image in images]
+    measured = fix(images, pixel_nm) if fix is not None else None
+    if measured is None:
+        measured = [_measure(metric, image) for image in images]
     return (np.asarray(defoci, dtype=np.float64), np.asarray([m[0] for m in measured]),
             np.asarray([m[1] for m in measured]))
 
@@ -232,38 +249,74 @@ def _sweep(defoci, metric, window=None) -> Plan:
 class LocalSharpness:
     """Sharpness measured around the particles (:func:`~.focus.local_band_sharpness`).
 
-    Where the particles are is decided once per focus run, from its first sweep's images
-    (:func:`~.segments.particle_region` on the sharpest by :func:`~.focus.band_sharpness`
-    that shows any), so every image of the run is measured on the same pixels. Without
-    particles (an empty or featureless area), the whole frame's
-    :func:`~.focus.band_sharpness`.
+    Where the particles are is decided once per focus run, so every image of the run is
+    measured on the same pixels: given (``mask``: a record taken here just before showed
+    them, see :func:`~.segments.particle_region`), or from the run's first sweep, as the
+    union of :func:`~.segments.particle_region` over its images (a weak specimen shows its
+    particles only near focus, and on a sparse frame each particle seen adds signal faster
+    than the noise of its pixels). Without particles (an empty or featureless area), the
+    whole frame's :func:`~.focus.band_sharpness`.
+
+    Parameters
+    ----------
+    margin_px : float
+        Margin around the particles (defocus blur spreads them over a sweep).
+    sigmas_px : (float, float)
+        Band-pass of :func:`~.focus.local_band_sharpness`.
+    mask : array_like of bool, optional
+        The pixels to measure on, fixed from the start (at least 64).
+
+    Raises
+    ------
+    ValueError
+        From a call on an image whose shape differs from the mask's (a window or frame
+        size changed within one focus run: its values would not compare), or for a given
+        ``mask`` of fewer than 64 pixels.
     """
 
-    def __init__(self, *, margin_px: float = 8.0, sigmas_px: tuple[float, float] = (1.0, 3.0)):
+    def __init__(self, *, margin_px: float = 8.0, sigmas_px: tuple[float, float] = (1.0, 3.0),
+                 mask=None):
         self.margin_px = float(margin_px)
         self.sigmas_px = sigmas_px
         self.mask: np.ndarray | None = None
         self.fixed = False
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.ndim != 2 or int(mask.sum()) < 64:
+                raise ValueError(f"mask must be 2-D with at least 64 pixels set, got shape "
+                                 f"{mask.shape} with {int(mask.sum())}")
+            self.mask, self.fixed = mask.copy(), True
 
-    def fix(self, images, pixel_nm) -> None:
-        """Choose the pixels to measure on (first call only)."""
+    def fix(self, images, pixel_nm) -> list[tuple[float, float]] | None:
+        """Choose the pixels to measure on (first call only) and measure ``images``.
+
+        Returns
+        -------
+        list of (value, noise) or None
+            The images' sharpness (None on later calls: the caller measures them).
+        """
         if self.fixed:
-            return
+            return None
         self.fixed = True
-        if pixel_nm is None or not images:
-            return
-        # the sharpest image first (a far-out image of a weak specimen shows nothing, and
-        # neither does a mean over a wide sweep); the first that shows particles decides
-        sharpest = sorted(range(len(images)), key=lambda i: -band_sharpness(images[i])[0])
-        for i in sharpest:
-            region = particle_region(images[i], float(pixel_nm), margin_px=self.margin_px)
-            if region is not None and region.sum() >= 64:
-                self.mask = region
-                return
+        if pixel_nm is not None and images:
+            shapes = {np.shape(image) for image in images}
+            if len(shapes) != 1:
+                raise ValueError(f"images of one sweep must share a shape, got {sorted(shapes)}")
+            union = None
+            for image in images:
+                region = particle_region(image, float(pixel_nm), margin_px=self.margin_px)
+                if region is not None:
+                    union = region if union is None else union | region
+            if union is not None and union.sum() >= 64:
+                self.mask = union
+        return [self(image) for image in images]
 
     def __call__(self, image) -> tuple[float, float]:
-        if self.mask is None or self.mask.shape != np.shape(image):
+        if self.mask is None:
             return band_sharpness(image)
+        if self.mask.shape != np.shape(image):
+            raise ValueError(f"image (shape {np.shape(image)}) must have the shape of the "
+                             f"focus run's mask (shape {self.mask.shape})")
         return local_band_sharpness(image, self.mask, sigmas_px=self.sigmas_px)
 
 
@@ -273,15 +326,33 @@ def _flank_um(width_um: float, power: float) -> float:
     return float(width_um) / math.sqrt(2.0 * float(power) + 1.0)
 
 
+def _refine_at(fit, xs, sds, *, shape_known: bool = False) -> float:
+    """The defocus of the next refining image: where it pins the fitted centre best
+    (:func:`~.focus.next_focus_image`), or the flank on the side with fewer images when the
+    fit gives no usable information matrix."""
+    try:
+        return next_focus_image(fit, xs, sds, shape_known=shape_known)[0]
+    except (ValueError, np.linalg.LinAlgError):
+        half = _flank_um(fit.width, fit.power) if math.isfinite(fit.width) else np.ptp(xs) / 8
+        side = -1.0 if np.sum(xs < fit.center) <= np.sum(xs > fit.center) else 1.0
+        return float(fit.center + side * half)
+
+
 def _flank_offsets(n: int) -> np.ndarray:
     """``n`` refining positions in units of the flank distance: alternately on the lower
     and upper flank (a symmetric pair pins the centre, whatever the curve's height)."""
     return np.resize(np.array([-1.0, 1.0]), n)
 
 
-def _default_metric(settings):
+def _default_metric(settings, region=None, window=None):
     if settings.metric == "local":
-        return LocalSharpness()  # a new one per focus run: its pixels are this area's
+        # a new one per focus run: its pixels are this area's
+        if region is not None:
+            region = np.asarray(region, dtype=bool)
+            region = region if window is None else region[window]
+            if region.sum() >= 64:  # the particles a record here showed: no new search
+                return LocalSharpness(mask=region)
+        return LocalSharpness()
     if settings.metric == "band":
         return band_sharpness
     return lambda image: sharpness_and_noise(image, radius_px=settings.radius_px)
@@ -290,7 +361,7 @@ def _default_metric(settings):
 def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings(),
               metric: Callable[[np.ndarray], float] | None = None,
               window: tuple[slice, slice] | None = None, prior=None,
-              widen: bool = True) -> Plan:
+              widen: bool = True, region=None) -> Plan:
     """Find best focus by defocus sweeps, autocorrelation sharpness and a fitted focus curve.
 
     Each round takes images over a defocus range and fits :func:`~.focus.focus_curve` (a
@@ -304,11 +375,17 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
       specimen for these images: the caller keeps what it has rather than judge the area
       empty);
     - ``edge`` (the peak is not bracketed): shift by most of a span towards the sharper end;
-    - ``under-sampled`` (peak narrower than the steps): sweep again over ±3 widths;
     - a trustworthy fit whose centre is known to ``settings.measurement_sd_um``: done;
-    - a trustworthy fit whose centre is not yet that precise (weak contrast, low dose): a
-      short sweep of ``settings.refine_steps`` images over the flanks, where sharpness
-      changes fastest with defocus and so pins the centre best, and fit again.
+    - a trustworthy fit whose centre is not yet that precise (weak contrast, low dose, small
+      frames), or a peak narrower than the samples around it (``under-sampled``) whose
+      centre lies inside the range: one more image where it pins the centre best
+      (:func:`~.focus.next_focus_image`: mostly on the flanks, where sharpness changes
+      fastest with defocus, on the side the images so far leave least pinned), and fit
+      again: the run stops at the first image that brings the centre's standard error to
+      ``settings.measurement_sd_um`` (a refining round is ``settings.refine_steps`` such
+      images; rounds and sweeps together are at most ``settings.max_rounds``). An
+      ``under-sampled`` centre outside the range: a coarse sweep again around the sharpest
+      image.
 
     Ends with the defocus set to the answer.
 
@@ -331,13 +408,18 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
         Whether a flat first sweep is followed by one three times wider (focus may be far
         away). False where focus is known to be near the first sweep (a quick check around a
         trusted prediction showed nothing): a flat first sweep then ends the search.
+    region : array_like of bool, optional
+        Where the particles are in the frame (:func:`~.segments.particle_region` of a
+        record taken here just before, full frame shape; cut to ``window`` here), for the
+        default ``"local"`` metric: the focus run measures there instead of searching its
+        first sweep for particles again. Ignored with fewer than 64 pixels (in the window).
 
     Returns
     -------
     FocusResult
         (the generator's return value: ``result = yield from autofocus(...)``)
     """
-    metric = metric or _default_metric(settings)
+    metric = metric or _default_metric(settings, region, window)
     center, span = float(center_um), float(settings.span_um)
     xs, ys, sds = ([np.asarray(a, dtype=np.float64) for a in prior] if prior is not None
                    else [np.zeros(0), np.zeros(0), np.zeros(0)])
@@ -346,7 +428,8 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     widened = not widen
     defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
     fit = good = None
-    for _ in range(settings.max_rounds):
+    sweeps_done = 1  # coarse sweeps so far
+    while True:
         d, v, sd = yield from _sweep(defoci, metric, window)
         images += len(d)
         sweeps.append((tuple(d.tolist()), tuple(v.tolist())))
@@ -355,16 +438,22 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
         if fit.ok and (good is None or fit.center_sd <= good.center_sd):
             good = fit  # a later, noisier look must not throw away a peak already found
         best_d = float(xs[int(np.argmax(ys))])
-        step = span / (len(defoci) - 1) if len(defoci) > 1 else span
         if fit.ok and fit.center_sd <= settings.measurement_sd_um:
             break
-        if fit.ok:
-            # flanks at ±w/sqrt(2p+1) (steepest slope of the curve) carry the most
-            # information on the centre: sample around them, on both sides
-            half = _flank_um(fit.width, fit.power)
-            span = 2 * half
-            defoci = fit.center + half * _flank_offsets(settings.refine_steps)
+        if images >= settings.max_images:
+            break
+        # a peak found (or seen between two samples too far apart to give its width, its
+        # centre inside the range): one image at a time where it pins the centre best
+        # (mostly the flanks, where sharpness changes fastest), refitting after each and
+        # stopping as soon as the centre is known to measurement_sd_um
+        if fit.ok or (fit.reason == "under-sampled"
+                      and float(xs.min()) < fit.center < float(xs.max())):
+            defoci = np.array([_refine_at(fit, xs, sds)])
             continue
+        if sweeps_done >= settings.max_rounds or images + settings.steps > settings.max_images:
+            break
+        sweeps_done += 1
+        step = span / (len(defoci) - 1) if len(defoci) > 1 else span
         if fit.reason == "flat":
             if widened and good is not None:
                 break
@@ -377,11 +466,12 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
             widened = True
             span *= 3
         elif fit.reason == "edge":
-            lo_x, hi_x = float(d.min()), float(d.max())
-            up = v[np.argmax(d)] > v[np.argmin(d)]
+            # towards the sharper end of everything seen (the last look may be one image)
+            lo_x, hi_x = float(xs.min()), float(xs.max())
+            up = ys[np.argmax(xs)] > ys[np.argmin(xs)]
             center = (hi_x if up else lo_x) + (0.4 if up else -0.4) * span
         elif fit.reason == "under-sampled":
-            center = fit.center if d.min() <= fit.center <= d.max() else best_d
+            center = best_d  # its centre lies outside what was seen (else refined above)
             span = max(6 * max(fit.width, step / 4), 2 * step)
         else:  # the fit itself failed: look again, wider, around the sharpest image
             center, span = best_d, span * 2
@@ -398,7 +488,7 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
 def quick_focus(*, predicted_um: float, step_um: float, power: float | None = None,
                 settings: FocusSettings = FocusSettings(),
                 metric: Callable[[np.ndarray], float] | None = None,
-                window: tuple[slice, slice] | None = None) -> Plan:
+                window: tuple[slice, slice] | None = None, region=None) -> Plan:
     """Check a predicted focus with three images and correct it, or go on to a sweep.
 
     With the focus curve's shape known from an earlier sweep nearby (``step_um`` its width,
@@ -408,8 +498,10 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
     fixed). While the centre is not yet known to ``settings.measurement_sd_um`` (weak
     contrast, small frames), or the three images do not bracket it (the prediction was off
     by more than a flank: the fit with the known shape still says where the peak lies),
-    pairs of images on the flanks of the fitted centre are added, at most two pairs (7
-    images). Without ``power``, images at ``predicted ±
+    images on the flanks of the fitted centre are added, at most ``2 * refine_steps`` (7
+    images; one image at a time where it pins the centre best,
+    :func:`~.focus.next_focus_image`, once the fit is trustworthy; a pair on the flanks of
+    where an off prediction puts the peak). Without ``power``, images at ``predicted ±
     step_um`` and a parabola through ``log(sharpness)`` (a Gaussian's shape). When the images
     do not bracket the peak (``edge``), show no peak (``flat``) or do not reach the
     precision, :func:`autofocus` goes on from the sharpest image, reusing them.
@@ -419,27 +511,32 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
     FocusResult
         ``method`` is ``"quick"`` when no sweep was needed (3 images, or a few more to refine).
     """
-    metric = metric or _default_metric(settings)
+    metric = metric or _default_metric(settings, region, window)
     step = _flank_um(step_um, power) if power is not None else float(step_um)
     defoci, values, noise = yield from _sweep(
         np.array([predicted_um - step, predicted_um, predicted_um + step]), metric, window)
     images = 3
     if power is not None:
         fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
-        for _ in range(2):  # at most 7 images in all, the issue's budget for a focus
+        # at most 2 x refine_steps more (7 images in all by default, the issue's budget
+        # for a focus), one at a time while the fit is trustworthy
+        while images < 3 + 2 * settings.refine_steps:
             if fit.ok and fit.center_sd <= settings.measurement_sd_um:
                 break
             if fit.ok:
-                center = fit.center
-            elif fit.reason == "edge" and math.isfinite(fit.center):
+                # where one more image pins the centre best (the flank least pinned yet)
+                d, v, sd = yield from _sweep([_refine_at(fit, defoci, noise, shape_known=True)],
+                                             metric, window)
+            elif (fit.reason == "edge" and math.isfinite(fit.center)
+                  and images + settings.refine_steps <= 3 + 2 * settings.refine_steps):
                 # the prediction was off by more than a flank: the known shape still says
                 # where the peak lies; look there (at most three flanks beyond the sharpest)
                 sharpest = float(defoci[int(np.argmax(values))])
                 center = float(np.clip(fit.center, sharpest - 3 * step, sharpest + 3 * step))
+                d, v, sd = yield from _sweep(center + step * _flank_offsets(
+                    settings.refine_steps), metric, window)
             else:
                 break
-            d, v, sd = yield from _sweep(center + step * _flank_offsets(
-                settings.refine_steps), metric, window)
             images += len(d)
             defoci, values, noise = np.r_[defoci, d], np.r_[values, v], np.r_[noise, sd]
             fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
@@ -496,6 +593,79 @@ class SegmentSettings:
             confidence=self.confidence, spot_check_every=self.spot_check_every)
 
 
+@dataclass
+class AreaProgress:
+    """What the acquisition of an area has done so far: what a resumed run or a session's
+    next round carries over instead of starting again at tile 1.
+
+    :func:`acquire_area` updates it in place as it goes, so a run stopped at any checkpoint
+    leaves it describing exactly what was done up to there.
+
+    Attributes
+    ----------
+    tiles_done : set of int
+        Tiles (``Tile.index``) whose every segment was decided (recorded, skipped, outside
+        the stage limits or done before): never surveyed again.
+    model : FocusModel
+        The focus measurements so far.
+    measurements : list of (x_um, y_um, focus_um, sd_um)
+        The same measurements, JSON-ready (``sd_um`` None when unknown).
+    shape : (width_um, power) or None
+        The last sweep's focus curve, for quick checks.
+    calibration : SegmentCheckCalibration or None
+        The segment check's evidence about the survey's sensitivity.
+    verify_focus : bool
+        The focus model comes from an earlier run (read from ``acquisition.json``): the
+        specimen may have been refocused or moved since, so focus is measured before the
+        first record, and the old measurements are dropped if it disagrees with them.
+    survey : tuple or None
+        In-process only: ``(tile index, survey frame, segments, labels)`` of the tile being
+        worked on when the run stopped, so the next round goes on with it without a new
+        survey; ``decided`` holds that tile's segments ``(row, col)`` already decided.
+    """
+
+    tiles_done: set = field(default_factory=set)
+    model: FocusModel = field(default_factory=FocusModel)
+    measurements: list = field(default_factory=list)
+    shape: tuple | None = None
+    calibration: SegmentCheckCalibration | None = None
+    verify_focus: bool = False
+    survey: tuple | None = None
+    decided: set = field(default_factory=set)
+
+    @classmethod
+    def start(cls, segments: SegmentSettings) -> "AreaProgress":
+        """Nothing done yet: an empty focus model and a fresh calibration."""
+        return cls(calibration=segments.calibration())
+
+    def to_dict(self) -> dict:
+        """JSON-ready (for ``acquisition.json``); the in-process survey is left out."""
+        return {"tiles_done": sorted(int(t) for t in self.tiles_done),
+                "focus_measurements": [list(m) for m in self.measurements],
+                "focus_curve": list(self.shape) if self.shape is not None else None,
+                "segment_check": (self.calibration.summary()
+                                  if self.calibration is not None else None)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, segments: SegmentSettings) -> "AreaProgress":
+        """What an earlier run on the same area left in its ``acquisition.json``.
+
+        The calibration is taken only when made with the same settings; the focus model is
+        taken but verified before use (``verify_focus``)."""
+        progress = cls.start(segments)
+        progress.tiles_done = {int(t) for t in data.get("tiles_done", ())}
+        for x, y, f, sd in data.get("focus_measurements", ()):
+            progress.model.add(x, y, f, sd_um=sd)
+            progress.measurements.append((float(x), float(y), float(f), sd))
+        progress.verify_focus = len(progress.model) > 0
+        curve = data.get("focus_curve")
+        progress.shape = tuple(float(v) for v in curve) if curve else None
+        check = data.get("segment_check")
+        if progress.calibration is not None and check:
+            progress.calibration.restore(check)
+        return progress
+
+
 def _inside(x_um: float, y_um: float, limits_um) -> bool:
     if limits_um is None:
         return True
@@ -519,20 +689,46 @@ def _focus_here(x_um: float, y_um: float, model: FocusModel, shape: tuple | None
 
 
 def _log_focus(result: FocusResult, x_um: float, y_um: float, model: FocusModel,
-               shape: tuple | None, focus_log: list, settings: FocusSettings) -> tuple | None:
-    """Add a focus measurement to the model and the log; return the focus curve's shape
-    ``(width, power)`` to use for quick checks from now on."""
+               shape: tuple | None, focus_log: list, settings: FocusSettings,
+               measurements: list | None = None) -> tuple | None:
+    """Add a focus measurement to the model and the log (and to ``measurements``, JSON-ready,
+    see :class:`AreaProgress`); return the focus curve's shape ``(width, power)`` to use for
+    quick checks from now on."""
     focus_log.append((x_um, y_um, result.defocus_um, result.status, result.images))
     if result.status == "ok":
         # a fit's standard error below half the precision asked for is not trusted (drift,
         # the curve model's own misfit): the model never assumes better than that
         sd = result.center_sd_um
-        model.add(x_um, y_um, result.defocus_um,
-                  sd_um=max(sd, settings.measurement_sd_um / 2) if math.isfinite(sd) else None)
+        sd = max(sd, settings.measurement_sd_um / 2) if math.isfinite(sd) else None
+        model.add(x_um, y_um, result.defocus_um, sd_um=sd)
+        if measurements is not None:
+            measurements.append((float(x_um), float(y_um), float(result.defocus_um), sd))
         if result.method != "quick" and math.isfinite(result.width_um) \
                 and math.isfinite(result.power):
             return (result.width_um, result.power)
     return shape
+
+
+def _check_carried_focus(progress: AreaProgress, result: FocusResult, x_um: float,
+                         y_um: float, settings: FocusSettings) -> None:
+    """The first focus measured after resuming from ``acquisition.json`` decides whether the
+    earlier run's focus model still holds: it is kept when the new measurement lies within
+    the combined errors (2 sd) of its prediction, else dropped (the specimen was refocused
+    or moved between the runs), and the run goes on with the new measurement alone."""
+    if not progress.verify_focus or result.status != "ok":
+        return
+    progress.verify_focus = False
+    predicted = progress.model.predict(x_um, y_um)
+    if predicted is None:
+        return
+    model_sd = progress.model.uncertainty_um(x_um, y_um,
+                                             measurement_sd_um=settings.measurement_sd_um,
+                                             max_slope=settings.max_slope)
+    sd = result.center_sd_um if math.isfinite(result.center_sd_um) \
+        else settings.measurement_sd_um
+    if abs(result.defocus_um - predicted) > 2 * math.hypot(model_sd, sd):
+        progress.model = FocusModel()
+        progress.measurements.clear()
 
 
 def _already_done(xy, done_um, record_field_um) -> bool:
@@ -545,7 +741,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                  segments: SegmentSettings = SegmentSettings(),
                  target_defocus_um: float = 0.0, start_defocus_um: float = 0.0,
                  limits_um: tuple[float, float, float, float] | None = None,
-                 done_um: Sequence[tuple[float, float]] = ()) -> Plan:
+                 done_um: Sequence[tuple[float, float]] = (),
+                 progress: AreaProgress | None = None) -> Plan:
     """The autoSTEM loop, faster: survey, check segments, focus only where needed, record.
 
     For each tile in order: move there, take a survey image and find the record-sized
@@ -558,7 +755,11 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     outside ``limits_um`` (stage limits), or for which no focus could be found at all, are
     skipped. Segments whose centre lies within half a record field of a position in
     ``done_um`` (frames an earlier, interrupted run saved) are not acquired again, so a
-    resumed run never images the same particles twice.
+    resumed run never images the same particles twice. ``progress`` (an
+    :class:`AreaProgress`, updated in place) carries what an earlier run or round did: its
+    done tiles are not surveyed again, the tile it stopped in goes on with its survey when
+    that was kept (in-process), and the focus model, focus curve and segment-check
+    calibration go on from where they were.
 
     The survey is not trusted blindly (``segments.calibrate``, see
     :class:`~.segments.SegmentCheckCalibration`): until enough segments were compared,
@@ -589,13 +790,25 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         "segment_check"}`` (``confirmations``: confirmation records taken)
         (``segment_check``: :meth:`~.segments.SegmentCheckCalibration.summary`, or None).
     """
-    model = FocusModel()
-    shape: tuple | None = None  # the last sweep's focus curve (width, power)
+    progress = progress if progress is not None else AreaProgress.start(segments)
+    model = progress.model
+    shape: tuple | None = progress.shape  # the last sweep's focus curve (width, power)
     skipped = acquired = focus_images = visited = 0
     focus_log = []
     unfocusable: list[tuple[float, float]] = []
-    calibration = segments.calibration()
+    calibration = progress.calibration
     confirmations = 0
+
+    def log_focus(result: FocusResult, x_um: float, y_um: float) -> None:
+        nonlocal model, shape
+        _check_carried_focus(progress, result, x_um, y_um, focus)
+        model = progress.model
+        shape = progress.shape = _log_focus(result, x_um, y_um, model, shape, focus_log,
+                                            focus, progress.measurements)
+
+    def needs_focus(x_um: float, y_um: float) -> bool:
+        # a focus model carried from an earlier run is checked once before it is used
+        return progress.verify_focus or focus.needs_focus(model, x_um, y_um)
 
     def particle_peaks(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         # every peak of the frame (margin 0) and its particle: one search answers the focus
@@ -620,33 +833,45 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
 
     yield Report(check_fields())
     for tile in tiles:
+        if tile.index in progress.tiles_done:
+            continue  # every segment decided in an earlier run or round: no new survey
         yield Checkpoint()
         visited += 1
         yield Report({"state": "surveying", "tile": tile.index + 1, "tiles": len(tiles)})
-        yield Move(tile.x_um, tile.y_um)
-        yield SetMode("survey")
-        if len(model):
-            yield SetDefocus(model.predict(tile.x_um, tile.y_um) + target_defocus_um)
-        elif start_defocus_um is not None:
-            yield SetDefocus(float(start_defocus_um))
-        survey = yield Snap("survey")
         found: list[Segment]
-        found, survey_labels = survey_segments(
-            survey.image, survey.pixel_nm, segment_um=record_field_um,
-            overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
-            min_size_nm=segments.min_size_nm, polarity=segments.polarity)
+        if progress.survey is not None and progress.survey[0] == tile.index:
+            # the round before stopped in this tile: its survey still describes it
+            survey, found, survey_labels = progress.survey[1:]
+        else:
+            yield Move(tile.x_um, tile.y_um)
+            yield SetMode("survey")
+            if len(model):
+                yield SetDefocus(model.predict(tile.x_um, tile.y_um) + target_defocus_um)
+            elif start_defocus_um is not None:
+                yield SetDefocus(float(start_defocus_um))
+            survey = yield Snap("survey")
+            found, survey_labels = survey_segments(
+                survey.image, survey.pixel_nm, segment_um=record_field_um,
+                overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
+                min_size_nm=segments.min_size_nm, polarity=segments.polarity)
+            progress.survey = (tile.index, survey, found, survey_labels)
+            progress.decided = set()
         centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
                   for s in found}
         inside = [s for s in found if _inside(*centre[id(s)], limits_um)]
         eligible = [s for s in inside
-                    if not _already_done(centre[id(s)], done_um, record_field_um)]
+                    if (s.row, s.col) not in progress.decided
+                    and not _already_done(centre[id(s)], done_um, record_field_um)]
         # Survey-empty segments are recorded too while the check calibrates, after it was
         # switched off, and as spot checks: each decided when its turn comes (serpentine
         # order), so that what the records before it showed about the survey (segments and
         # particles it saw and missed) counts already within the tile.
         chosen = list(eligible)
-        # segments an earlier run saved are done, not skipped
-        skipped += len(found) - len(inside)
+        # segments an earlier run saved are done, not skipped; those outside the stage
+        # limits are counted once, with the tile's survey
+        if not progress.decided:
+            skipped += len(found) - len(inside)
+            progress.decided.update((s.row, s.col) for s in found if s not in inside)
         yield Report({"skipped_segments": skipped})
         recording = False
         tried: set[int] = set()  # focus sites that came out empty in this tile
@@ -654,13 +879,14 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             if not seg.has_particles and not (calibration is not None
                                               and calibration.record_anyway()):
                 skipped += 1
+                progress.decided.add((seg.row, seg.col))
                 yield Report({"skipped_segments": skipped})
                 continue
             if not recording:
                 yield SetMode("record")
                 recording = True
             x, y = centre[id(seg)]
-            if focus.needs_focus(model, x, y):
+            if needs_focus(x, y):
                 # Survey-occupied sites nearby first, most particles first.
                 near = [s for s in chosen if id(s) not in tried and s.has_particles
                         and math.dist(centre[id(s)], (x, y)) <= min(focus.reach_um, focus.refocus_distance_um / 2)]
@@ -670,7 +896,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     yield Move(fx, fy)
                     result = yield from _focus_here(fx, fy, model, shape, focus)
                     focus_images += result.images
-                    shape = _log_focus(result, fx, fy, model, shape, focus_log, focus)
+                    log_focus(result, fx, fy)
                     yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                     if result.status == "ok":
                         break
@@ -685,7 +911,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             peaks = objects = None  # every particle peak of `frame`, once it was searched
             # where focusing on a record's particles failed (too few, too faint), trying
             # again close by would fail the same way: those records keep the best guess
-            if focus.needs_focus(model, x, y) and not any(
+            if needs_focus(x, y) and not any(
                     math.dist((x, y), p) < focus.refocus_distance_um / 2 for p in unfocusable):
                 peaks, objects = particle_peaks(frame)
             if peaks is not None and len(peaks):
@@ -700,7 +926,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     window=focus_window(frame.image.shape, peaks))
                 result = dataclasses.replace(result, images=result.images + 1)  # + the probe
                 focus_images += result.images
-                shape = _log_focus(result, x, y, model, shape, focus_log, focus)
+                log_focus(result, x, y)
                 yield Report({"focus": focus_log[-1], "defocus_um": result.defocus_um})
                 if result.status == "ok":
                     best = model.predict(x, y) + target_defocus_um
@@ -714,7 +940,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             # bright field) recorded far from focus can look empty although it is not; within
             # refocus_distance_um of a measurement the prediction is off by a few depths of
             # field at most, which blurs particles but does not hide them
-            focused = model.distance(x, y) <= focus.refocus_distance_um
+            focused = (not progress.verify_focus
+                       and model.distance(x, y) <= focus.refocus_distance_um)
             keep = True
             if calibration is not None and calibration.state != "off":
                 # Compare the survey's verdict with what the record shows.
@@ -736,7 +963,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     # with the peaks is kept whatever it says (never dropped on its word)
                     if seen and film_only(confirm.image, confirm.pixel_nm,
                                           polarity=segments.polarity,
-                                          margin=segments.overlap / 2):
+                                          margin=segments.overlap / 2,
+                                          bin_px=segments.record_bin_px):
                         seen = False
                 # A blank record at an unknown focus is no evidence: where the survey saw
                 # particles in this tile, or has missed them before, it is kept unjudged
@@ -761,6 +989,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 # what the survey misses, which is what calibration relies on anyway.)
                 keep = seg.has_particles or anywhere or unjudged
                 yield Report(check_fields())
+            progress.decided.add((seg.row, seg.col))
             if not keep:
                 skipped += 1
                 yield Report({"skipped_segments": skipped})
@@ -768,6 +997,8 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             yield Save(frame, tile.index, (seg.row, seg.col))
             acquired += 1
             yield Checkpoint()
+        progress.tiles_done.add(tile.index)
+        progress.survey, progress.decided = None, set()
     return {"focus": focus_log, "skipped_segments": skipped, "acquired_segments": acquired,
             "focus_images": focus_images, "tiles_visited": visited,
             "confirmations": confirmations,

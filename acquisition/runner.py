@@ -28,8 +28,8 @@ import numpy as np
 
 from ..frames import write_frame
 from .navigator import NavPosition, read_navigator, write_navigator
-from .plans import (Checkpoint, FocusSettings, Move, Plan, Report, Save, SegmentSettings,
-                    SetDefocus, SetMode, Snap, acquire_area)
+from .plans import (AreaProgress, Checkpoint, FocusSettings, Move, Plan, Report, Save,
+                    SegmentSettings, SetDefocus, SetMode, Snap, acquire_area)
 from .protocol import Frame, Microscope
 from .stopping import StopConditions
 from .tiling import Tile, serpentine
@@ -176,7 +176,9 @@ class AcquisitionReport:
     simulator); ``stop_reason`` is ``finished``, ``max_frames``, ``time_limit``,
     ``stop_requested``, ``interrupted`` or ``converged``. ``segment_check`` is what the
     segment check learnt about itself (:meth:`~.segments.SegmentCheckCalibration.summary`,
-    also in ``acquisition.json``; None when it was not calibrated).
+    also in ``acquisition.json``; None when it was not calibrated). ``progress`` is what
+    the run did (:class:`~.plans.AreaProgress`): pass it to the next ``run_acquisition`` on
+    the same area (a session's next round) to go on where this one stopped.
     """
 
     out_dir: Path
@@ -193,6 +195,7 @@ class AcquisitionReport:
     description_path: Path
     focus_log: tuple = field(default=(), repr=False)
     segment_check: dict | None = None
+    progress: AreaProgress | None = field(default=None, repr=False)
 
     @property
     def frames_saved(self) -> int:
@@ -220,6 +223,34 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
         path = folder / f"{stem}_{n}{suffix}"
         n += 1
     return path
+
+
+#: What must match for an earlier run's ``acquisition.json`` to describe the same tiles.
+_SAME_PLAN = ("area_um", "overlap", "record_field_um", "tile_step_um", "tiles", "segments")
+
+
+def earlier_progress(folder: Path, description: Mapping,
+                     segments: SegmentSettings) -> AreaProgress | None:
+    """What the latest earlier run on the same area and tiles left in ``folder``
+    (its ``acquisition*.json``'s ``progress``), or None.
+
+    Each run starts from the one before it, so the latest holds everything done so far.
+    A run with other tiles or segment settings describes other segments: not taken.
+    """
+    best = None
+    for path in folder.glob("acquisition*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged description is no evidence of work done
+        if "progress" not in data or any(
+                json.loads(json.dumps(description[k], default=_json_default)) != data.get(k)
+                for k in _SAME_PLAN):
+            continue
+        key = (str(data.get("started", "")), path.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, data["progress"])
+    return AreaProgress.from_dict(best[1], segments) if best is not None else None
 
 
 def plan_tiles(scope: Microscope, area_um, *, overlap: float = 0.1
@@ -304,7 +335,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                     target_defocus_um: float = 0.0, threaded_writer: bool = True,
                     handle_sigint: bool = True, throttle: Callable[[], None] | None = None,
                     backend: str | None = None,
-                    sample: str | None = None, seed: int | None = None) -> AcquisitionReport:
+                    sample: str | None = None, seed: int | None = None,
+                    progress: AreaProgress | None = None) -> AcquisitionReport:
     """Acquire frames over a stage area until it is covered or a stop is requested.
 
     Parameters
@@ -338,6 +370,12 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         block, e.g. to keep a fast simulated microscope from running far ahead of analysis.
     backend, sample, seed : optional
         Recorded in ``acquisition.json``.
+    progress : AreaProgress, optional
+        What an earlier run on the same area did (``AcquisitionReport.progress``): its done
+        tiles are not surveyed again and its focus model and segment-check calibration go
+        on. Without it, the latest earlier ``acquisition*.json`` in ``out_dir`` made for the
+        same tiles is read instead (a resumed run after a restart), its focus model checked
+        once before use. The progress of this run is kept in its own ``acquisition.json``.
 
     Returns
     -------
@@ -368,10 +406,18 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                              "segment_check": None, "segment_check_note": None}
     check_counts: dict[str, Any] = {}
 
+    if progress is None:
+        progress = earlier_progress(out, description.to_dict(), segments)
+    if progress is None:
+        progress = AreaProgress.start(segments)
+    written_tiles = [len(progress.tiles_done)]
+
     def write_description() -> None:
         data = description.to_dict()
         if check_counts:
             data["segment_check"] = dict(check_counts)
+        data["progress"] = progress.to_dict()
+        written_tiles[0] = len(progress.tiles_done)
         _write_json_atomic(description_path, data)
     clock0, wall0 = scope.clock_s, time.monotonic()
     saved: list[Path] = []
@@ -408,6 +454,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
                 publish()
                 return True, None
             case Checkpoint():
+                if len(progress.tiles_done) != written_tiles[0]:
+                    write_description()  # a tile was finished: kept for a resumed run
                 if throttle is not None:
                     throttle()
                 reason = conditions.reason(len(saved))
@@ -443,7 +491,7 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
 
     done_um = [(p.x_um, p.y_um) for p in positions]
     plan = acquire_area(tiles, record_field_um=record_field, focus=focus, segments=segments,
-                        done_um=done_um,
+                        done_um=done_um, progress=progress,
                         target_defocus_um=target_defocus_um, start_defocus_um=scope.defocus(),
                         limits_um=scope.stage_limits_um)
     state["state"] = "running"
@@ -454,8 +502,7 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
             result = run_plan(plan, scope, handle=handle)
     finally:
         writer.close()
-        if check_counts:
-            write_description()
+        write_description()
         if positions:
             write_navigator(nav_path, positions)
     if result is not None:
@@ -469,4 +516,4 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         instrument_s=float(scope.clock_s - clock0), wall_s=time.monotonic() - wall0,
         stop_reason=str(state["stop_reason"]), nav_path=nav_path if positions else None,
         description_path=description_path, focus_log=tuple(focus_log),
-        segment_check=dict(check_counts) or None)
+        segment_check=dict(check_counts) or None, progress=progress)

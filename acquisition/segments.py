@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -739,6 +740,28 @@ class SegmentCheckCalibration:
         checked = self.occupied if which == "occupied" else self.empty_checked
         return miss_rate_upper_bound(self.missed, checked, confidence=self.confidence)
 
+    def restore(self, summary: Mapping) -> bool:
+        """Take over the counts and state of an earlier run's :meth:`summary` (a resumed
+        run on the same specimen: what the survey showed about its sensitivity there still
+        holds). Only a summary made with the same tolerances, confidence and spot-check
+        interval is taken; returns whether it was."""
+        same = all(summary.get(name) == getattr(self, name) for name in
+                   ("miss_tolerance", "empty_tolerance", "confidence", "spot_check_every"))
+        if not same or summary.get("state") not in ("calibrating", "on", "off"):
+            return False
+        self.occupied = int(summary["occupied_checked"])
+        self.missed = int(summary["missed"])
+        self.empty_checked = int(summary["empty_checked"])
+        self.spot_checks = int(summary["spot_checks"])
+        self.particles_checked = int(summary["particles_checked"])
+        self.particles_missed = int(summary["particles_missed"])
+        # summaries written before these were kept: the per-particle bound then waits for
+        # new segments, which errs on the side of recording
+        self.particle_segments = int(summary.get("particle_segments", 0))
+        self._since_spot = int(summary.get("since_spot_check", 0))
+        self.state = str(summary["state"])
+        return True
+
     def note(self) -> str:
         """One line for the log and the dashboard."""
         if self.state == "off":
@@ -761,6 +784,8 @@ class SegmentCheckCalibration:
                 "spot_checks": self.spot_checks,
                 "particles_checked": self.particles_checked,
                 "particles_missed": self.particles_missed,
+                "particle_segments": self.particle_segments,
+                "since_spot_check": self._since_spot,
                 "particle_miss_rate_upper": self.upper_bound("particle"),
                 "miss_rate_upper": self.upper_bound("occupied"),
                 "empty_miss_rate_upper": self.upper_bound("empty"),

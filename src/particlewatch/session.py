@@ -374,7 +374,10 @@ def run_session(out_dir: str | os.PathLike, *, sample: str = "au10", precision: 
                     scope, frames_dir, area_um=area, max_frames=left, stop=stop_acquisition,
                     stop_on=stats_at, on_state=on_state, handle_sigint=False,
                     throttle=throttle,
-                    backend=backend, sample=sample, seed=seed))
+                    backend=backend, sample=sample, seed=seed,
+                    # the next round goes on where this one stopped: no tile surveyed
+                    # again, the focus model and the segment check's calibration kept
+                    progress=rounds[-1].progress if rounds else None))
                 outcome["report"] = combine_reports(rounds)
                 if rounds[-1].stop_reason != "converged" or stop_acquisition.is_set():
                     return
