@@ -492,11 +492,96 @@ def fit_focus_curve(x, y, sd, *, width=None, power=None) -> FocusCurveFit:
              top - float(model(np.array([x1]), *popt)[0]))
     if not x0 <= c <= x1 or min(drops) < 2.0 * noise:
         return FocusCurveFit(**fit, ok=False, reason="edge")
-    if not fixed and w < step / 3:
+    # the peak must be resolved where it is: the samples bracketing the centre no farther
+    # apart than 3 widths (a uniform sweep: its step; refining images added near the peak
+    # resolve it however coarse the first sweep was)
+    ux = np.unique(x)
+    below, above_c = ux[ux <= c], ux[ux >= c]
+    gap = float(above_c[0] - below[-1]) if below.size and above_c.size else step
+    if not fixed and w < gap / 3:
         return FocusCurveFit(**fit, ok=False, reason="under-sampled")
     if not math.isfinite(c_sd):
         return FocusCurveFit(**fit, ok=False, reason="fit failed: no covariance")
     return FocusCurveFit(**fit, ok=True)
+
+
+def _curve_jacobian(x, params) -> np.ndarray:
+    """Derivatives of :func:`focus_curve` at ``x`` by its parameters ``(center, width,
+    amplitude, offset, power)`` (central differences, steps relative to each parameter)."""
+    x = np.asarray(x, dtype=np.float64)
+    p = np.asarray(params, dtype=np.float64)
+    steps = np.array([1e-4 * p[1], 1e-4 * p[1], 1e-4 * max(abs(p[2]), 1e-12),
+                      1e-4 * max(abs(p[2]), 1e-12), 1e-4 * p[4]])
+    cols = []
+    for k, h in enumerate(steps):
+        up, down = p.copy(), p.copy()
+        up[k] += h
+        down[k] -= h
+        cols.append((focus_curve(x, *up[:4], up[4]) - focus_curve(x, *down[:4], down[4]))
+                    / (2 * h))
+    return np.column_stack(cols)
+
+
+def next_focus_image(fit: FocusCurveFit, x, sd, *, candidates=None,
+                     shape_known: bool = False) -> tuple[float, float]:
+    """Where one more image says most about the centre of a fitted focus curve.
+
+    Sequential c-optimal design: for each candidate defocus the centre's variance after
+    adding one image there is predicted from the fit's Fisher information (the curve's
+    derivatives by its five parameters at every image so far, each weighed by its noise)
+    plus the candidate's row, and the candidate with the smallest variance wins. This puts
+    images on the steepest flanks and on whichever side the samples so far leave the centre
+    least pinned (a lone flank image is paired on the other side, since the height and
+    width then cancel), and says in advance what the image will bring, so a focus run can
+    stop as soon as its centre is known well enough, one image at a time rather than in
+    fixed pairs.
+
+    Parameters
+    ----------
+    fit : FocusCurveFit
+        A fit of :func:`focus_curve` to ``x`` (by :func:`fit_focus_curve`).
+    x, sd : array_like, 1-D
+        Defocus of every image so far and its sharpness noise.
+    candidates : array_like, optional
+        Defocus values to choose from; default 41 values over the centre ± 4 flank
+        distances (:func:`focus_curve`'s steepest points).
+    shape_known : bool
+        The fit had ``width`` and ``power`` fixed (:func:`fit_focus_curve`'s three-parameter
+        form): only centre, amplitude and offset are uncertain.
+
+    Returns
+    -------
+    defocus : float
+        The best candidate.
+    center_sd : float
+        The centre's standard error predicted with that image added (same scale as
+        ``fit.center_sd``).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    sd = np.broadcast_to(np.asarray(sd, dtype=np.float64), x.shape)
+    params = (fit.center, fit.width, fit.amplitude, fit.offset, fit.power)
+    if not all(math.isfinite(v) for v in params) or not fit.width > 0:
+        raise ValueError(f"fit has no usable shape: {fit}")
+    flank = fit.width / math.sqrt(2.0 * fit.power + 1.0)
+    if candidates is None:
+        candidates = fit.center + flank * np.linspace(-4.0, 4.0, 41)
+    candidates = np.asarray(candidates, dtype=np.float64).ravel()
+    free = [0, 2, 3] if shape_known else [0, 1, 2, 3, 4]
+    j = _curve_jacobian(x, params)[:, free]
+    info = j.T @ (j / sd[:, None] ** 2)
+    # the new image's noise: that of the image nearest to it in sharpness (noise grows
+    # with the signal measured)
+    y_seen = focus_curve(x, *params[:4], params[4])
+    y_new = focus_curve(candidates, *params[:4], params[4])
+    sd_new = sd[np.argmin(np.abs(y_seen[None, :] - y_new[:, None]), axis=1)]
+    j_new = _curve_jacobian(candidates, params)[:, free]
+    # inflate as the fit did (points scattering beyond their noise)
+    base = math.sqrt(max(float(np.linalg.pinv(info)[0, 0]), 1e-300))
+    scale = fit.center_sd / base if math.isfinite(fit.center_sd) and fit.center_sd > 0 else 1.0
+    variance = np.array([np.linalg.pinv(info + np.outer(r, r) / s ** 2)[0, 0]
+                         for r, s in zip(j_new, sd_new)])
+    best = int(np.argmin(variance))
+    return float(candidates[best]), float(math.sqrt(max(variance[best], 0.0)) * max(scale, 1.0))
 
 
 def parabola_vertex(x, y) -> float | None:

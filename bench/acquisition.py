@@ -24,6 +24,14 @@ the sharpness SNR there that a 2048 px record has, the size the issue's focus go
     python bench/acquisition.py [--sample au10] [--frames 30] [--size 2048] [--autostem]
     python bench/acquisition.py --segments [--positions 100] [--size 512] [--dose-factor 0.25]
         [--run-tiles 12] [--detector bf]
+    python bench/acquisition.py --focus [--trials 40] [--size 512] [--dose-factor 0.25]
+        [--samples ps50,ps-bimodal] [--detector bf]
+
+``--focus`` measures the autofocus plan alone against the simulator's true focus: at
+``--trials`` stage positions per row (alternately sparse, 0.02-0.15 coverage, and medium,
+0.15-0.8, each field holding at least two particles), one autofocus started up to 0.5 µm
+from true focus; it prints images per autofocus, the share landing within the depth of
+field, the median and worst error, per sample, detector and density.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ from particlewatch.acquisition.plans import (FocusSettings, Move, Report, Save, 
                                              SetMode, Snap, acquire_area, autofocus)
 from particlewatch.acquisition.runner import (FrameWriter, execute, frame_name, plan_tiles,
                                               run_acquisition, run_plan)
-from particlewatch.acquisition.segments import (check_segments, record_has_particles,
-                                                 segment_grid)
+from particlewatch.acquisition.segments import (check_segments, focus_window,
+                                                 particle_region, record_has_particles,
+                                                 record_particles, segment_grid)
 from particlewatch.simulators.render import FrameGeometry
 from particlewatch.simulators.samples import SAMPLES
 from particlewatch.simulators.scope import SimScope
@@ -94,7 +103,8 @@ def run_autostem_like(args, out: Path, area):
     # raster of record fields over the area, x outer and y inner as the released script
     xs = np.arange(area[0] + record[0] / 2, area[2], fov)
     ys = np.arange(area[1] + record[1] / 2, area[3], fov)
-    settings = FocusSettings(span_um=1.2, steps=AUTOSTEM_FOCUS_IMAGES, max_rounds=1)
+    settings = FocusSettings(span_um=1.2, steps=AUTOSTEM_FOCUS_IMAGES, max_rounds=1,
+                             max_images=AUTOSTEM_FOCUS_IMAGES)
     for x in xs:
         for y in ys:
             if n >= args.frames:
@@ -361,6 +371,84 @@ def print_segment_runs(args) -> None:
                       f"{r['confirmations']:>5}", flush=True)
 
 
+def focus_trials(sample, detector, *, trials=40, size=512, seed=0, dose_factor=1.0,
+                 start_error_um=0.5, settings=FocusSettings(), probe="none"):
+    """Autofocus alone against the truth, at sparse and medium-density positions.
+
+    ``probe`` says what comes before the autofocus: ``"none"``; ``"window"``, as the
+    acquisition plan does where focus is unknown: a record at the start defocus (counted as
+    a focus image), its particles (:func:`~.segments.record_particles`) and a focus run in
+    the window around them (:func:`~.segments.focus_window`); ``"region"``: the same
+    record, and a focus run on the whole frame measured on that record's particle region
+    (``autofocus(region=...)``, :func:`~.segments.particle_region`).
+
+    Returns
+    -------
+    dict
+        ``kind`` (1 sparse, 2 medium), ``images``, ``error_um`` (found minus true focus),
+        ``status``, one entry per trial; ``dof_um``.
+    """
+    scope = _bench_scope(sample, detector, size=size, seed=seed, dose_factor=dose_factor)
+    micro = SimulatedMicroscope(scope)
+    rng = np.random.default_rng([seed, 7])
+    half_nm = scope.field_of_view_um("record") * 500.0 * 0.8
+    out = dict(kind=[], images=[], error_um=[], status=[], dof_um=scope.depth_of_field_um)
+    while len(out["images"]) < trials:
+        x, y = rng.uniform(-50, 50, 2)
+        density = scope.specimen.density(x, y)
+        kind = 1 + len(out["images"]) % 2
+        if not ((kind == 1 and 0.02 < density < 0.15) or (kind == 2 and 0.15 <= density < 0.8)):
+            continue
+        near = scope.specimen.particles_in(x * 1000 - half_nm, y * 1000 - half_nm,
+                                           x * 1000 + half_nm, y * 1000 + half_nm)
+        if len(near["x_nm"]) < 2:
+            continue
+        micro.move_stage(x, y)
+        truth = scope.true_focus_um()
+        start = truth + rng.uniform(-start_error_um, start_error_um)
+        options, extra = {}, 0
+        if probe != "none":
+            micro.set_defocus(start)
+            frame = scope.snap().image
+            extra = 1
+            if probe == "window":
+                peaks, _ = record_particles(frame, scope.pixel_nm())
+                options["window"] = focus_window(frame.shape, peaks)
+            else:
+                options["region"] = particle_region(frame, scope.pixel_nm())
+        result = run_plan(autofocus(center_um=start, settings=settings, **options), micro)
+        out["kind"].append(kind)
+        out["images"].append(result.images + extra)
+        out["error_um"].append(result.defocus_um - truth)
+        out["status"].append(result.status)
+    return {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def print_focus_trials(args) -> None:
+    print(f"autofocus alone vs true focus: {args.trials} trials per row (half sparse, half "
+          f"medium), {args.size} px, seed {args.seed}, dose x{args.dose_factor:g}, start up to "
+          f"0.5 um off, probe record first: {args.probe}; inDOF: |found - true| <= depth of "
+          f"field; img/AF counts the probe")
+    print(f"{'sample':<16}{'det':<6}{'img/AF':>7}{'max':>5}{'inDOF%':>8}{'sparse':>8}"
+          f"{'medium':>8}{'med|err|nm':>11}{'max nm':>8}{'not ok':>7}{'wall s':>8}")
+    detectors = (args.detector,) if args.detector else ("bf", "haadf")
+    samples = args.samples.split(",") if args.samples else [s for s in SAMPLES if s != "empty"]
+    for sample in samples:
+        for detector in detectors:
+            t0 = time.perf_counter()
+            r = focus_trials(sample, detector, trials=args.trials, size=args.size,
+                             seed=args.seed, dose_factor=args.dose_factor, probe=args.probe)
+            err = np.abs(r["error_um"])
+            ok = err <= r["dof_um"]
+            print(f"{sample:<16}{detector:<6}{np.mean(r['images']):>7.1f}"
+                  f"{np.max(r['images']):>5d}{100 * np.mean(ok):>8.1f}"
+                  f"{100 * np.mean(ok[r['kind'] == 1]):>8.1f}"
+                  f"{100 * np.mean(ok[r['kind'] == 2]):>8.1f}"
+                  f"{1000 * np.median(err):>11.1f}{1000 * np.max(err):>8.0f}"
+                  f"{int(np.sum(r['status'] != 'ok')):>7d}"
+                  f"{time.perf_counter() - t0:>8.0f}", flush=True)
+
+
 def print_segment_rates(args) -> None:
     print(f"segment check vs truth: {args.positions} surveys per row, {args.size} px, "
           f"seed {args.seed}, dose x{args.dose_factor:g}")
@@ -392,16 +480,26 @@ def main(argv=None) -> int:
     parser.add_argument("--positions", type=int, default=100,
                         help="survey positions per sample and detector (--segments)")
     parser.add_argument("--dose-factor", type=float, default=1.0,
-                        help="survey dose relative to the sample's default (--segments)")
+                        help="dose relative to the sample's default (--segments, --focus)")
     parser.add_argument("--run-tiles", type=int, default=12,
                         help="survey tiles per whole run (--segments)")
     parser.add_argument("--runs-only", action="store_true",
                         help="skip the per-survey table (--segments)")
     parser.add_argument("--samples", default=None,
-                        help="comma-separated samples for the whole-run table (--segments)")
+                        help="comma-separated samples (--segments whole runs, --focus)")
     parser.add_argument("--detector", choices=("bf", "haadf"), default=None,
-                        help="only this detector in the whole-run table (--segments)")
+                        help="only this detector (--segments whole runs, --focus)")
+    parser.add_argument("--focus", action="store_true",
+                        help="measure the autofocus plan alone against true focus")
+    parser.add_argument("--trials", type=int, default=40,
+                        help="autofocus trials per sample and detector (--focus)")
+    parser.add_argument("--probe", choices=("none", "window", "region"), default="none",
+                        help="what precedes each autofocus (--focus; see focus_trials)")
     args = parser.parse_args(argv)
+    if args.focus:
+        args.size = args.size or 512
+        print_focus_trials(args)
+        return 0
     if args.segments:
         args.size = args.size or 512  # segments are judged per survey; 512 px keeps it quick
         if not args.runs_only:
