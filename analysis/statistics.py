@@ -36,7 +36,7 @@ from scipy import stats as sps
 from .populations import PopulationModel, fit_populations
 from ._json import json_safe
 
-__all__ = ["summarize", "RunningStatistics", "population_stats", "z_average",
+__all__ = ["summarize", "RunningStatistics", "population_stats", "z_average", "touching",
            "cluster_mean_ci", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -79,6 +79,63 @@ def z_average(d):
         return math.nan
     r = d / top  # scaled: d⁶ of 1e5 nm overflows nothing, but keeps the sums well-conditioned
     return float(top * np.sum(r ** 6) / np.sum(r ** 5))
+
+
+def touching(x_px, y_px, radius_px, *, boxes=(), margin_px=3.0):
+    """Which particles of one frame touch another particle or an agglomerate box.
+
+    Parameters
+    ----------
+    x_px, y_px : (n,) array_like
+        Particle centres (column, row) in pixels.
+    radius_px : (n,) array_like
+        Particle radii in pixels (half the ECD).
+    boxes : sequence of (row0, col0, row1, col1)
+        Agglomerate boxes of the frame (``Separation.agglomerate_boxes``; end exclusive).
+    margin_px : float
+        Gap, edge to edge, below which two outlines count as touching (blur and the
+        rounding of an outline to pixels make touching outlines look a few pixels apart).
+
+    Returns
+    -------
+    (n,) ndarray of bool
+        True where the particle's disc comes within ``margin_px`` of another particle's
+        disc or of a box. :func:`summarize` counts fractions on the particles that touch
+        nothing (the ``touching`` column) when there are enough of them.
+
+    Examples
+    --------
+    >>> touching([10, 27, 100], [10, 10, 100], [8, 8, 8]).tolist()  # a gap of 1 px
+    [True, True, False]
+    >>> touching([10], [10], [5], boxes=[(0, 17, 30, 40)]).tolist()
+    [True]
+    """
+    from scipy.spatial import cKDTree
+
+    x = np.asarray(x_px, dtype=float).reshape(-1)
+    y = np.asarray(y_px, dtype=float).reshape(-1)
+    r = np.asarray(radius_px, dtype=float).reshape(-1)
+    if not len(x) == len(y) == len(r):
+        raise ValueError(f"x_px ({len(x)}), y_px ({len(y)}) and radius_px ({len(r)}) must "
+                         f"have the same length")
+    out = np.zeros(len(x), dtype=bool)
+    if len(x) == 0:
+        return out
+    r = np.where(np.isfinite(r), np.maximum(r, 0.0), 0.0)
+    xy = np.column_stack([x, y])
+    pairs = cKDTree(xy).query_pairs(2.0 * float(r.max()) + margin_px, output_type="ndarray")
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        gap = np.hypot(*(xy[i] - xy[j]).T) - r[i] - r[j]
+        near = gap <= margin_px
+        out[i[near]] = True
+        out[j[near]] = True
+    for box in boxes:
+        r0, c0, r1, c1 = (float(v) for v in box)
+        dy = np.maximum(np.maximum(r0 - y, y - (r1 - 1.0)), 0.0)
+        dx = np.maximum(np.maximum(c0 - x, x - (c1 - 1.0)), 0.0)
+        out |= np.hypot(dx, dy) <= r + margin_px
+    return out
 
 
 def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
@@ -126,8 +183,9 @@ def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
     return mean, float(q * math.sqrt(max(var_cluster, var_iid))), frames
 
 
-def _upper(var, frames):
-    """The 90% upper confidence bound of a between-frame variance estimated from ``frames``.
+def _upper(var, frames, level=_VARIANCE_BOUND):
+    """The upper confidence bound (one-sided ``level``, 90% by default) of a between-frame
+    variance estimated from ``frames``; ``level=None`` returns the estimate itself.
 
     A session stops at the first frame where the interval is narrow enough, which favours
     moments when the variance estimate happens to be low (optional stopping): with the plain
@@ -135,7 +193,9 @@ def _upper(var, frames):
     sessions. The upper bound (×2.8 at 5 frames, ×1.4 at 30, ×1.2 at 100) restores ≥ 95%
     (``bench/stop_rule_coverage.py``).
     """
-    return var * (frames - 1) / sps.chi2.ppf(1.0 - _VARIANCE_BOUND, frames - 1)
+    if level is None:
+        return var
+    return var * (frames - 1) / sps.chi2.ppf(1.0 - level, frames - 1)
 
 
 def _compact(clusters):
@@ -146,8 +206,13 @@ def _compact(clusters):
     return np.unique(clusters, return_inverse=True)[1].reshape(-1)
 
 
-def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE):
-    """Fraction of ``member`` (bool per particle) and its cluster-robust half-width."""
+def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE, bound=_VARIANCE_BOUND):
+    """Fraction of ``member`` (bool per particle) and its cluster-robust half-width.
+
+    The fraction is a ratio estimator over frames (members / particles counted); its variance
+    is the linearised between-frame one, ``F/(F-1) · Σ_f (m_f − p·n_f)² / N²``, its upper
+    bound at one-sided level ``bound`` (None: the estimate), floored at the binomial one.
+    """
     n = len(member)
     if n == 0:
         return math.nan, math.nan
@@ -164,7 +229,8 @@ def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE):
     var_binom = p_adj * (1 - p_adj) / n
     if frames > 1:
         resid = hits - p * counts
-        var_cluster = _upper(frames / (frames - 1) * np.sum(resid ** 2) / n ** 2, frames)
+        var_cluster = _upper(frames / (frames - 1) * np.sum(resid ** 2) / n ** 2, frames,
+                             bound)
         q = sps.t.ppf(0.5 + confidence / 2, frames - 1)
     else:
         var_cluster, q = 0.0, sps.norm.ppf(0.5 + confidence / 2)
@@ -297,7 +363,8 @@ def _validate_summary_inputs(table, labels, precision):
 
 def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames=None,
               min_per_population=50, min_frames=3, fraction_tolerance=None,
-              confidence=_CONFIDENCE, bins=_HIST_BINS):
+              fraction_variance_bound=_VARIANCE_BOUND, confidence=_CONFIDENCE,
+              bins=_HIST_BINS):
     """The ``summary.json`` content: statistics per population, convergence and histogram.
 
     Parameters
@@ -321,6 +388,9 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     fraction_tolerance : float, optional
         Largest 95% half-width of a population fraction (absolute) for "stable fractions";
         default ``max(precision, 0.02)`` — ±1 point would need ~9,600 particles at 50/50.
+    fraction_variance_bound : float or None
+        One-sided level of the upper confidence bound put on the between-frame variance of
+        the fractions against optional stopping (see ``_upper``); None uses the estimate.
     confidence : float
         Level of the intervals (keys keep the name ``ci95``).
     bins : int
@@ -370,6 +440,15 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     fraction_basis = "isolated" if ("separated" in table and alone.sum() >= max(
         min_per_population, 0.2 * n_in)) else "all"
     basis = alone if fraction_basis == "isolated" else inlier
+    if fraction_basis == "isolated" and "touching" in table:
+        # A particle that was not split can still have touched a group: when the group's
+        # small members were boxed as an agglomerate or hidden, the large one is left
+        # looking alone, so "not split" over-counts the large population (ps-bimodal,
+        # simulator truth: PS100 next to boxed piles). Counting only particles that touch
+        # nothing makes the count the same for both sizes.
+        free = alone & ~np.asarray(table["touching"], dtype=bool)
+        if free.sum() >= max(min_per_population, 0.2 * n_in):
+            basis, fraction_basis = free, "untouched"
     pops = []
     for pid in ids:
         member = labels == pid
@@ -382,7 +461,8 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
         # more particles needed for the precision, counted as members of the population
         if st["n"]:
             st["needed_for_precision"] *= n_member / st["n"]
-        frac, frac_half = _fraction_ci(member[basis], codes[basis], confidence=confidence)
+        frac, frac_half = _fraction_ci(member[basis], codes[basis], confidence=confidence,
+                                       bound=fraction_variance_bound)
         n_size = st.pop("n")
         st = {"id": int(pid), "n": n_member, "fraction": frac,
               "fraction_ci95": [max(0.0, frac - frac_half), min(1.0, frac + frac_half)],
@@ -511,7 +591,7 @@ class RunningStatistics:
         Wanted relative 95% half-width of every population's mean ECD.
     seed : int
         Seed of the clustering.
-    min_per_population, min_frames, fraction_tolerance :
+    min_per_population, min_frames, fraction_tolerance, fraction_variance_bound :
         Stop-rule settings (see :func:`summarize`).
     method, max_populations :
         Clustering (see :func:`~particlewatch.analysis.populations.find_populations`).
@@ -529,8 +609,8 @@ class RunningStatistics:
     """
 
     def __init__(self, *, precision=0.01, seed=0, min_per_population=50, min_frames=3,
-                 fraction_tolerance=None, method="auto", max_populations=6,
-                 refit_growth=1.5):
+                 fraction_tolerance=None, fraction_variance_bound=_VARIANCE_BOUND,
+                 method="auto", max_populations=6, refit_growth=1.5):
         if not 0 < precision < 1:
             raise ValueError(f"precision ({precision}) must be in (0, 1), e.g. 0.01 for ±1%")
         if refit_growth <= 1:
@@ -540,6 +620,7 @@ class RunningStatistics:
         self.min_per_population = min_per_population
         self.min_frames = min_frames
         self.fraction_tolerance = fraction_tolerance
+        self.fraction_variance_bound = fraction_variance_bound
         self.method = method
         self.max_populations = max_populations
         self.refit_growth = refit_growth
@@ -633,7 +714,8 @@ class RunningStatistics:
                             precision=self.precision, frames=codes,
                             min_per_population=self.min_per_population,
                             min_frames=self.min_frames,
-                            fraction_tolerance=self.fraction_tolerance)
+                            fraction_tolerance=self.fraction_tolerance,
+                            fraction_variance_bound=self.fraction_variance_bound)
         self._summary = summary
         return summary
 
