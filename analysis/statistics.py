@@ -16,7 +16,10 @@ degrees of freedom (few frames: wide intervals). Fractions get the same treatmen
 Sizes and fractions come from the particles that stood alone when the table says which were
 split from touching groups (``separated``) and enough stood alone: a split piece is measured
 from a regrown mask, and some pieces are unsplit overlapping pairs that no rule on a single
-particle can tell from a large member; ``n`` still counts every member.
+particle can tell from a large member; ``n`` still counts every member. Where the table also
+says which particles touch another particle or an agglomerate box (``touching``, from
+:func:`touching`), fractions are counted on the particles that touch nothing: a large particle
+whose small neighbours were boxed or hidden was not split, yet it did not stand alone.
 
 Stop rule (a Chow–Robbins fixed-width rule, 1965, with a frame-level variance): converged when,
 for every population, the 95% half-width ≤ ``precision`` × mean, the population holds at least
@@ -440,6 +443,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     fraction_basis = "isolated" if ("separated" in table and alone.sum() >= max(
         min_per_population, 0.2 * n_in)) else "all"
     basis = alone if fraction_basis == "isolated" else inlier
+    sizes_alone, size_rows = fraction_basis == "isolated", basis  # sizes: not split is enough
     if fraction_basis == "isolated" and "touching" in table:
         # A particle that was not split can still have touched a group: when the group's
         # small members were boxed as an agglomerate or hidden, the large one is left
@@ -452,7 +456,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     pops = []
     for pid in ids:
         member = labels == pid
-        sized = member & alone if fraction_basis == "isolated" else member
+        sized = member & alone if sizes_alone else member
         if sized.sum() < min(min_per_population, member.sum()):
             sized = member  # too few stood alone (yet): every member
         st = population_stats(table, sized, codes, precision=precision,
@@ -473,7 +477,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     _judge(pops, n_in=n_in, total_frames=total_frames, precision=precision,
            min_per_population=min_per_population, min_frames=min_frames,
            fraction_tolerance=fraction_tolerance)
-    all_stats = population_stats(table, basis, codes, precision=precision,
+    all_stats = population_stats(table, size_rows, codes, precision=precision,
                                  confidence=confidence) if n_in else None
     if all_stats is not None:
         all_stats["fraction"] = 1.0

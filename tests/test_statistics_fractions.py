@@ -27,9 +27,13 @@ def _mixture_with_hidden_partners(rng, n):
     small = rng.random(n) < 0.5
     ecd = np.where(small, rng.normal(55, 5, n), rng.normal(110, 9, n))
     lone_big = rng.normal(110, 9, n // 5)
-    table = {"ecd_nm": np.concatenate([ecd, lone_big]),
-             "separated": np.zeros(n + n // 5, bool),
-             "touching": np.concatenate([np.zeros(n, bool), np.ones(n // 5, bool)])}
+    # pieces split from groups, measured large (regrown masks, unsplit pairs): sizes come
+    # from the particles that were not split, whatever the fraction basis
+    pieces = np.where(rng.random(n // 4) < 0.5, rng.normal(62, 5, n // 4),
+                      rng.normal(120, 9, n // 4))
+    table = {"ecd_nm": np.concatenate([ecd, lone_big, pieces]),
+             "separated": np.concatenate([np.zeros(n + n // 5, bool), np.ones(n // 4, bool)]),
+             "touching": np.concatenate([np.zeros(n, bool), np.ones(n // 5 + n // 4, bool)])}
     labels = (table["ecd_nm"] > 80).astype(int)
     return table, labels
 
@@ -48,7 +52,9 @@ def test_fractions_are_counted_on_particles_that_touch_nothing():
     assert old["populations"][0]["fraction"] < 0.45
     # sizes and counts are not affected by the fraction basis
     for a, b in zip(s["populations"], old["populations"]):
-        assert a["n"] == b["n"] and a["mean_ecd_nm"] == b["mean_ecd_nm"]
+        assert a["n"] == b["n"] and a["n_size"] == b["n_size"] < a["n"]
+        assert a["mean_ecd_nm"] == b["mean_ecd_nm"]
+    assert s["all"]["mean_ecd_nm"] == old["all"]["mean_ecd_nm"]
 
 
 def test_untouched_basis_needs_enough_particles():
