@@ -50,7 +50,7 @@ from scipy.optimize import linear_sum_assignment
 
 import particlewatch.analysis as analysis_pkg
 from particlewatch.analysis.pipeline import analyze_image
-from particlewatch.analysis.statistics import RunningStatistics
+from particlewatch.analysis.statistics import RunningStatistics, touching
 from particlewatch.simulators.scope import SimScope
 
 SAMPLES = ("au10", "ps100", "ps50", "ps-bimodal", "silica-capsules", "spheres-rods",
@@ -107,8 +107,12 @@ def analysed(sample, detector, index, *, size, seed, key):
     """Cached ``analyze_image`` particle table of one frame, and the frame's truth."""
     path = WORK / "tables" / key / f"{sample}-{detector}-{size}-s{seed}-{index:03d}.npz"
     image, pixel_nm, truth = frame(sample, detector, index, size=size, seed=seed)
-    if not path.exists():
-        particles, _, _ = analyze_image(image.astype(float), pixel_nm)
+    if not path.exists() or "touching" not in np.load(path).files:
+        particles, _, sep = analyze_image(image.astype(float), pixel_nm)
+        # what the fractions are counted on: particles touching no particle and no box
+        particles["touching"] = touching(particles["x_px"], particles["y_px"],
+                                         particles["ecd_nm"] / 2 / pixel_nm,
+                                         boxes=sep.agglomerate_boxes)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **particles)
     z = np.load(path)
