@@ -899,7 +899,8 @@ def _fill_label_holes(labels):
     for sl in ndi.find_objects(hl):
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
         box = out[sl]
-        _, (iy, ix) = ndi.distance_transform_edt(box == 0, return_indices=True)
+        iy, ix = ndi.distance_transform_edt(box == 0, return_distances=False,
+                                            return_indices=True)
         fill = holes[sl]
         box[fill] = box[iy[fill], ix[fill]]
     return out
@@ -1449,6 +1450,18 @@ def _max4(values):
     return out
 
 
+def _edt(mask):
+    """``ndi.distance_transform_edt(mask, return_indices=True)``, the same values: the
+    distances from the nearest-zero indices in integers (exact), where scipy takes them
+    through float64 arrays of the whole frame (as long again as the transform itself)."""
+    iy, ix = ndi.distance_transform_edt(mask, return_distances=False, return_indices=True)
+    dy = iy - np.arange(mask.shape[0], dtype=np.int32)[:, None]
+    dx = ix - np.arange(mask.shape[1], dtype=np.int32)[None, :]
+    d2 = dy * dy
+    d2 += dx * dx
+    return np.sqrt(d2, dtype=np.float64), (iy, ix)
+
+
 def _signed_distance(labels, reach):
     """Signed distance (px) from the nearest outline (negative inside) of every pixel inside
     a particle or within its reach outside, and the label of the particle it belongs to
@@ -1465,7 +1478,7 @@ def _signed_distance(labels, reach):
     ring = (ring_owner > 0) & ~inside
     if not ring.any():
         return None
-    d, (iy, ix) = ndi.distance_transform_edt(~ring, return_indices=True)
+    d, (iy, ix) = _edt(~ring)
     rho = np.maximum(_label_max(d, labels, int(labels.max())), 1.0)
     out_px = reach(rho)
     near = d <= float(np.max(out_px))
@@ -1621,14 +1634,21 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
     found = _members(labels, todo, boxes)
     r_px, c_px = np.divmod(px, width)
     sel_at, sel_val = [], []
-    order = np.argsort(owner, kind="stable")
+    # the band pixels of the regions looked at, grouped by owner (in ``px`` order): a sort
+    # of those only, not of the whole band
+    looked = np.zeros(n + 1, bool)
+    looked[todo + 1] = True
+    order = np.flatnonzero(looked[owner])
+    order = order[np.argsort(owner[order], kind="stable")]
     starts = np.searchsorted(owner[order], np.arange(n + 2))
     for j, (r0, r1, c0, c1), (region, dist, markers, m) in zip(todo, boxes, found):
         lab = j + 1
         if m < 2:
             continue
         parts = segmentation.watershed(-dist, markers, mask=region)
-        r_part = np.asarray(ndi.maximum(dist, parts, np.arange(1, m + 1))) + shift[j]
+        r_part = np.zeros(m + 1)  # each member's deepest distance (one ufunc pass)
+        np.maximum.at(r_part, parts[region], dist[region])
+        r_part = r_part[1:] + shift[j]
         big = float(r_part.max())
         e_big = _disc_edge_level(float(_rho_classes(big)), big, total)
         e_part = np.array([_disc_edge_level(float(_rho_classes(r)), float(r), total)
@@ -1640,7 +1660,8 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
         # its own: it keeps the region's level
         lv[(r_part >= big) | (r_part < _MIN_MEMBER_PX)] = level[j]
         # every pixel of the band: the member of its nearest region pixel
-        _, (iy, ix) = ndi.distance_transform_edt(parts == 0, return_indices=True)
+        iy, ix = ndi.distance_transform_edt(parts == 0, return_distances=False,
+                                            return_indices=True)
         near = parts[iy, ix]
         at = order[starts[lab]:starts[lab + 1]]
         rr, cc = r_px[at] - r0, c_px[at] - c0
@@ -1725,7 +1746,7 @@ def _members(labels, todo, boxes):
         return out
     tight = [objects[todo[i]] for i in packed]
     canvas, where = _pack([labels[sl] == todo[i] + 1 for i, sl in zip(packed, tight)])
-    dist = ndi.distance_transform_edt(canvas)
+    dist = _edt(canvas)[0]
     # the tops stand 2 px inside their region, so their window stays in their own box
     groups, _ = ndi.label(_tops(dist), np.ones((3, 3), bool))
     two = [np.unique(groups[sl]).size > 2 for sl in where]  # 0 and at least two groups
