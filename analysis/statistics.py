@@ -373,7 +373,9 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     Parameters
     ----------
     table : dict of str to ndarray
-        Particle table (``particles.csv`` columns; ``ecd_nm`` required).
+        Particle table (``particles.csv`` columns; ``ecd_nm`` required; optional
+        ``separated`` and ``touching`` (bool, from :func:`touching`) choose the particles
+        fractions and sizes are counted on).
     labels : (n,) array_like of int
         Population per particle, -1 for outliers (as from ``find_populations``).
     frames_ok, frames_failed : int
@@ -409,8 +411,10 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
         pdi, z_average_nm, ci95_nm, ci95_rel, mean_feret_max_nm, mean_feret_min_nm,
         mean_aspect_ratio, mean_circularity, mean_shell_nm, shape, frames, converged,
         needed_more``), ``all`` (the same for all non-outliers), ``outliers, converged,
-        precision, fraction_tolerance, min_per_population, min_frames, convergence``
-        (``reason`` and per population ``reasons``) and ``histogram`` (``edges_nm`` and
+        precision, fraction_tolerance, fraction_basis`` (the particles fractions are counted
+        on: ``"untouched"`` (not split, touching nothing: a ``touching`` column), else
+        ``"isolated"`` (not split), else ``"all"``), ``min_per_population, min_frames,
+        convergence`` (``reason`` and per population ``reasons``) and ``histogram`` (``edges_nm`` and
         ``counts`` per id as a string, ``"-1"`` for outliers).
 
     Examples
