@@ -414,8 +414,8 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
         precision, fraction_tolerance, fraction_basis`` (the particles fractions are counted
         on: ``"untouched"`` (not split, touching nothing: a ``touching`` column), else
         ``"isolated"`` (not split), else ``"all"``), ``min_per_population, min_frames,
-        convergence`` (``reason`` and per population ``reasons``) and ``histogram`` (``edges_nm`` and
-        ``counts`` per id as a string, ``"-1"`` for outliers).
+        convergence`` (``reason`` and per population ``reasons``) and ``histogram``
+        (``edges_nm`` and ``counts`` per id as a string, ``"-1"`` for outliers).
 
     Examples
     --------
