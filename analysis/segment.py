@@ -578,9 +578,12 @@ def _label_max(values, labels, n):
 
 def _typical_radius(labels, q=50.0):
     """Equivalent radius (px) of the labelled regions at area percentile ``q`` (the median
-    by default)."""
+    by default; a sequence of percentiles gives a list, from one count of the areas)."""
     area = np.bincount(labels.ravel())[1:]
     area = area[area > 0]
+    if np.ndim(q):
+        return [float(np.sqrt(np.percentile(area, p) / np.pi)) if area.size else None
+                for p in q]
     return float(np.sqrt(np.percentile(area, q) / np.pi)) if area.size else None
 
 
@@ -642,8 +645,7 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
             mask, radius = None, None  # the full-resolution round decides alone
             continue
         mask = labels > 0
-        radius = _typical_radius(labels) * k
-        small_r = _typical_radius(labels, _SMALL_AREA_QUANTILE) * k
+        radius, small_r = (r * k for r in _typical_radius(labels, (50.0, _SMALL_AREA_QUANTILE)))
         margin = int(np.ceil((0.5 * radius + 2.0 * sigma + 1.0) / k))
         dips, depth = _dips(flat, ok, mask, centre=centre, low=low,
                             min_area=max(1, min_area // (k * k)), margin=margin)
