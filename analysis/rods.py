@@ -38,7 +38,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 __all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead",
-           "stadium_distance"]
+           "stadium_distance", "unexplained_boxes"]
 
 # Directions of candidate axes, coarse to fine: 6° steps, then 3° either side of each pick's
 # direction (a 40 px axis tilted by 1.5° is off by 0.5 px at its ends, inside the admissible
@@ -525,15 +525,46 @@ def _consistent(axes, radii, inside, tree, region):
     return keep
 
 
-def _rest_boxes(rest, min_px):
-    """Boxes of the parts of ``rest`` that could hold a particle (not slivers)."""
-    lab, n = ndi.label(rest)
-    if n == 0:
+def unexplained_boxes(rest, min_px):
+    """Boxes of the parts of ``rest`` that could hold a particle (not slivers).
+
+    Parameters
+    ----------
+    rest : (M, N) ndarray of bool
+        What no particle of a region explains.
+    min_px : float
+        Parts smaller than this many pixels are left out.
+
+    Returns
+    -------
+    list of tuple of int
+        ``(row0, col0, row1, col1)`` (in ``rest``'s coordinates) of every part of at least
+        ``min_px`` pixels and more than ``_REST_DEPTH_PX`` thick (inscribed radius): thinner
+        parts are the pixelation and blur left between split particles and a ragged outline
+        (the fillet where two particles meet), not a particle. Depths are those of the part
+        alone (outside ``rest`` counts as background, at its edges too). Shared by
+        :mod:`.separate` (UECS pieces) and :func:`split_rods`.
+
+    Examples
+    --------
+    >>> rest = np.zeros((20, 40), bool)
+    >>> rest[2:12, 2:12] = True   # a 10 px square: could hold a particle
+    >>> rest[15:17, 5:35] = True  # a 2 px sliver: no
+    >>> unexplained_boxes(rest, 30)
+    [(2, 2, 12, 12)]
+    """
+    rows, cols = np.flatnonzero(rest.any(axis=1)), np.flatnonzero(rest.any(axis=0))
+    if rows.size == 0 or np.count_nonzero(rest) < min_px:
         return []
-    depth = ndi.distance_transform_edt(np.pad(rest, 1))[1:-1, 1:-1]
+    # on the parts' bounding box with a free pixel around it (the work is the parts', not the
+    # whole crop's)
+    r0, c0 = int(rows[0]) - 1, int(cols[0]) - 1
+    part = np.pad(rest[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)
+    lab, n = ndi.label(part)
+    depth = ndi.distance_transform_edt(part)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     deepest = ndi.maximum(depth, lab, np.arange(1, n + 1))
-    return [(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return [(r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop, c0 + sl[1].stop)
             for k, sl in enumerate(ndi.find_objects(lab))
             if sl is not None and sizes[k + 1] >= min_px and deepest[k] > _REST_DEPTH_PX]
 
@@ -694,7 +725,7 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     inside = over <= 0.25
     rest = np.zeros(m.shape, bool)
     rest[tuple(pix[~inside.any(axis=0)].astype(int).T)] = True
-    boxes = _rest_boxes(rest, min_px)
+    boxes = unexplained_boxes(rest, min_px)
     blocked = np.zeros(m.shape, bool)
     for y0, x0, y1, x1 in boxes:
         blocked[y0:y1, x0:x1] |= rest[y0:y1, x0:x1]

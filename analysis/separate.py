@@ -45,8 +45,6 @@ _REJECT_NOTCH_FRAC = 0.2
 # A split whose pieces leave more than this fraction of the region uncovered is rejected
 # (ragged outlines of weak-contrast particles leave up to ~10-20%: they stay particles).
 _UNEXPLAINED_FRAC = 0.4
-# Unexplained parts of a split region thinner than this (px, inscribed radius) are slivers.
-_REST_DEPTH_PX = 2.0
 # Circle fits to free outlines (see _fit_disc): points within max(px, frac × radius) of the
 # circle are on it; a fit needs this many points, this fraction of them on it, an arc of at
 # least this span, and this fraction of its disc inside the region.
@@ -271,9 +269,9 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
     min_marker_px = max(float(min_marker_px), np.pi / 4 * (min_marker_nm / pixel_nm) ** 2)
     sep, plain = _uecs(labels, min_marker_px=min_marker_px)
     if image is not None:
-        sep = _drop_thick(sep, plain, _validate_image(image, labels),
-                          min_marker_px=min_marker_px)
-    return sep
+        image = _validate_image(image, labels)
+        sep = _drop_thick(sep, plain, image, min_marker_px=min_marker_px)
+    return _particle_boxes(sep, labels, image)
 
 
 def _validate_inputs(labels, pixel_nm, method):
@@ -597,7 +595,7 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
     that leaves out the neighbour's arc beyond the neck), the piece becomes that disc within
     the region. A fit is taken only when its disc holds nearly all of the piece's own pixels,
     its centre lies in them (the circle is the piece's, not a neighbour's or a sliver's) and
-    it leaves no new part of the region unexplained (:func:`_unexplained_boxes`); cubes, rods
+    it leaves no new part of the region unexplained (:func:`.rods.unexplained_boxes`); cubes, rods
     and ragged outlines fail the fit and keep their regrown extent.
 
     Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside).
@@ -612,7 +610,7 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
     # the parts left unexplained must not grow: the blur-filled neck between two spheres and
     # pixelation are slivers, but a bump of the outline that the circle leaves out (and the
     # regrown piece held) would be reported as an agglomerate
-    unexplained = len(_unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
+    unexplained = len(rods.unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
     for i in range(len(pieces)):
         own = (best == i) & owned
         disc = _fit_disc(outline[on & (at == i)], mask)
@@ -624,35 +622,10 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
                                < _ROUND_HOLDS * np.count_nonzero(own)):
             continue
         trial = pieces[:i] + [piece] + pieces[i + 1:]
-        if len(_unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
+        if len(rods.unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
             continue
         pieces[i], scores[i] = piece, score
     return pieces, scores
-
-
-def _unexplained_boxes(rest, min_marker_px):
-    """Boxes ``(row0, col0, row1, col1)`` of the parts of ``rest`` that could hold a particle.
-
-    A part counts when it is at least ``min_marker_px`` pixels and more than
-    ``_REST_DEPTH_PX`` thick: thinner slivers are the pixelation and blur left between
-    regrown pieces and a ragged outline, not a particle.
-    """
-    rows, cols = np.flatnonzero(rest.any(axis=1)), np.flatnonzero(rest.any(axis=0))
-    if rows.size == 0 or np.count_nonzero(rest) < min_marker_px:
-        return []
-    # on the parts' bounding box, with a free pixel around it (depths as on the whole crop)
-    r0, c0 = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
-    rest = rest[r0:rows[-1] + 2, c0:cols[-1] + 2]
-    lab, n = ndi.label(rest)
-    depth = ndi.distance_transform_edt(rest)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    deepest = ndi.maximum(depth, lab, np.arange(1, n + 1))
-    boxes = []
-    for k, sl in enumerate(ndi.find_objects(lab)):
-        if sl is not None and sizes[k + 1] >= min_marker_px and deepest[k] > _REST_DEPTH_PX:
-            boxes.append((r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop,
-                          c0 + sl[1].stop))
-    return boxes
 
 
 def _explain(mask, pieces, scores, *, min_marker_px):
@@ -667,11 +640,11 @@ def _explain(mask, pieces, scores, *, min_marker_px):
     unexplained is reported by the caller.
 
     Returns the new ``pieces`` and ``scores`` (score: depth inside the piece, -inf outside)
-    and the boxes of what is still unexplained (:func:`_unexplained_boxes`).
+    and the boxes of what is still unexplained (:func:`.rods.unexplained_boxes`).
     """
     covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
     rest = mask & ~covered
-    boxes = _unexplained_boxes(rest, min_marker_px)
+    boxes = rods.unexplained_boxes(rest, min_marker_px)
     if not boxes:
         return pieces, scores, []  # UECS explained the region: its pieces stand
     pts = np.argwhere(mask & ~ndi.binary_erosion(mask))  # the region's outline pixels
@@ -702,7 +675,7 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             scores.append(score)
             covered |= piece
             added = True
-    return pieces, scores, (_unexplained_boxes(mask & ~covered, min_marker_px) if added
+    return pieces, scores, (rods.unexplained_boxes(mask & ~covered, min_marker_px) if added
                             else boxes)
 
 
@@ -1364,10 +1337,112 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
             next_label += 1
         # pixels of the region neither member holds (blur in the neck): every pixel is
         # explained by a particle or boxed
-        rest = _unexplained_boxes(m & (owner < 0), min_marker_px)
+        rest = rods.unexplained_boxes(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
     return Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
                       frozenset(exact))
+
+
+# A leftover (what no particle explains) is reported as an agglomerate only when it could be
+# a particle's visible part: its inscribed radius at least this share of the frame's small
+# particles' (_LEFTOVER_RADIUS_PCT-th percentile of the measured particles' inscribed radii;
+# thinner leftovers are slivers along a measured particle's edge or the blur between two) ...
+_LEFTOVER_DEPTH = 0.4
+_LEFTOVER_RADIUS_PCT = 10
+# ... and, with the image, as thick as a particle: its mean projected thickness at least this
+# share of the median particle's (film texture that segmentation joined to a particle, or a
+# speck of it that segmentation kept, is no thicker than the film)
+_LEFTOVER_THICK = 0.25
+# the frame needs this many measured particles to say what a particle is
+_LEFTOVER_MIN_PARTICLES = 5
+
+
+def _particle_boxes(sep, raw, image):
+    """Drop agglomerate boxes whose leftover is no particle: a sliver or film.
+
+    Nothing is lost silently: every part of a region the split particles leave unexplained
+    and thick enough to hold one gets an agglomerate box. But a leftover can also be a sliver
+    of a particle already measured (the blur-filled neck and the concave flanks where two
+    particles meet, a bump of a ragged outline) or film texture the segmentation joined to a
+    particle or kept on its own. Both are told from a hidden particle by comparison with the
+    frame's measured particles: a leftover is kept when its largest part's inscribed radius
+    reaches ``_LEFTOVER_DEPTH`` of the small particles' and, with the ``image``, its mean
+    projected thickness (:func:`_thickness_map`) reaches ``_LEFTOVER_THICK`` of the median
+    particle's. A box's leftover is the segmented pixels in it that no particle covers (its
+    labels or full extents, ``sep.masks``). Frames with fewer than
+    ``_LEFTOVER_MIN_PARTICLES`` particles keep every box (nothing to compare with).
+    """
+    labels = sep.labels
+    n = int(labels.max())
+    if not sep.agglomerate_boxes or n < _LEFTOVER_MIN_PARTICLES:
+        return sep
+    slices = ndi.find_objects(labels)
+    radius = _inscribed_radii(labels, slices, sep.masks, n)[1:]
+    small = float(np.percentile(radius[radius > 0], _LEFTOVER_RADIUS_PCT))
+    covered = labels > 0
+    for r0, c0, m in sep.masks.values():
+        covered[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] |= m
+    left = (raw > 0) & ~covered
+    parts = []  # (box, the leftover's largest part in the box's coordinates) of each box
+    for box in sep.agglomerate_boxes:
+        r0, c0, r1, c1 = (int(v) for v in box)
+        lab, k = ndi.label(left[r0:r1, c0:c1])
+        if k == 0:
+            parts.append((box, None))
+            continue
+        # the thickest part (a box drawn around one unexplained part may also hold a corner
+        # of another's)
+        depth = ndi.distance_transform_edt(np.pad(lab > 0, 1))[1:-1, 1:-1]
+        deepest = ndi.maximum(depth, lab, np.arange(1, k + 1))
+        best = int(np.argmax(deepest))
+        part = lab == best + 1
+        if deepest[best] < _LEFTOVER_DEPTH * small:
+            part = None
+        elif ndi.binary_dilation(np.pad(part, 1), np.ones((3, 3), bool))[1:-1, 1:-1][
+                covered[r0:r1, c0:c1]].any():
+            # beside a particle: a hidden particle's visible part may be faint (a PS50 under
+            # a PS100 in bright field); film texture is told by its thickness only where
+            # it stands alone (a speck the segmentation kept)
+            part = True
+        parts.append((box, part))
+    if image is not None and any(p is not None and p is not True for _, p in parts):
+        parts = _thick_parts(parts, labels, raw, image)
+    boxes = [box for box, part in parts if part is not None]
+    if len(boxes) == len(sep.agglomerate_boxes):
+        return sep
+    return Separation(labels, sep.separated, len(boxes), boxes, sep.masks, sep.exact)
+
+
+def _thick_parts(parts, labels, raw, image):
+    """``parts`` with the leftovers thinner than ``_LEFTOVER_THICK`` of a particle set to None.
+
+    A particle's thickness is its mean over its own pixels (in ``labels``); a leftover's over
+    its part. One :func:`_thickness_map` call for both; its background leaves out every
+    segmented region (``raw``), boxed ones too.
+    """
+    rows, cols = np.nonzero(labels)
+    own = np.ones(rows.size, bool)
+    for (r0, c0, _, _), part in parts:
+        if part is not None and part is not True:
+            pr, pc = np.nonzero(part)
+            rows, cols = np.r_[rows, pr + int(r0)], np.r_[cols, pc + int(c0)]
+            own = np.r_[own, np.zeros(pr.size, bool)]
+    thick = _thickness_map(image, raw, rows, cols, own)
+    if thick is None:
+        return parts
+    mean = ndi.mean(thick[own], labels[rows[own], cols[own]], np.arange(1, labels.max() + 1))
+    reference = float(np.median(mean))
+    if not reference > 0:
+        return parts
+    out, at = [], int(own.sum())
+    for box, part in parts:
+        if part is not None and part is not True:
+            size = int(np.count_nonzero(part))
+            if np.mean(thick[at:at + size]) < _LEFTOVER_THICK * reference:
+                part = None
+            at += size
+        out.append((box, part))
+    return out
 
 
 # -- watershed ------------------------------------------------------------------------------

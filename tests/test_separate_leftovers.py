@@ -1,0 +1,93 @@
+"""Agglomerate boxes hold particles: no box on bare film or on a sliver of a measured particle,
+and no particle lost silently (ground truth of simulated frames, every sample, both detectors).
+"""
+
+import functools
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from particlewatch.analysis.segment import segment
+from particlewatch.analysis.separate import separate
+from particlewatch.simulators.samples import get_sample
+from particlewatch.simulators.scope import SimScope
+
+SAMPLES = ("au10", "ps100", "ps50", "ps-bimodal", "cubes", "silica-capsules", "au-rods",
+           "spheres-rods")
+
+
+@functools.lru_cache(maxsize=None)
+def _frame(sample, detector, *, size=512, seed=4):
+    """The in-focus frame at the densest of 40 random stage positions: (image, pixel_nm,
+    segmentation, truth)."""
+    rng = np.random.default_rng(seed)
+    scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+    x0, y0, x1, y1 = scope.stage_limits_um
+    xy = rng.uniform([x0 + 5, y0 + 5], [x1 - 5, y1 - 5], (40, 2))
+    x, y = xy[int(np.argmax([scope.specimen.density(*p) for p in xy]))]
+    scope.move_stage(x, y)
+    scope.set_defocus(scope.true_focus_um())
+    frame = scope.snap()
+    return frame.image, frame.pixel_nm, segment(frame.image, frame.pixel_nm), frame.truth
+
+
+def _covered(sep):
+    """Pixels some particle covers (its label or its full extent)."""
+    cov = sep.labels > 0
+    for r0, c0, m in sep.masks.values():
+        cov[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] |= m
+    return cov
+
+
+def _footprints(truth, shape):
+    """Pixels within each true particle's circumscribed disc (half its Feret max) + 1 px."""
+    out = np.zeros(shape, bool)
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    for p in truth["particles"]:
+        r = p["feret_max_nm"] / truth["pixel_nm"] / 2 + 1.0
+        out |= (yy - p["y_px"]) ** 2 + (xx - p["x_px"]) ** 2 <= r * r
+    return out
+
+
+def _box_figures(image, px, raw, truth):
+    """Boxes, boxes on bare film, boxes holding no true centre, true particles lost silently."""
+    sep = separate(raw, px, image=image)
+    left = (raw > 0) & ~_covered(sep)
+    on_particle = _footprints(truth, raw.shape)
+    yx = np.array([[p["y_px"], p["x_px"]] for p in truth["particles"]]).reshape(-1, 2)
+    film = no_centre = 0
+    in_box = np.zeros(len(yx), bool)
+    for r0, c0, r1, c1 in sep.agglomerate_boxes:
+        part = left[r0:r1, c0:c1]
+        # a leftover (nearly) off every true particle lies on bare film (a pile's leftover
+        # reaches past the particles' discs by the blur, ~half of it for a thin one)
+        film += part.any() and np.mean(on_particle[r0:r1, c0:c1][part]) < 0.2
+        hit = ((yx[:, 0] >= r0 - 0.5) & (yx[:, 0] < r1 - 0.5) & (yx[:, 1] >= c0 - 0.5)
+               & (yx[:, 1] < c1 - 0.5))
+        no_centre += not hit.any()
+        in_box |= hit
+    rc = np.clip(np.round(yx).astype(int), 0, np.array(raw.shape) - 1)
+    whole = np.array([not p["touches_edge"] for p in truth["particles"]], bool)
+    seen = whole & (raw[rc[:, 0], rc[:, 1]] > 0)
+    lost = int(np.count_nonzero(seen & (sep.labels[rc[:, 0], rc[:, 1]] == 0) & ~in_box))
+    return len(sep.agglomerate_boxes), film, no_centre, lost
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_agglomerate_boxes_hold_particles_and_nothing_is_lost(sample):
+    # both detectors: HAADF film texture is segmented as specks, bright-field PS is faint
+    usual = get_sample(sample).detector
+    boxes = film = no_centre = lost = 0
+    for detector in (usual, "bf" if usual == "haadf" else "haadf"):
+        figures = _box_figures(*_frame(sample, detector))
+        boxes, film, no_centre, lost = (a + b for a, b in zip((boxes, film, no_centre, lost),
+                                                              figures))
+    # every true particle on a segmented region is measured or inside an agglomerate box
+    assert lost == 0
+    # no box on bare film
+    assert film == 0
+    # slivers beside measured particles are not boxed: a box holds a true particle's centre
+    # (not so for rods: the box of a crossing's unexplained end holds none)
+    if "rods" not in sample:
+        assert no_centre <= 0.1 * max(boxes, 1)
