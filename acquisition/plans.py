@@ -228,9 +228,11 @@ def _measure(metric, image) -> tuple[float, float]:
 def _sweep(defoci, metric, window=None) -> Plan:
     """Take one image at each defocus and measure them.
 
-    A metric with a ``fix(images, pixel_nm)`` method decides where to measure from the first
+    A metric with a ``fix(images, pixel_nm)`` method decides where to measure from the
     images it is given (see :class:`LocalSharpness`); it may return their measurements when
-    it took them already, so no image is measured twice.
+    it took them already, so no image is measured twice. Returns ``(defoci, values, noise,
+    earlier)``: ``earlier`` is the metric's ``remeasured`` (new values of the images before
+    this sweep, when it just chose new pixels) or None.
     """
     images, pixel_nm = [], None
     for d in defoci:
@@ -243,7 +245,18 @@ def _sweep(defoci, metric, window=None) -> Plan:
     if measured is None:
         measured = [_measure(metric, image) for image in images]
     return (np.asarray(defoci, dtype=np.float64), np.asarray([m[0] for m in measured]),
-            np.asarray([m[1] for m in measured]))
+            np.asarray([m[1] for m in measured]), getattr(metric, "remeasured", None))
+
+
+def _merged(xs, ys, sds, d, v, sd, earlier):
+    """All points of a focus run after a sweep: the earlier ones (re-measured where the
+    metric just chose new pixels: ``earlier`` holds their new values, the last of them in
+    order; any older, not re-measured, are dropped as no longer comparable) and the new."""
+    if earlier:
+        k = min(len(earlier), xs.size)
+        e = np.asarray(earlier[len(earlier) - k:], dtype=np.float64).reshape(-1, 2)
+        xs, ys, sds = xs[xs.size - k:], e[:, 0], e[:, 1]
+    return np.r_[xs, d], np.r_[ys, v], np.r_[sds, sd]
 
 
 class LocalSharpness:
@@ -280,6 +293,10 @@ class LocalSharpness:
         self.sigmas_px = sigmas_px
         self.mask: np.ndarray | None = None
         self.fixed = False
+        # images measured on the whole frame while no particles were seen (re-measured on
+        # the particles' pixels once a later sweep shows them), and those new values
+        self._unseen: list[np.ndarray] = []
+        self.remeasured: list[tuple[float, float]] | None = None
         if mask is not None:
             mask = np.asarray(mask, dtype=bool)
             if mask.ndim != 2 or int(mask.sum()) < 64:
@@ -288,16 +305,20 @@ class LocalSharpness:
             self.mask, self.fixed = mask.copy(), True
 
     def fix(self, images, pixel_nm) -> list[tuple[float, float]] | None:
-        """Choose the pixels to measure on (first call only) and measure ``images``.
+        """Choose the pixels to measure on (until chosen) and measure ``images``.
+
+        The first sweep that shows particles decides; images of earlier sweeps (measured on
+        the whole frame, as nothing showed where the particles are) are then measured again
+        on those pixels, into :attr:`remeasured`, so the run's values stay comparable.
 
         Returns
         -------
         list of (value, noise) or None
-            The images' sharpness (None on later calls: the caller measures them).
+            The images' sharpness (None once the pixels are chosen: the caller measures).
         """
+        self.remeasured = None
         if self.fixed:
             return None
-        self.fixed = True
         if pixel_nm is not None and images:
             shapes = {np.shape(image) for image in images}
             if len(shapes) != 1:
@@ -308,7 +329,14 @@ class LocalSharpness:
                 if region is not None:
                     union = region if union is None else union | region
             if union is not None and union.sum() >= 64:
-                self.mask = union
+                self.mask, self.fixed = union, True
+                if self._unseen:
+                    self.remeasured = [self(image) for image in self._unseen]
+                self._unseen = []
+                return [self(image) for image in images]
+        # nothing seen yet: keep the images (single precision; the latest 16 at most) to
+        # measure them again when particles show
+        self._unseen = (self._unseen + [np.asarray(i, dtype=np.float32) for i in images])[-16:]
         return [self(image) for image in images]
 
     def __call__(self, image) -> tuple[float, float]:
@@ -369,8 +397,11 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     each weighted by its noise (:func:`~.focus.sharpness_and_noise`), then checks the fit
     (:func:`~.focus.fit_focus_curve`) and:
 
-    - ``flat`` (no change above the noise): the first time, sweep three times wider around
-      the same centre (focus may be far away); after that, the area is ``empty`` when no
+    - ``flat`` (no change above the noise): the first time, images halfway between the
+      last sweep's (a weak specimen's narrow peak may lie between two of them, and only
+      images near focus show its particles, see :class:`LocalSharpness`); the second time,
+      sweep three times wider around the same centre (focus may be far away); after that,
+      the area is ``empty`` when no
       image showed structure above its noise, else the focus ``failed`` (too weak a
       specimen for these images: the caller keeps what it has rather than judge the area
       empty);
@@ -405,9 +436,10 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
         ``(defoci, values, noise)`` measured just before at the same place (a quick check's
         three images), fitted together with the new ones.
     widen : bool
-        Whether a flat first sweep is followed by one three times wider (focus may be far
-        away). False where focus is known to be near the first sweep (a quick check around a
-        trusted prediction showed nothing): a flat first sweep then ends the search.
+        Whether a flat sweep (after the look between its images) is followed by one three
+        times wider (focus may be far away). False where focus is known to be near the first
+        sweep (a quick check around a trusted prediction showed nothing): the search then
+        ends there.
     region : array_like of bool, optional
         Where the particles are in the frame (:func:`~.segments.particle_region` of a
         record taken here just before, full frame shape; cut to ``window`` here), for the
@@ -426,14 +458,20 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
     images = 0
     sweeps = []
     widened = not widen
-    defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
+    defoci = coarse = np.linspace(center - span / 2, center + span / 2, settings.steps)
     fit = good = None
     sweeps_done = 1  # coarse sweeps so far
+    interleaved = False
     while True:
-        d, v, sd = yield from _sweep(defoci, metric, window)
+        d, v, sd, earlier = yield from _sweep(defoci, metric, window)
         images += len(d)
         sweeps.append((tuple(d.tolist()), tuple(v.tolist())))
-        xs, ys, sds = np.r_[xs, d], np.r_[ys, v], np.r_[sds, sd]
+        xs, ys, sds = _merged(xs, ys, sds, d, v, sd, earlier)
+        if earlier:
+            good = None  # values on other pixels: not comparable with the new ones
+        if xs.size < 5:  # too few comparable values for a fit (a foreign prior dropped)
+            defoci = coarse = np.linspace(center - span / 2, center + span / 2, settings.steps)
+            continue
         fit = fit_focus_curve(xs, ys, sds)
         if fit.ok and (good is None or fit.center_sd <= good.center_sd):
             good = fit  # a later, noisier look must not throw away a peak already found
@@ -454,6 +492,14 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
             break
         sweeps_done += 1
         step = span / (len(defoci) - 1) if len(defoci) > 1 else span
+        if fit.reason == "flat" and not interleaved:
+            # a weak specimen's peak can be narrower than the steps and fall between them
+            # (its particles show only near focus): look between the samples before
+            # looking farther away or calling the area empty
+            interleaved = True
+            last = np.sort(coarse)
+            defoci = (last[:-1] + last[1:]) / 2
+            continue
         if fit.reason == "flat":
             if widened and good is not None:
                 break
@@ -475,7 +521,7 @@ def autofocus(*, center_um: float = 0.0, settings: FocusSettings = FocusSettings
             span = max(6 * max(fit.width, step / 4), 2 * step)
         else:  # the fit itself failed: look again, wider, around the sharpest image
             center, span = best_d, span * 2
-        defoci = np.linspace(center - span / 2, center + span / 2, settings.steps)
+        defoci = coarse = np.linspace(center - span / 2, center + span / 2, settings.steps)
     if good is not None:
         yield SetDefocus(good.center)
         return FocusResult(good.center, "ok", images, good.width, "sweep", tuple(sweeps),
@@ -513,7 +559,7 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
     """
     metric = metric or _default_metric(settings, region, window)
     step = _flank_um(step_um, power) if power is not None else float(step_um)
-    defoci, values, noise = yield from _sweep(
+    defoci, values, noise, _ = yield from _sweep(
         np.array([predicted_um - step, predicted_um, predicted_um + step]), metric, window)
     images = 3
     if power is not None:
@@ -525,20 +571,20 @@ def quick_focus(*, predicted_um: float, step_um: float, power: float | None = No
                 break
             if fit.ok:
                 # where one more image pins the centre best (the flank least pinned yet)
-                d, v, sd = yield from _sweep([_refine_at(fit, defoci, noise, shape_known=True)],
-                                             metric, window)
+                d, v, sd, earlier = yield from _sweep(
+                    [_refine_at(fit, defoci, noise, shape_known=True)], metric, window)
             elif (fit.reason == "edge" and math.isfinite(fit.center)
                   and images + settings.refine_steps <= 3 + 2 * settings.refine_steps):
                 # the prediction was off by more than a flank: the known shape still says
                 # where the peak lies; look there (at most three flanks beyond the sharpest)
                 sharpest = float(defoci[int(np.argmax(values))])
                 center = float(np.clip(fit.center, sharpest - 3 * step, sharpest + 3 * step))
-                d, v, sd = yield from _sweep(center + step * _flank_offsets(
+                d, v, sd, earlier = yield from _sweep(center + step * _flank_offsets(
                     settings.refine_steps), metric, window)
             else:
                 break
             images += len(d)
-            defoci, values, noise = np.r_[defoci, d], np.r_[values, v], np.r_[noise, sd]
+            defoci, values, noise = _merged(defoci, values, noise, d, v, sd, earlier)
             fit = fit_focus_curve(defoci, values, noise, width=step_um, power=power)
         if fit.ok and fit.center_sd <= settings.measurement_sd_um:
             yield SetDefocus(fit.center)

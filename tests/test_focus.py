@@ -179,6 +179,9 @@ def test_without_particles_each_sweep_image_is_measured_once(monkeypatch):
         return original(image, **kw)
 
     monkeypatch.setattr(plans, "band_sharpness", counting)
+    # the region search finds nothing (it may take a film speck for a particle on some
+    # frames, which is not what this is about)
+    monkeypatch.setattr(plans, "particle_region", lambda *args, **kwargs: None)
     result = run_plan(autofocus(center_um=0.0), SimulatedMicroscope(scope))
     assert result.status == "empty"
     assert len(calls) == result.images  # once per image, never twice
@@ -262,3 +265,56 @@ def test_autofocus_on_weak_samples_lands_within_the_depth_of_field(sample, detec
     assert np.mean(errors <= scope.depth_of_field_um) >= 5 / 6, errors
     # the reported precision is honest: errors scatter by about it, not 3x more
     assert np.sqrt(np.mean(np.square(z))) < 3.0, z
+
+
+def test_a_flat_sweep_looks_between_its_images_before_looking_farther():
+    """A narrow peak halfway between two coarse images: the coarse sweep is flat; the images
+    halfway between its own find the peak (no wider sweep, no 'empty')."""
+    rng = np.random.default_rng(5)
+    truth, noise = 0.15, 0.05  # halfway between the coarse images at 0.0 and 0.3
+
+    def sharpness_at(d):
+        return 0.2 + focus_curve(d, truth, 0.02, 1.0, 0.0, 0.7) + rng.normal(0, noise)
+
+    metric = lambda image: (float(image[0, 0]), noise)  # noqa: E731
+    result, imaged = _drive(autofocus(center_um=0.0, metric=metric), sharpness_at)
+    coarse = np.linspace(-0.6, 0.6, 5)
+    np.testing.assert_allclose(imaged[:5], coarse)
+    assert fit_focus_curve(coarse, [sharpness_at(d) for d in coarse], noise).reason == "flat"
+    np.testing.assert_allclose(sorted(imaged[5:9]), (coarse[:-1] + coarse[1:]) / 2)
+    assert result.status == "ok"
+    assert abs(result.defocus_um - truth) < 0.03
+    assert min(imaged) >= -0.6 and max(imaged) <= 0.6  # never swept wider
+
+
+def test_images_taken_before_particles_showed_are_measured_again_on_their_pixels():
+    scope = SimScope("ps-bimodal", seed=0, size_px=256)
+    rng = np.random.default_rng(6)
+    _position(scope, rng, low=0.05, high=0.5, min_particles=3)
+    truth = scope.true_focus_um()
+    metric = LocalSharpness()
+    # images that show no particle (featureless, as far out of focus as a sweep can be)
+    scope.set_defocus(truth)
+    level = float(np.mean(scope.snap().image))
+    far = [np.full((256, 256), level), np.full((256, 256), 1.01 * level)]
+    first = metric.fix(far, scope.pixel_nm())
+    assert metric.mask is None and metric.remeasured is None and len(first) == 2
+    near = []
+    for d in truth + np.array([-0.02, 0.02]):
+        scope.set_defocus(d)
+        near.append(scope.snap().image)
+    metric.fix(near, scope.pixel_nm())
+    assert metric.mask is not None and metric.remeasured is not None
+    assert len(metric.remeasured) == 2
+    for image, (value, sd) in zip(far, metric.remeasured):
+        assert value == pytest.approx(local_band_sharpness(image, metric.mask)[0], rel=1e-4)
+    # the particles' pixels: every particle centre of the truth inside the frame is covered
+    particles = scope.snap(noise=False).truth["particles"]
+    rows = np.array([p["y_px"] for p in particles]).round().astype(int)
+    cols = np.array([p["x_px"] for p in particles]).round().astype(int)
+    inside = (rows >= 0) & (rows < 256) & (cols >= 0) & (cols < 256)
+    assert inside.any()
+    assert np.mean(metric.mask[rows[inside], cols[inside]]) >= 0.5
+    # and the autofocus run uses them: earlier values replaced, later ones comparable
+    metric.fix(near, scope.pixel_nm())
+    assert metric.remeasured is None
