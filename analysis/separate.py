@@ -29,6 +29,7 @@ from skimage import morphology, segmentation
 from skimage.filters import threshold_otsu
 from skimage.measure import CircleModel
 from . import rods
+from .rods import unexplained_boxes
 from ._checks import check_pixel_nm
 
 __all__ = ["separate", "Separation", "notch_depth", "METHODS"]
@@ -610,7 +611,7 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
     # the parts left unexplained must not grow: the blur-filled neck between two spheres and
     # pixelation are slivers, but a bump of the outline that the circle leaves out (and the
     # regrown piece held) would be reported as an agglomerate
-    unexplained = len(rods.unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
+    unexplained = len(unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
     for i in range(len(pieces)):
         own = (best == i) & owned
         disc = _fit_disc(outline[on & (at == i)], mask)
@@ -622,7 +623,7 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
                                < _ROUND_HOLDS * np.count_nonzero(own)):
             continue
         trial = pieces[:i] + [piece] + pieces[i + 1:]
-        if len(rods.unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
+        if len(unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
             continue
         pieces[i], scores[i] = piece, score
     return pieces, scores
@@ -644,7 +645,7 @@ def _explain(mask, pieces, scores, *, min_marker_px):
     """
     covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
     rest = mask & ~covered
-    boxes = rods.unexplained_boxes(rest, min_marker_px)
+    boxes = unexplained_boxes(rest, min_marker_px)
     if not boxes:
         return pieces, scores, []  # UECS explained the region: its pieces stand
     pts = np.argwhere(mask & ~ndi.binary_erosion(mask))  # the region's outline pixels
@@ -675,7 +676,7 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             scores.append(score)
             covered |= piece
             added = True
-    return pieces, scores, (rods.unexplained_boxes(mask & ~covered, min_marker_px) if added
+    return pieces, scores, (unexplained_boxes(mask & ~covered, min_marker_px) if added
                             else boxes)
 
 
@@ -1337,7 +1338,7 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
             next_label += 1
         # pixels of the region neither member holds (blur in the neck): every pixel is
         # explained by a particle or boxed
-        rest = rods.unexplained_boxes(m & (owner < 0), min_marker_px)
+        rest = unexplained_boxes(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
     return Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
                       frozenset(exact))
