@@ -244,6 +244,12 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
         UECS particles smaller than this many pixels, or this ECD in nm, after regrowth are
         dropped.
 
+    Notes
+    -----
+    A part of a region no particle explains gets an agglomerate box only when it could be a
+    particle (:func:`_particle_boxes`): slivers along a measured particle's edge, and film
+    texture standing apart (with ``image``), are no agglomerates.
+
     Returns
     -------
     Separation
