@@ -16,7 +16,11 @@ Usage::
 
     python bench/stop_rule_coverage.py [--sessions 200] [--precision 0.01] [--jobs 2]
         [--samples au10,ps100,ps-bimodal,silica-capsules,spheres-rods] [--frame-sd 0.01]
-        [--truth-simulator]
+        [--truth-simulator] [--rules bound90,bound75,plain]
+
+``--rules`` judges the same sessions by several stop-rule variants (``RULES``: the fractions'
+between-frame variance with its 90% or 75% upper bound, or plain); each prints the coverage
+of the means and of the fractions (mixtures) at its own stop.
 
 ``--truth-simulator`` draws each frame's true particles from the real simulator's specimen
 (``Specimen.particles_in`` over a record field), with the same measurement model on top.
