@@ -38,6 +38,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 __all__ = ["RodSplit", "rod_geometry_px", "rod_radius_px", "split_rods", "rods_instead",
+           "rods_and_discs",
            "stadium_distance", "unexplained_boxes"]
 
 # Directions of candidate axes, coarse to fine: 6° steps, then 3° either side of each pick's
@@ -756,7 +757,8 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
                     float(explained_pts.mean()))
 
 
-def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
+def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30,
+                 fit_disc=None):
     """The rod split of a region when it explains the region better than UECS, else None.
 
     The decision :func:`~particlewatch.analysis.separate.separate` takes for every region of
@@ -768,7 +770,12 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
     - UECS explained the whole region (one convex particle: two rods side by side; or pieces
       regrown from markers that cut rods short): the rods win when at least two of them
       explain nearly all of its outline (:data:`_REPLACE_EXPLAINED`) and leave nothing
-      unexplained. A sphere, a single rod or a sphere touching a rod keeps UECS's result.
+      unexplained. A sphere or a single rod keeps UECS's result.
+
+    With ``fit_disc``, round particles wider than the rods (spheres in a mixed sample) are
+    fitted first (:func:`rods_and_discs`) and the rods split what they leave; that
+    decomposition is weighed by the same rules (holding at least one rod) and wins over
+    the rods alone when it leaves less unexplained.
 
     Parameters
     ----------
@@ -784,10 +791,16 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
         The frame's typical rod length (:func:`rod_geometry_px`), for hidden ends.
     min_px : int, optional
         Smallest unexplained part reported (``separate``'s ``min_marker_px``).
+    fit_disc : callable, optional
+        ``fit_disc(points, mask, (lo, hi)) -> (disc, score) | None``: the disc within
+        ``mask`` whose circle, of a radius between ``lo`` and ``hi``, runs through most of
+        the outline ``points`` (``separate``'s consensus fit), score the depth inside it. Without it, rods only.
 
     Returns
     -------
     RodSplit or None
+        Discs, when any, follow the rods in ``pieces`` (``axes`` and ``radii`` are the
+        rods').
     """
     mask = np.asarray(mask, bool)
     if not rest and len(pieces) < 2:
@@ -802,15 +815,115 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30):
         edges = np.count_nonzero(p[:, 1:] != p[:, :-1]) + np.count_nonzero(p[1:] != p[:-1])
         if 4 * np.pi * np.count_nonzero(mask) / (edges * np.pi / 4) ** 2 > _ROUND:
             return None
-    split = split_rods(mask, radius_px, length_px=length_px, min_px=min_px)
-    if split is None:
+    splits = [split_rods(mask, radius_px, length_px=length_px, min_px=min_px)]
+    if fit_disc is not None:
+        splits.append(rods_and_discs(mask, radius_px, fit_disc=fit_disc,
+                                     length_px=length_px, min_px=min_px))
+    splits = [sp for sp in splits if sp is not None and len(sp.radii)]
+    if not splits:
         return None
-    ours = _unexplained(mask, split.pieces, split.rest)
+    # the decomposition leaving least unexplained; on a tie the one with discs (a round
+    # stadium laid over a sphere takes the rod's outline beside it: its width is off)
+    left = [_unexplained(mask, sp.pieces, sp.rest) for sp in splits]
+    split = splits[len(left) - 1 - int(np.argmin(left[::-1]))]
     if rest:
-        return split if ours < _unexplained(mask, pieces, rest) else None
+        return split if min(left) < _unexplained(mask, pieces, rest) else None
     if len(split.pieces) >= 2 and not split.rest and split.explained >= _REPLACE_EXPLAINED:
         return split
     return None
+
+
+def rods_and_discs(mask, radius_px, *, fit_disc, length_px=None, min_px=30, max_discs=3):
+    """One region as round particles wider than the rods plus rods (a mixed sample).
+
+    A sphere touching a rod defeats both splits alone: UECS cannot cut the rod's straight
+    sides into convex members of the right size, and the rods laid over the sphere are short
+    stadiums of the rods' width (or none) that leave the rest of it unexplained. The sphere
+    shows itself as a circular arc of the region's outline of a radius clearly above the
+    rods' (a rod's end cap is a circle of the rods' radius): ``fit_disc`` takes the disc of
+    the best-supported circle among the outline points no disc explains yet, up to
+    ``max_discs`` times; the rods are then split (:func:`split_rods`) in what the discs leave.
+
+    Returns
+    -------
+    RodSplit or None
+        None when no disc wider than the rods is found or no rod fits the rest. ``pieces``
+        holds the rods, then the discs; a pixel in a rod and a disc is the rod's in
+        ``owner`` (a rod's hidden end under a sphere is the model's, the sphere keeps its
+        own outline); ``explained`` counts outline pixels on a rod or on a disc's circle.
+    """
+    mask = np.asarray(mask, bool)
+    r = float(radius_px)
+    wider = r + max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r) + 1.0
+    outline = _boundary(mask)
+    tol = max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r)
+    free = np.ones(len(outline), bool)
+    discs, on_disc = [], np.zeros(len(outline), bool)
+    # a disc inside the region is no wider than the region's thickest part
+    widest = float(ndi.distance_transform_edt(np.pad(mask, 1)).max()) + 1.0
+    for _ in range(max_discs):
+        fit = fit_disc(outline[free].astype(int), mask, (wider, widest))
+        if fit is None:
+            break
+        disc, score = fit
+        # the score is the depth inside the disc: its largest value is the disc's radius
+        # (a quarter pixel of pixelation aside)
+        rr, cc = np.nonzero(disc)
+        depth = score[rr, cc]
+        rho = float(depth.max()) - 0.5  # (the disc reaches half a pixel beyond the circle)
+        if rho < wider:
+            break
+        cy, cx = rr[np.argmax(depth)], cc[np.argmax(depth)]
+        on = np.abs(np.hypot(outline[:, 0] - cy, outline[:, 1] - cx) - rho) <= tol
+        discs.append(disc)
+        on_disc |= on
+        free &= ~on
+    if not discs:
+        return None
+    taken = np.any(discs, axis=0)
+    remainder = mask & ~taken
+    if np.count_nonzero(remainder) < min_px:
+        return None
+    split = split_rods(remainder, radius_px, length_px=length_px, min_px=min_px)
+    if split is None:
+        return None
+    # each rod's extent is its stadium in the whole region: where it runs under a sphere
+    # the model's, not cut at the disc
+    pix = np.argwhere(mask)
+    rods_ = []
+    near = ndi.binary_dilation(taken, iterations=2)
+    axes, radii = split.axes.copy(), split.radii.copy()
+    for k, (ax, rho) in enumerate(zip(axes, radii)):
+        # an end that stops at a sphere is hidden under it: the rod has the frame's typical
+        # length there (as under a crossing rod), never less than it shows
+        if length_px is None:
+            continue
+        d = ax[1] - ax[0]
+        n = float(np.hypot(*d))
+        if n < 1e-9:
+            continue
+        u = d / n
+        full = max(float(length_px) - 2 * rho, n)
+        for end, other, sign in ((1, 0, 1.0), (0, 1, -1.0)):
+            tip = np.round(ax[end] + sign * u * rho).astype(int)
+            tip = np.clip(tip, 0, np.array(mask.shape) - 1)
+            if near[tuple(tip)]:
+                ax[end] = ax[other] + sign * u * full
+                break
+    for ax, rho in zip(axes, radii):
+        piece = np.zeros(mask.shape, bool)
+        piece[tuple(pix[stadium_distance(pix.astype(float), *ax) <= rho].T)] = True
+        rods_.append(piece)
+    pieces = rods_ + discs
+    owner = split.owner.copy()
+    for k, disc in enumerate(discs):
+        owner[disc & (owner < 0)] = len(split.pieces) + k
+    covered = np.any(pieces, axis=0)
+    on_rod = np.zeros(len(outline), bool)
+    for ax, rho in zip(axes, radii):
+        on_rod |= np.abs(stadium_distance(outline, *ax) - (rho - _EDGE_INSET_PX)) <= tol
+    return RodSplit(pieces, owner, unexplained_boxes(mask & ~covered, min_px), axes,
+                    radii, float(np.mean(on_rod | on_disc)))
 
 
 def _unexplained(mask, pieces, boxes):

@@ -66,6 +66,9 @@ _FIT_MAX_LENS = 0.35
 # a circle fitted to a split piece's own outline replaces its regrown extent when its disc
 # holds this share of the pixels the piece owns (see _round_members)
 _ROUND_HOLDS = 0.85
+# a sphere beside a rod: the share of the region's outline its circle must hold (about half
+# of it for a sphere as wide as a rod is long; a rod's end cap is no sphere, see rods)
+_MIXED_INLIERS = 0.3
 # Regions rounder than this (edge-count circularity) are single particles without a hull test.
 _SKIP_ROUNDNESS = 0.9
 
@@ -337,7 +340,8 @@ def _uecs(labels, *, min_marker_px):
         by_rods = None
         if rod_geometry is not None and area >= 2 * min_marker_px:
             by_rods = rods.rods_instead(mask, rod_geometry[0], pieces=pieces, rest=rest,
-                                        length_px=rod_geometry[1], min_px=min_marker_px)
+                                        length_px=rod_geometry[1], min_px=min_marker_px,
+                                        fit_disc=_fit_sphere)
             if by_rods is not None:
                 pieces, owner, rest, whole = by_rods.pieces, by_rods.owner, by_rods.rest, False
         if whole:
@@ -778,7 +782,7 @@ def _fill(mask, pieces, scores, rest, uncovered, reach):
     return pieces, scores
 
 
-def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS):
+def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     """The disc whose circle runs through most of the outline points ``pts``, or None.
 
     A consensus over circles through point triples (a few dozen, vectorised: RANSAC's
@@ -786,7 +790,9 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS):
     points of one circle; ``CircleModel`` refines on them. Accepted when most points lie on
     it (at least the fraction ``inliers``), they span a good part of it, and the disc lies
     inside the region ``mask`` (a circle through a true outline does). Returns ``(disc & mask, score)``, score the depth inside
-    the disc (-inf outside it).
+    the disc (-inf outside it). ``radius_range`` ``(lo, hi)``: only circles of a radius in
+    it are candidates (a sphere among rods: wider than a rod's end cap, no wider than the
+    region holds), so a circle through a rod's straight side cannot win the vote.
     """
     n = len(pts)
     if n < _FIT_MIN_POINTS:
@@ -807,6 +813,10 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS):
     dist = np.hypot(p[:, 0][None] - uy[:, None], p[:, 1][None] - ux[:, None])
     tol = np.maximum(_FIT_TOL_PX, _FIT_TOL_FRAC * r)[:, None]
     votes = (np.abs(dist - r[:, None]) < tol).sum(axis=1)
+    if radius_range is not None:
+        votes[(r < radius_range[0]) | (r > radius_range[1])] = 0
+        if not votes.any():
+            return None
     best = int(np.argmax(votes))
     inl = np.abs(dist[best] - r[best]) < tol[best, 0]
     if inl.sum() < _FIT_MIN_POINTS:
@@ -841,6 +851,16 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS):
     score = np.full(mask.shape, -np.inf)
     score[r0:r1, c0:c1] = np.where(piece[r0:r1, c0:c1], inside, -np.inf)
     return piece, score
+
+
+def _fit_sphere(pts, mask, radius_range):
+    """:func:`_fit_disc` for a sphere touching rods (``rods.rods_and_discs``).
+
+    The sphere's arc is only part of its region's outline (the rest is the rods'), so the
+    circle needs no majority of the points: ``_MIXED_INLIERS`` of them, and the arc span
+    and inside tests of every fit.
+    """
+    return _fit_disc(pts, mask, inliers=_MIXED_INLIERS, radius_range=radius_range)
 
 
 def _grow_box(box, by, shape):
