@@ -649,6 +649,11 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
         margin = int(np.ceil((0.5 * radius + 2.0 * sigma + 1.0) / k))
         dips, depth = _dips(flat, ok, mask, centre=centre, low=low,
                             min_area=max(1, min_area // (k * k)), margin=margin)
+        if final and flatten:
+            labels = _weak_particles(labels, flat, ok, low=low,
+                                     seed=centre + _WEAK_SEED_SIGMAS * spread,
+                                     high=high, small_r=small_r, radius=radius,
+                                     min_area=min_area)
     labels = _split_at_seeds(labels, flat, high, min_area, _LOW_SIGMAS * spread)
     # only particles that merely touch stay split (blur: the smoothing and ~1 px of optics)
     labels = _join_overlapping(labels, flat, float(np.hypot(1.0, sigma)))
@@ -658,6 +663,60 @@ def _detect(oriented, smooth, valid, *, thresh_fn, min_area, sigma, flatten):
     oriented[~valid] = 0.0
     smooth[~valid] = 0.0
     return labels, spread, low - centre, depth
+
+
+_WEAK_SEED_SIGMAS = 3.5  # a particle-shaped region may peak this far out (not 5σ)
+_WEAK_SOLIDITY = 0.9  # ... when it is as convex as a particle, unlike the film's patches
+_WEAK_SIZE = (0.4, 1.5)  # ... and sized like the frame's particles (radius range, see below)
+# ... and its final outline reaches down its own edge: mean at most this fraction of the peak
+# (a sphere's projection averages 2/3 of its peak over its disc before blur, less after; a
+# patch of film whose outline is the 3σ outline level under a peak below 5σ averages more)
+_WEAK_MEAN_RATIO = 0.6
+
+
+def _weak_particles(labels, flat, valid, *, low, seed, high, small_r, radius, min_area):
+    """Add the faint particles that miss the seed level: regions above ``low`` peaking
+    between ``seed`` and ``high`` that look like the frame's particles.
+
+    The seed level (5σ at least) keeps the film's texture out, but the thinner members of
+    a weak-contrast population (smaller polystyrene spheres, low dose) peak at 3.5–5σ and were
+    lost whole. What sets them apart from the film's patches at that level is their shape
+    and size, not their height: a particle's region is convex (solidity ≥ 0.9, as in
+    :func:`_drop_film_patches`) and its equivalent radius lies between half the smaller
+    particles' (``small_r``, the area quartile) and 1.5× the median (``radius``), while
+    texture above ``low`` is ragged. The film's deepest dip is no bar here: at low dose
+    it reaches the faint particles' height (4.2σ against 4.0σ on ps50 BF at ¼ dose), and
+    only the shape tells them apart; the frame-level null test still applies.
+
+    Returns ``labels`` with the accepted regions appended (new labels after the last).
+    """
+    if small_r is None or radius is None or not seed < high \
+            or int(labels.max()) < _FILM_MIN_REGIONS:
+        return labels  # a frame of one or two particles: too few to say what one looks like
+    cand, n = ndi.label(_fill_holes((flat > low) & valid & (labels == 0)))
+    if n == 0:
+        return labels
+    peak = _label_max(flat, cand, n)
+    area = np.bincount(cand.ravel(), minlength=n + 1)[1:]
+    r_eq = np.sqrt(area / np.pi)
+    maybe = np.flatnonzero((peak > seed) & (peak <= high) & (area >= min_area)
+                           & (r_eq >= _WEAK_SIZE[0] * small_r)
+                           & (r_eq <= _WEAK_SIZE[1] * radius)) + 1
+    if maybe.size == 0:
+        return labels
+    # a region touching one already found is its halo or bridge, not a particle
+    touching = np.unique(cand[ndi.binary_dilation(labels > 0) & (cand > 0)])
+    maybe = np.setdiff1d(maybe, touching)
+    if maybe.size == 0:
+        return labels
+    keep = np.zeros(n + 1, bool)
+    for region in measure.regionprops(np.where(np.isin(cand, maybe), cand, 0)):
+        keep[region.label] = region.solidity >= _WEAK_SOLIDITY
+    if not keep.any():
+        return labels
+    remap = np.zeros(n + 1, labels.dtype)
+    remap[keep] = np.arange(1, int(keep.sum()) + 1) + int(labels.max())
+    return np.where(labels > 0, labels, remap[cand])
 
 
 def _dips(flat, valid, mask, *, centre, low, min_area, margin):
@@ -1006,13 +1065,32 @@ def _drop_insignificant(labels, flat, spread):
     over an outline at the true edge it is 2/3 of a sphere's peak before blur and less after,
     so a mean floor at the outline level (3σ) dropped faint particles the seed level had
     found (one isolated PS50 in ten in crowded ps-bimodal frames), and on bare film the
-    peak alone already finds nothing.
+    peak alone already finds nothing. A region peaking between ``_WEAK_SEED_SIGMAS`` spreads
+    and the seed level stays when it is convex, sized like the frame's clear particles
+    (:func:`_weak_particles`) and has an edge of its own (mean at most
+    ``_WEAK_MEAN_RATIO`` of its peak; measured on ¼-dose BF ps50/ps-bimodal/capsules:
+    particles 0.48–0.66, film patches 0.62–0.84).
     """
     n = int(labels.max())
     if n == 0 or not spread > 0:
         return labels
     keep = np.zeros(n + 1, bool)
-    keep[1:] = _label_max(flat, labels, n) > _SEED_SIGMAS[0] * spread
+    peak = _label_max(flat, labels, n)
+    keep[1:] = peak > _SEED_SIGMAS[0] * spread
+    # faint particles that :func:`_weak_particles` let in pass on the same terms, judged
+    # on their final outline against the frame's clear particles
+    weak = np.flatnonzero(~keep[1:] & (peak > _WEAK_SEED_SIGMAS * spread)) + 1
+    if weak.size and keep[1:].sum() >= _FILM_MIN_REGIONS:
+        clear = np.where(keep[labels], labels, 0)
+        small_r, radius = _typical_radius(clear, (_SMALL_AREA_QUANTILE, 50.0))
+        area = np.bincount(labels.ravel(), minlength=n + 1)
+        for region in measure.regionprops(np.where(np.isin(labels, weak), labels, 0),
+                                          intensity_image=flat):
+            r_eq = np.sqrt(area[region.label] / np.pi)
+            keep[region.label] = (region.solidity >= _WEAK_SOLIDITY
+                                  and _WEAK_SIZE[0] * small_r <= r_eq <= _WEAK_SIZE[1] * radius
+                                  and region.intensity_mean
+                                  <= _WEAK_MEAN_RATIO * peak[region.label - 1])
     return np.where(keep[labels], labels, 0)
 
 
