@@ -22,14 +22,15 @@ from ..frames import atomic_write_bytes
 from ._json import json_safe
 
 __all__ = ["PARTICLE_COLUMNS", "FRAME_COLUMNS", "append_frame_rows", "write_particles",
-           "write_frames", "write_summary", "write_histogram", "write_overlay",
+           "write_frames", "write_summary", "FLAG_COLUMNS", "write_histogram", "write_overlay",
            "contrast_stretch", "population_colour", "atomic_write_bytes"]
 
-#: ``particles.csv`` columns, in order (INTERFACE.md, plus ``shell_nm`` of hollow particles).
+#: ``particles.csv`` columns, in order (INTERFACE.md, plus ``shell_nm`` of hollow particles and
+#: ``touching``: the particle touches another or an agglomerate box).
 PARTICLE_COLUMNS = ("frame", "particle_id", "population", "x_px", "y_px", "area_nm2", "ecd_nm",
                     "feret_max_nm", "feret_min_nm", "perimeter_nm", "circularity", "convexity",
                     "solidity", "aspect_ratio", "major_axis_nm", "minor_axis_nm", "separated",
-                    "shell_nm")
+                    "shell_nm", "touching")
 #: ``frames.csv`` columns, in order (INTERFACE.md).
 FRAME_COLUMNS = ("frame", "path", "status", "reason", "particles", "pixel_nm", "defocus_um",
                  "stage_x_um", "stage_y_um", "seconds")
@@ -39,7 +40,8 @@ FRAMES_CSV = "frames.csv"
 SUMMARY_JSON = "summary.json"
 
 _INT_COLUMNS = {"particle_id", "population", "particles"}
-_BOOL_COLUMNS = {"separated"}
+#: ``particles.csv`` columns that hold flags (``true``/``false``).
+FLAG_COLUMNS = frozenset({"separated", "touching"})
 _OUTLIER_GREY = (0.55, 0.55, 0.55)
 _INF = float("inf")
 
@@ -54,7 +56,7 @@ def _cell(name, value):
         return ""
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
-    if name in _BOOL_COLUMNS:
+    if name in FLAG_COLUMNS:
         return "true" if bool(value) else "false"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
@@ -185,7 +187,7 @@ def _format_column(name, values, n):
     arr = np.asarray(values)
     if arr.shape != (n,):
         raise ValueError(f"column {name!r} (shape {arr.shape}) must have {n} rows")
-    if name in _BOOL_COLUMNS or arr.dtype == bool:
+    if name in FLAG_COLUMNS or arr.dtype == bool:
         return ["true" if v else "false" for v in arr.astype(bool).tolist()]
     if arr.dtype.kind in "iu":
         return [str(v) for v in arr.tolist()]

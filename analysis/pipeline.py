@@ -17,7 +17,7 @@ import numpy as np
 
 from .io import FrameError, read_frame
 from .measure import measure
-from .outputs import PARTICLE_COLUMNS
+from .outputs import FLAG_COLUMNS, PARTICLE_COLUMNS
 from .segment import segment
 from .separate import METHODS as SEPARATE_METHODS
 from .separate import separate as separate_particles
@@ -28,13 +28,12 @@ __all__ = ["analyze_frame", "FrameResult", "RESULT_COLUMNS", "analyze_image"]
 #: ``population`` (known only from all frames together).
 RESULT_COLUMNS = tuple(c for c in PARTICLE_COLUMNS if c not in ("frame", "population"))
 _INT_COLUMNS = ("particle_id",)
-_BOOL_COLUMNS = ("separated",)
 _OPTIONAL_NUMBERS = ("pixel_nm", "defocus_um", "stage_x_um", "stage_y_um")
 _POLARITIES = ("auto", "dark", "bright")
 
 
 def _empty_particles():
-    return {c: np.zeros(0, np.int64 if c in _INT_COLUMNS else bool if c in _BOOL_COLUMNS
+    return {c: np.zeros(0, np.int64 if c in _INT_COLUMNS else bool if c in FLAG_COLUMNS
                         else np.float64) for c in RESULT_COLUMNS}
 
 
@@ -167,7 +166,7 @@ def _finite_or_none(value):
 
 def _column_to_list(name, values):
     arr = np.asarray(values)
-    if name in _BOOL_COLUMNS or arr.dtype == bool:
+    if name in FLAG_COLUMNS or arr.dtype == bool:
         return [bool(v) for v in arr]
     if name in _INT_COLUMNS or arr.dtype.kind in "iu":
         return [int(v) for v in arr]
@@ -204,7 +203,7 @@ def _particles_from_message(particles):
 
 
 def _column_from_list(name, values):
-    if name in _BOOL_COLUMNS:
+    if name in FLAG_COLUMNS:
         if not all(isinstance(v, bool) for v in values):
             raise ValueError(f"frame result: particle column {name!r} must hold booleans")
         return np.array(values, dtype=bool)
@@ -278,6 +277,8 @@ def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarit
     for name in RESULT_COLUMNS:
         if name == "separated":
             particles[name] = separated
+        elif name == "touching":
+            particles[name] = touching_particles(labels, ids, boxes=sep.agglomerate_boxes)
         elif name in table:
             particles[name] = np.asarray(table[name])
         else:  # a column measure does not give (yet): present, but unknown
@@ -289,6 +290,61 @@ def analyze_image(image, pixel_nm, *, min_size_nm=None, separate="uecs", polarit
             labels = np.where(np.isin(labels, drop), 0, labels).astype(np.int32)
             particles = {k: v[keep] for k, v in particles.items()}
     return particles, labels, sep
+
+
+def touching_particles(labels, ids, *, boxes=(), margin_px: int = 3):
+    """Which particles touch another particle or an agglomerate box.
+
+    Parameters
+    ----------
+    labels : (M, N) ndarray of int
+        Particle labels (0 background; agglomerates are 0 and known by their boxes).
+    ids : (n,) array_like of int
+        The labels asked about, in table order.
+    boxes : sequence of (row0, col0, row1, col1)
+        Agglomerate boxes (end exclusive).
+    margin_px : int
+        Empty pixels between two outlines up to which the particles count as touching: blur
+        and the half-contrast edge leave touching particles a few pixels apart.
+
+    Returns
+    -------
+    (n,) ndarray of bool
+        Population fractions are counted on the particles that touch nothing (the
+        ``touching`` column): beside a boxed pile, a large particle would otherwise count as
+        alone while its small neighbours are lost. Taken from the outlines themselves, so
+        rods touching end to end count too.
+
+    Examples
+    --------
+    >>> labels = np.zeros((20, 40), np.int32)
+    >>> labels[5:10, 5:10], labels[5:10, 12:17], labels[5:10, 30:35] = 1, 2, 3
+    >>> touching_particles(labels, [1, 2, 3]).tolist()  # a gap of 2 px between 1 and 2
+    [True, True, False]
+    >>> touching_particles(labels, [3], boxes=[(0, 36, 20, 40)]).tolist()
+    [True]
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        return np.zeros(0, bool)
+    size = 2 * int(margin_px) + 3  # pixel centres up to margin_px + 1 apart
+    # a pixel of label L with a larger label within the margin (maximum > L) or a smaller
+    # one (minimum over the labelled pixels < L)
+    above = ndi.maximum_filter(labels, size=size) > labels
+    none = np.iinfo(labels.dtype).max
+    below = ndi.minimum_filter(np.where(labels > 0, labels, none), size=size) < labels
+    near = (labels > 0) & (above | below)
+    reach = int(margin_px) + 1
+    for r0, c0, r1, c1 in boxes:
+        rows = slice(max(int(r0) - reach, 0), int(r1) + reach)
+        cols = slice(max(int(c0) - reach, 0), int(c1) + reach)
+        near[rows, cols] |= labels[rows, cols] > 0
+    flagged = np.zeros(max(int(labels.max()), int(ids.max())) + 1, bool)
+    flagged[labels[near]] = True
+    return flagged[ids]
 
 
 def read_frame_into(result, path, *, pixel_nm=None):

@@ -58,7 +58,7 @@ from scipy.spatial import cKDTree
 from .io import FrameError
 from .measure import measure
 from .pipeline import (RESULT_COLUMNS, FrameResult, _validate_options, failure_reason,
-                       read_frame_into)
+                       read_frame_into, touching_particles)
 from .segment import segment
 from .separate import separate as separate_particles
 
@@ -387,6 +387,8 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
     for name in RESULT_COLUMNS:
         if name == "separated":
             column = separated
+        elif name == "touching":
+            column = touching_particles(labels, ids, boxes=sep.agglomerate_boxes)
         elif name in table:
             column = np.asarray(table[name])
         else:  # a column measure does not give (yet): present, but unknown

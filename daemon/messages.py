@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import SCHEMA_VERSION
+from ..analysis.outputs import FLAG_COLUMNS
 
 #: Largest control request answered (bigger ones get an error reply).
 MAX_CONTROL_BYTES = 64 * 1024
@@ -241,7 +242,7 @@ def validate_worker_message(message: Mapping) -> dict:
     for column, values in particles.items():
         if not isinstance(values, list):
             raise MessageError(f"particle column {column!r} must be a list")
-        if any(v is not None and (isinstance(v, bool) and column != "separated"
+        if any(v is not None and (isinstance(v, bool) and column not in FLAG_COLUMNS
                                   or not isinstance(v, (int, float, bool)))
                for v in values):
             raise MessageError(f"particle column {column!r} holds non-numbers")

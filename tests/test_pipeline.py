@@ -82,6 +82,20 @@ def test_touching_pair_is_separated(tmp_path):
     assert none.n_particles == 1 and not none.particles["separated"].any()
 
 
+def test_touching_column_marks_particles_beside_another_and_not_lone_ones(tmp_path):
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:200, :320]
+    cover = np.zeros(yy.shape)
+    for r, c in ((70, 78), (70, 122), (140, 250)):  # a touching pair (2 px gap) and a lone disc
+        cover = np.maximum(cover, np.clip(21.5 - np.hypot(yy - r, xx - c), 0.0, 1.0))
+    image = rng.poisson(1000.0 - 500.0 * cover).astype(np.uint16)
+    result = analyze_frame(write_frame(tmp_path / "three.mrc", image, pixel_nm=1.0))
+    assert result.status == "ok" and result.n_particles == 3, result.reason
+    lone = result.particles["x_px"] > 200
+    assert lone.sum() == 1
+    assert result.particles["touching"].tolist() == (~lone).tolist()
+
+
 def test_bad_frames_fail_without_raising(tmp_path):
     empty = tmp_path / "frame_00002.mrc"
     empty.write_bytes(b"")

@@ -67,9 +67,9 @@ def test_untouched_basis_needs_enough_particles():
 
 
 def _frames_with_truth(sample, *, frames, size_px, seed, detector=None):
-    """Analysed frames (segment → separate → measure) with the ``touching`` column from the
-    frame's agglomerate boxes, and the true fraction of each population over the same frames
-    (particles that do not touch the frame's edge, as the analysis keeps)."""
+    """Analysed frames (segment → separate → measure, and the pipeline's ``touching`` column
+    from the outlines and agglomerate boxes), and the true fraction of each population over
+    the same frames (particles that do not touch the frame's edge, as the analysis keeps)."""
     from particlewatch.analysis.pipeline import analyze_image
     from particlewatch.simulators.scope import SimScope
 
@@ -80,10 +80,7 @@ def _frames_with_truth(sample, *, frames, size_px, seed, detector=None):
         scope.move_stage(-40.0 + 7.3 * (i % 10), -35.0 + 8.1 * (i // 10))
         scope.set_defocus(scope.true_focus_um())
         im = scope.snap()
-        particles, _, sep = analyze_image(im.image, im.pixel_nm)
-        particles["touching"] = touching(particles["x_px"], particles["y_px"],
-                                         particles["ecd_nm"] / 2 / im.pixel_nm,
-                                         boxes=sep.agglomerate_boxes)
+        particles, _, _ = analyze_image(im.image, im.pixel_nm)  # with its touching column
         particles["frame"] = np.full(len(particles["ecd_nm"]), i)
         tables.append(particles)
         true_pop += [q["population"] for q in im.truth["particles"] if not q["touches_edge"]]
