@@ -89,6 +89,11 @@ class SimulatedMicroscope:
     def clock_s(self) -> float:
         return float(self.scope.clock_s)
 
+    @property
+    def detector(self) -> str:
+        """The simulated detector (``"bf"`` or ``"haadf"``): it sets the particles' contrast."""
+        return str(self.scope.detector)
+
 
 #: SerialEM parameter sets used for the two modes: View for the survey, Record for frames.
 _PARAMETER_SETS = {"survey": "V", "record": "R"}
@@ -107,6 +112,10 @@ class SerialEMMicroscope:
         SerialEM's socket (its default port is 48888).
     stage_limits_um : 4 floats
         Stage limits to respect; SerialEM has no call that reports them.
+    detector : {"bf", "haadf"} or None
+        The imaging detector, when the user names it (``detector`` attribute; it sets the
+        particles' contrast for the segment check); None: the acquisition learns the
+        contrast from its first records.
 
     Raises
     ------
@@ -116,8 +125,8 @@ class SerialEMMicroscope:
 
     def __init__(self, sem=None, *, connect: bool = False, ip: str = "127.0.0.1",
                  port: int = 48888,
-                 stage_limits_um: tuple[float, float, float, float] = (-990.0, -990.0, 990.0, 990.0)
-                 ) -> None:
+                 stage_limits_um: tuple[float, float, float, float] = (-990.0, -990.0, 990.0, 990.0),
+                 detector: str | None = None) -> None:
         if sem is None:
             try:
                 sem = importlib.import_module("serialem")
@@ -130,6 +139,7 @@ class SerialEMMicroscope:
         self._errors = tuple(getattr(sem, name) for name in
                              ("SEMerror", "SEMmoduleError", "SEMexited") if hasattr(sem, name))
         self._limits = tuple(float(v) for v in stage_limits_um)
+        self.detector = detector
         self._mode = "record"
         if connect:
             try:

@@ -20,8 +20,8 @@ from .focus import (FocusModel, band_sharpness, fit_focus_curve, local_band_shar
                     next_focus_image, noise_floor, parabola_vertex, sharpness_and_noise)
 from .protocol import Frame, validate_mode
 from .segments import (Segment, SegmentCheckCalibration, film_only, focus_window,
-                       particle_region, peaks_inside, record_particles, survey_detections,
-                       survey_segments)
+                       particle_region, peaks_inside, record_particles, record_polarity,
+                       survey_detections, survey_segments)
 from .tiling import Tile
 
 
@@ -668,6 +668,10 @@ class AreaProgress:
         In-process only: ``(tile index, survey frame, segments, labels)`` of the tile being
         worked on when the run stopped, so the next round goes on with it without a new
         survey; ``decided`` holds that tile's segments ``(row, col)`` already decided.
+    polarity : str or None
+        The particles' contrast (``"dark"``, ``"bright"``) learnt in the run where
+        ``SegmentSettings.polarity`` is ``"auto"`` (see :func:`_vote_polarity`); None
+        while unknown. ``polarity_votes`` counts the records that voted.
     """
 
     tiles_done: set = field(default_factory=set)
@@ -678,6 +682,8 @@ class AreaProgress:
     verify_focus: bool = False
     survey: tuple | None = None
     decided: set = field(default_factory=set)
+    polarity: str | None = None
+    polarity_votes: dict = field(default_factory=lambda: {"dark": 0, "bright": 0})
 
     @classmethod
     def start(cls, segments: SegmentSettings) -> "AreaProgress":
@@ -690,7 +696,8 @@ class AreaProgress:
                 "focus_measurements": [list(m) for m in self.measurements],
                 "focus_curve": list(self.shape) if self.shape is not None else None,
                 "segment_check": (self.calibration.summary()
-                                  if self.calibration is not None else None)}
+                                  if self.calibration is not None else None),
+                "polarity": self.polarity, "polarity_votes": dict(self.polarity_votes)}
 
     @classmethod
     def from_dict(cls, data: Mapping, segments: SegmentSettings) -> "AreaProgress":
@@ -709,7 +716,48 @@ class AreaProgress:
         check = data.get("segment_check")
         if progress.calibration is not None and check:
             progress.calibration.restore(check)
+        if data.get("polarity") in ("dark", "bright"):
+            progress.polarity = data["polarity"]
+        votes = data.get("polarity_votes") or {}
+        progress.polarity_votes = {k: int(votes.get(k, 0)) for k in ("dark", "bright")}
         return progress
+
+
+#: Records whose particles agree with the survey that must show one contrast before the
+#: run's particle contrast is taken as known, and the share of them allowed to disagree.
+_POLARITY_VOTES, _POLARITY_DISSENT = 3, 0.1
+
+
+def _vote_polarity(progress: AreaProgress, vote: str | None) -> None:
+    """Count a record's particle contrast (:func:`~.segments.record_polarity`, on a segment
+    the survey and the record agree holds particles: real particles, not film); the run's
+    contrast is known once ``_POLARITY_VOTES`` records agree with few dissenting.
+
+    Why it matters: film texture has both signs, so a check that looks on both sides of the
+    background (``"auto"``) raises twice the film alarms, and the film's mottle repeats in
+    the confirmation record: every alarm that survived confirmation and the film test in
+    whole plan runs (empty, au10, ps50; bright field and HAADF) was of the wrong contrast,
+    while the real alarms (PS50 the survey missed) were all of the right one."""
+    if vote not in ("dark", "bright") or progress.polarity is not None:
+        return
+    progress.polarity_votes[vote] = progress.polarity_votes.get(vote, 0) + 1
+    total = sum(progress.polarity_votes.values())
+    if progress.polarity_votes[vote] >= _POLARITY_VOTES \
+            and progress.polarity_votes[vote] >= (1 - _POLARITY_DISSENT) * total:
+        progress.polarity = vote
+
+
+def _faint_particles(calibration: SegmentCheckCalibration) -> bool:
+    """Whether the run has shown particles near the record check's detection limit: the
+    survey missed particles that the record check saw (``particles_missed``, or a whole
+    occupied segment, ``missed``).
+
+    Why: the particles the survey misses are the faint ones (small, low contrast: PS50 in
+    a PS50 + PS100 mixture), and the record check, a few times more sensitive, finds them
+    barely: PS50 at focus peaks 0.4-1.2x its seed level (256 px records, bright field and
+    HAADF), so it misses some outright. Then a blank record is no proof of an empty field,
+    and dropping it on that word lost occupied segments the survey had also missed."""
+    return calibration.particles_missed > 0 or calibration.missed > 0
 
 
 def _inside(x_um: float, y_um: float, limits_um) -> bool:
@@ -818,9 +866,15 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     shows particles gets one confirmation record of the same field before it counts against
     the survey (a false alarm of the record check does not repeat in a fresh exposure;
     particles do); the first frame is kept either way. A record that shows nothing but was
-    taken where focus is not known (no measurement within ``focus.refocus_distance_um``) is
-    no evidence: where the survey saw particles in the tile, or has missed particles before,
-    it is saved unjudged and not counted, so no segment is left out for want of focus.
+    taken where focus is not known (no measurement within ``focus.refocus_distance_um``), or
+    once the survey has missed particles that the record check saw (:func:`_faint_particles`:
+    faint particles, at the record check's limit too), is no evidence: where the survey saw
+    particles in the tile, or has missed a segment before, it is saved unjudged and not
+    counted, so no segment is left out for want of focus or on a blind check's word. With
+    ``segments.polarity`` ``"auto"``, the particles' contrast is learnt from the first
+    records where survey and record agree there are particles (:func:`_vote_polarity`,
+    ``progress.polarity``); from then on the survey, the record check and the film test
+    look on that side of the background only (film alarms of the other sign are not raised).
 
     Yields :class:`Report` with ``state``, ``tile``, ``tiles``, ``skipped_segments``,
     ``defocus_um``, ``focus`` (one ``(x_um, y_um, focus_um, status, images)`` per autofocus),
@@ -856,6 +910,13 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         # a focus model carried from an earlier run is checked once before it is used
         return progress.verify_focus or focus.needs_focus(model, x_um, y_um)
 
+    def polarity() -> str:
+        # the particles' contrast, once the run has learnt it (film alarms of the other
+        # sign are then never raised)
+        if segments.polarity != "auto":
+            return segments.polarity
+        return progress.polarity or "auto"
+
     def particle_peaks(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         # every peak of the frame (margin 0) and its particle: one search answers the focus
         # probe's and the record check's questions (its counted part: peaks_inside) and
@@ -863,7 +924,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
         return record_particles(
             frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
             threshold_sigma=segments.threshold_sigma, min_size_nm=segments.min_size_nm,
-            polarity=segments.polarity)
+            polarity=polarity())
 
     def counted(peaks: np.ndarray, frame: Frame) -> bool:
         return len(peaks_inside(peaks, frame.image.shape, margin=segments.overlap / 2,
@@ -899,7 +960,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
             found, survey_labels = survey_segments(
                 survey.image, survey.pixel_nm, segment_um=record_field_um,
                 overlap=segments.overlap, threshold_sigma=segments.threshold_sigma,
-                min_size_nm=segments.min_size_nm, polarity=segments.polarity)
+                min_size_nm=segments.min_size_nm, polarity=polarity())
             progress.survey = (tile.index, survey, found, survey_labels)
             progress.decided = set()
         centre = {id(s): (survey.stage_x_um + s.dx_um, survey.stage_y_um + s.dy_um)
@@ -995,6 +1056,11 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     peaks, objects = particle_peaks(frame)
                 seen = counted(peaks, frame)
                 anywhere = len(peaks) > 0
+                if seen and seg.has_particles and polarity() == "auto":
+                    _vote_polarity(progress, record_polarity(
+                        frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+                        threshold_sigma=segments.threshold_sigma,
+                        min_size_nm=segments.min_size_nm, margin=segments.overlap / 2))
                 if seen and not seg.has_particles:
                     # The survey missed particles, or the record check saw noise: one
                     # confirmation record decides (a false alarm does not repeat in a fresh
@@ -1008,15 +1074,19 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                     # on the other polarity) decides. It only clears the survey; the frame
                     # with the peaks is kept whatever it says (never dropped on its word)
                     if seen and film_only(confirm.image, confirm.pixel_nm,
-                                          polarity=segments.polarity,
+                                          polarity=polarity(),
                                           margin=segments.overlap / 2,
                                           bin_px=segments.record_bin_px):
                         seen = False
-                # A blank record at an unknown focus is no evidence: where the survey saw
-                # particles in this tile, or has missed them before, it is kept unjudged
-                # (never left out for want of focus) and not counted against the survey.
-                unjudged = not anywhere and not focused and (
-                    any(s.has_particles for s in found) or calibration.missed > 0)
+                # A blank record is no evidence where the particles may be too faint for the
+                # record check: where the survey saw particles in this tile, or has missed
+                # them before, it is kept unjudged (never left out) and not counted against
+                # the survey when focus was not known here (a weak specimen far from focus
+                # looks empty), or when the survey has missed particles the record check
+                # saw (_faint_particles: the specimen holds particles at the survey's limit,
+                # and the faintest of those are at the record check's limit too).
+                unjudged = not anywhere and (not focused or _faint_particles(calibration)) \
+                    and (any(s.has_particles for s in found) or calibration.missed > 0)
                 if not unjudged:
                     # which of the record's particles the survey saw: per-particle evidence
                     # of its sensitivity from every record, occupied segments' included

@@ -75,6 +75,10 @@ class Microscope(Protocol):
 
     ``acquire`` takes an image in the current mode. ``clock_s`` is the instrument's time in
     seconds (simulated time for the simulator), used for timing reports.
+
+    Optional (not required for ``isinstance``): ``detector``, the imaging detector's kind
+    (``"bf"`` bright field, ``"haadf"`` annular dark field) or None when the backend cannot
+    tell; it sets the particles' contrast for the segment check (``runner.detector_polarity``).
     """
 
     @property

@@ -253,6 +253,30 @@ def earlier_progress(folder: Path, description: Mapping,
     return AreaProgress.from_dict(best[1], segments) if best is not None else None
 
 
+#: Particles' contrast by detector: they add material, so they take electrons out of a
+#: bright-field image and scatter more into an annular dark-field one.
+_DETECTOR_POLARITY = {"bf": "dark", "tem": "dark", "haadf": "bright", "adf": "bright",
+                      "df": "bright"}
+
+
+def detector_polarity(scope, segments: SegmentSettings) -> SegmentSettings:
+    """``segments`` with the particles' contrast set from the microscope's detector where the
+    backend says which it is (the optional ``detector`` attribute of
+    :class:`~.protocol.Microscope`: ``"bf"``, ``"haadf"``, ...) and the settings leave it to
+    ``"auto"``; unchanged otherwise (the plan then learns the contrast from its records).
+
+    Why: with the contrast unknown the record check looks on both sides of the background,
+    and on bare film (nothing to learn the contrast from) the film's mottle of the wrong sign
+    raised alarms that turned skipping off: empty sample, 512 px, seed 0, skip 35/17% (bright
+    field, sparse/medium areas) and 36/51% (HAADF) with ``"auto"``, 99.7/99.1% and 99.7/99.4%
+    with the detector's contrast."""
+    detector = getattr(scope, "detector", None)
+    polarity = _DETECTOR_POLARITY.get(str(detector).lower()) if detector else None
+    if segments.polarity != "auto" or polarity is None:
+        return segments
+    return dataclasses.replace(segments, polarity=polarity)
+
+
 def plan_tiles(scope: Microscope, area_um, *, overlap: float = 0.1
                ) -> tuple[list[Tile], tuple[float, float], tuple[float, float]]:
     """Serpentine survey positions for an area, spaced so record segments tile it evenly.
@@ -361,6 +385,8 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
         occupied segments looked empty in the survey (particles too faint at survey
         magnification)"); the same line is logged on ``particlewatch.acquisition``.
     focus, segments : FocusSettings, SegmentSettings
+        ``segments.polarity`` ``"auto"`` takes the particles' contrast from the backend's
+        ``detector`` where it names one (:func:`detector_polarity`).
     target_defocus_um : float
         Defocus added to best focus for the recorded frames.
     threaded_writer : bool
@@ -383,6 +409,7 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    segments = detector_polarity(scope, segments)  # recorded in acquisition.json as used
     tiles, record_field, tile_step = plan_tiles(scope, area_um, overlap=overlap)
     number = next_frame_number(out)
     description = AcquisitionDescription(

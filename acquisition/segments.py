@@ -409,6 +409,24 @@ def record_particles(image, pixel_nm: float, *, bin_px: int = 4,
     return peaks * b + b // 2, objects
 
 
+def record_polarity(image, pixel_nm: float, *, bin_px: int = 4, threshold_sigma: float = 5.0,
+                    min_size_nm: float = 2.0, margin: float = 0.05) -> str | None:
+    """Which contrast a record frame's particles have: ``"dark"``, ``"bright"`` or None.
+
+    The record check (:func:`record_particle_peaks`) is run for each polarity; the answer is
+    the one whose search counts particles, None when both or neither do. Particles add
+    material, so their contrast is set by the detector (dark in bright field, bright in
+    annular dark field), the same for every particle of a run; the support film's texture
+    has both signs.
+    """
+    found = [pol for pol in ("dark", "bright")
+             if len(record_particle_peaks(image, pixel_nm, bin_px=bin_px,
+                                          threshold_sigma=threshold_sigma,
+                                          min_size_nm=min_size_nm, polarity=pol,
+                                          margin=margin))]
+    return found[0] if len(found) == 1 else None
+
+
 def film_only(image, pixel_nm: float, *, polarity: str = "auto", margin: float = 0.05,
               bin_px: int = 4) -> bool:
     """Whether a record frame's counted part holds nothing but the support film's texture.
