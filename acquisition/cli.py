@@ -22,9 +22,12 @@ def default_area(limits_um, side_um: float = DEFAULT_AREA_SIDE_UM):
 
 def make_scope(args):
     """The backend named by ``args.backend`` (``MicroscopeError`` with a one-line reason)."""
+    detector = getattr(args, "detector", None)
     if args.backend == "simulated":
-        return SimulatedMicroscope.create(args.sample, seed=args.seed)
-    return SerialEMMicroscope(connect=True, ip=args.serialem_ip, port=args.serialem_port)
+        return SimulatedMicroscope.create(args.sample, seed=args.seed,
+                                          **({"detector": detector} if detector else {}))
+    return SerialEMMicroscope(connect=True, ip=args.serialem_ip, port=args.serialem_port,
+                              detector=detector)
 
 
 def _state_line(state: Mapping) -> str:

@@ -768,17 +768,19 @@ def _inside(x_um: float, y_um: float, limits_um) -> bool:
 
 
 def _focus_here(x_um: float, y_um: float, model: FocusModel, shape: tuple | None,
-                settings: FocusSettings, *, fallback_um: float = 0.0, window=None) -> Plan:
+                settings: FocusSettings, *, fallback_um: float = 0.0, window=None,
+                region=None) -> Plan:
     predicted = model.predict(x_um, y_um)
     if predicted is not None and shape:
         width, power = shape
         result = yield from quick_focus(predicted_um=predicted,
                                         step_um=settings.quick_step_um or width,
                                         power=None if settings.quick_step_um else power,
-                                        settings=settings, window=window)
+                                        settings=settings, window=window, region=region)
     else:
         result = yield from autofocus(center_um=predicted if predicted is not None
-                                      else fallback_um, settings=settings, window=window)
+                                      else fallback_um, settings=settings, window=window,
+                                      region=region)
     return result
 
 
@@ -823,6 +825,7 @@ def _check_carried_focus(progress: AreaProgress, result: FocusResult, x_um: floa
     if abs(result.defocus_um - predicted) > 2 * math.hypot(model_sd, sd):
         progress.model = FocusModel()
         progress.measurements.clear()
+        progress.shape = None  # the curve's shape came from the same earlier specimen
 
 
 def _already_done(xy, done_um, record_field_um) -> bool:
@@ -902,7 +905,7 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
     def log_focus(result: FocusResult, x_um: float, y_um: float) -> None:
         nonlocal model, shape
         _check_carried_focus(progress, result, x_um, y_um, focus)
-        model = progress.model
+        model, shape = progress.model, progress.shape
         shape = progress.shape = _log_focus(result, x_um, y_um, model, shape, focus_log,
                                             focus, progress.measurements)
 
@@ -1028,9 +1031,17 @@ def acquire_area(tiles: list[Tile], *, record_field_um: tuple[float, float],
                 # needs no focus: it is judged as it is, and no segment is ever left out for
                 # want of focus.
                 yield Report({"state": "focusing"})
+                # focus is measured on the probe's particles themselves (their region, not
+                # a window around them: fewer images on sparse weak samples, e.g. ps-bimodal
+                # BF 2048 px 7.2 -> 6.3 per autofocus)
+                region = particle_region(
+                    frame.image, frame.pixel_nm, bin_px=segments.record_bin_px,
+                    threshold_sigma=segments.threshold_sigma,
+                    min_size_nm=segments.min_size_nm, polarity=polarity())
                 result = yield from _focus_here(
                     x, y, model, shape, focus, fallback_um=best - target_defocus_um,
-                    window=focus_window(frame.image.shape, peaks))
+                    window=focus_window(frame.image.shape, peaks) if region is None else None,
+                    region=region)
                 result = dataclasses.replace(result, images=result.images + 1)  # + the probe
                 focus_images += result.images
                 log_focus(result, x, y)

@@ -226,7 +226,8 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
 
 
 #: What must match for an earlier run's ``acquisition.json`` to describe the same tiles.
-_SAME_PLAN = ("area_um", "overlap", "record_field_um", "tile_step_um", "tiles", "segments")
+_SAME_PLAN = ("area_um", "overlap", "record_field_um", "tile_step_um", "tiles", "segments",
+              "sample", "seed", "backend")
 
 
 def earlier_progress(folder: Path, description: Mapping,
@@ -438,6 +439,15 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
     if progress is None:
         progress = AreaProgress.start(segments)
     written_tiles = [len(progress.tiles_done)]
+    navigated = [len(positions)]
+
+    def write_positions() -> None:
+        # only frames already on disk (renamed into place by the writer): after a hard kill
+        # the next run takes again what is not listed, and skips what is
+        on_disk = [p for p in positions if (out / f"{p.label}.mrc").exists()]
+        if len(on_disk) != navigated[0]:
+            write_navigator(nav_path, on_disk)
+            navigated[0] = len(on_disk)
 
     def write_description() -> None:
         data = description.to_dict()
@@ -483,6 +493,7 @@ def run_acquisition(scope: Microscope, out_dir: str | os.PathLike, *, area_um,
             case Checkpoint():
                 if len(progress.tiles_done) != written_tiles[0]:
                     write_description()  # a tile was finished: kept for a resumed run
+                write_positions()  # frames saved so far, for a run resumed after a kill
                 if throttle is not None:
                     throttle()
                 reason = conditions.reason(len(saved))

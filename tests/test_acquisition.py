@@ -399,6 +399,17 @@ def test_cli_acquire_simulated_and_serialem_without_module(tmp_path, capsys, mon
     assert code == 1 and len(err.splitlines()) == 1 and "serialem" in err
 
 
+def test_cli_acquire_detector_option_reaches_the_backend():
+    from particlewatch import cli
+    from particlewatch.acquisition import cli as acquire_cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["acquire", "--out", "x", "--sample", "ps50", "--detector", "haadf"])
+    assert acquire_cli.make_scope(args).detector == "haadf"
+    args = parser.parse_args(["acquire", "--out", "x", "--sample", "ps50"])
+    assert acquire_cli.make_scope(args).detector == SimScope("ps50").detector
+
+
 # --- self-calibrating segment check over whole runs -------------------------------------------
 
 def _segment_run(sample, *, detector=None, tiles=4, size=256, seed=0, sparse=True,

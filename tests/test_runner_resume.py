@@ -113,3 +113,38 @@ def test_resumed_run_reads_what_was_done_from_acquisition_json(tmp_path):
     c0 = first.progress.calibration
     c1 = again.progress.calibration
     assert c1.occupied + c1.empty_checked >= c0.occupied + c0.empty_checked
+
+
+def test_positions_nav_lists_every_saved_frame_while_the_run_goes_on(tmp_path):
+    # after a hard kill the next run takes again only what positions.nav does not list: it
+    # must list each frame as soon as the frame is on disk, not only when the run ends
+    from particlewatch.acquisition.navigator import read_navigator
+
+    seen = []
+
+    def look():
+        nav = tmp_path / "positions.nav"
+        listed = {p.label for p in read_navigator(nav)} if nav.exists() else set()
+        seen.append(({p.stem for p in tmp_path.glob("frame_*.mrc")}, listed))
+
+    scope = SimulatedMicroscope(SimScope("au10", seed=8, size_px=512))
+    run_acquisition(scope, tmp_path, area_um=_area(), max_frames=4, handle_sigint=False,
+                    threaded_writer=False, throttle=look)
+    on_disk_during = [(on_disk, listed) for on_disk, listed in seen if on_disk]
+    assert on_disk_during, "no checkpoint came after a saved frame"
+    for on_disk, listed in on_disk_during:
+        assert listed == on_disk
+
+
+def test_an_earlier_run_of_another_sample_or_seed_is_not_resumed(tmp_path):
+    from particlewatch.acquisition.plans import SegmentSettings
+    from particlewatch.acquisition.runner import earlier_progress
+
+    scope = SimulatedMicroscope(SimScope("au10", seed=8, size_px=512))
+    first = run_acquisition(scope, tmp_path, area_um=_area(), max_frames=2,
+                            handle_sigint=False, sample="au10", seed=8)
+    description = json.loads(first.description_path.read_text())
+    segments = SegmentSettings()
+    assert earlier_progress(tmp_path, description, segments) is not None
+    for key, other in (("sample", "ps50"), ("seed", 9), ("backend", "SerialEMMicroscope")):
+        assert earlier_progress(tmp_path, {**description, key: other}, segments) is None, key

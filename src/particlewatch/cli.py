@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-on", type=_endpoint, default=None,
                    help="SUB endpoint of a daemon's stream: stop when it says converged")
+    p.add_argument("--detector", choices=("bf", "haadf"), default=None,
+                   help="the imaging detector (bright-field TEM: dark particles; HAADF-STEM: "
+                        "bright ones). With it the segment check looks for one contrast only "
+                        "and skips bare film reliably; without it SerialEM runs learn the "
+                        "contrast from the first occupied fields (the simulator knows its own)")
     p.add_argument("--serialem-ip", default="127.0.0.1")
     p.add_argument("--serialem-port", type=int, default=48888)
     p.set_defaults(handler="particlewatch.acquisition.cli")
