@@ -394,17 +394,14 @@ def analyze_crop(image, pixel_nm, *, cut_top, cut_bottom, min_size_nm=None, sepa
         else:  # a column measure does not give (yet): present, but unknown
             column = np.full(ids.size, np.nan)
         particles[name] = column[keep]
-    # separate boxes each agglomerate as its region's bounding box grown by one pixel
-    box_region = {}
-    for index, sl in enumerate(ndi.find_objects(raw)):
-        if sl is not None:
-            box_region[(max(sl[0].start - 1, 0), max(sl[1].start - 1, 0),
-                        min(sl[0].stop + 1, raw.shape[0]),
-                        min(sl[1].stop + 1, raw.shape[1]))] = index + 1
     boxes, boxes_on_cut = [], []
     for box in sep.agglomerate_boxes:
         box = tuple(int(v) for v in box)
-        reg = box_region.get(box, 0)
+        # a box is a whole region's or only a leftover part's: its region is the one that
+        # fills most of it
+        inside = raw[box[0]:box[2], box[1]:box[3]]
+        inside = inside[inside > 0]
+        reg = int(np.bincount(inside).argmax()) if inside.size else 0
         if reg == 0 or region_real[reg]:
             continue  # on a real border: cleared in the whole frame too, not counted there
         boxes.append(box)

@@ -164,3 +164,21 @@ def test_split_frames_agree_with_whole_frames_and_with_the_truth(tmp_path, sampl
     recall_s, err_s = _truth_match(merged, snap.truth)
     assert recall_s >= recall_w - recall_tol
     assert abs(err_s) <= abs(err_w) + 2 * ecd_tol and abs(err_s) < 0.06
+
+
+def test_strips_keep_the_agglomerate_boxes_of_leftover_parts(tmp_path):
+    # separate boxes leftovers of a region (not only whole regions): strips must keep those
+    # boxes too, or a split frame reports fewer agglomerates than the whole frame (a cubes
+    # frame: 9 against 21 when only whole-region boxes were recognised)
+    from particlewatch.simulators.scope import SimScope
+
+    scope = SimScope("cubes", seed=2, size_px=1024)
+    scope.move_stage(-10.0, 12.0)
+    scope.set_defocus(scope.true_focus_um())
+    snap = scope.snap()
+    path = write_frame(tmp_path / "f.mrc", snap.image, pixel_nm=snap.pixel_nm)
+    whole = analyze_frame(path)
+    merged, fallback = _split(path, (1024, 1024), 3, None)
+    assert fallback is None and whole.n_agglomerates >= 10
+    n_whole = whole.n_agglomerates
+    assert abs(merged.n_agglomerates - n_whole) <= max(2, 0.1 * n_whole)
