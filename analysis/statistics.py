@@ -18,8 +18,9 @@ split from touching groups (``separated``) and enough stood alone: a split piece
 from a regrown mask, and some pieces are unsplit overlapping pairs that no rule on a single
 particle can tell from a large member; ``n`` still counts every member. Where the table also
 says which particles touch another particle or an agglomerate box (``touching``, from
-:func:`touching`), fractions are counted on the particles that touch nothing: a large particle
-whose small neighbours were boxed or hidden was not split, yet it did not stand alone.
+:func:`~particlewatch.analysis.pipeline.touching_particles`), fractions are counted on the
+particles that touch nothing: a large particle whose small neighbours were boxed or hidden was
+not split, yet it did not stand alone.
 
 Stop rule (a Chow–Robbins fixed-width rule, 1965, with a frame-level variance): converged when,
 for every population, the 95% half-width ≤ ``precision`` × mean, the population holds at least
@@ -39,7 +40,7 @@ from scipy import stats as sps
 from .populations import PopulationModel, fit_populations
 from ._json import json_safe
 
-__all__ = ["summarize", "RunningStatistics", "population_stats", "z_average", "touching",
+__all__ = ["summarize", "RunningStatistics", "population_stats", "z_average",
            "cluster_mean_ci", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -82,63 +83,6 @@ def z_average(d):
         return math.nan
     r = d / top  # scaled: d⁶ of 1e5 nm overflows nothing, but keeps the sums well-conditioned
     return float(top * np.sum(r ** 6) / np.sum(r ** 5))
-
-
-def touching(x_px, y_px, radius_px, *, boxes=(), margin_px=3.0):
-    """Which particles of one frame touch another particle or an agglomerate box.
-
-    Parameters
-    ----------
-    x_px, y_px : (n,) array_like
-        Particle centres (column, row) in pixels.
-    radius_px : (n,) array_like
-        Particle radii in pixels (half the ECD).
-    boxes : sequence of (row0, col0, row1, col1)
-        Agglomerate boxes of the frame (``Separation.agglomerate_boxes``; end exclusive).
-    margin_px : float
-        Gap, edge to edge, below which two outlines count as touching (blur and the
-        rounding of an outline to pixels make touching outlines look a few pixels apart).
-
-    Returns
-    -------
-    (n,) ndarray of bool
-        True where the particle's disc comes within ``margin_px`` of another particle's
-        disc or of a box. :func:`summarize` counts fractions on the particles that touch
-        nothing (the ``touching`` column) when there are enough of them.
-
-    Examples
-    --------
-    >>> touching([10, 27, 100], [10, 10, 100], [8, 8, 8]).tolist()  # a gap of 1 px
-    [True, True, False]
-    >>> touching([10], [10], [5], boxes=[(0, 17, 30, 40)]).tolist()
-    [True]
-    """
-    from scipy.spatial import cKDTree
-
-    x = np.asarray(x_px, dtype=float).reshape(-1)
-    y = np.asarray(y_px, dtype=float).reshape(-1)
-    r = np.asarray(radius_px, dtype=float).reshape(-1)
-    if not len(x) == len(y) == len(r):
-        raise ValueError(f"x_px ({len(x)}), y_px ({len(y)}) and radius_px ({len(r)}) must "
-                         f"have the same length")
-    out = np.zeros(len(x), dtype=bool)
-    if len(x) == 0:
-        return out
-    r = np.where(np.isfinite(r), np.maximum(r, 0.0), 0.0)
-    xy = np.column_stack([x, y])
-    pairs = cKDTree(xy).query_pairs(2.0 * float(r.max()) + margin_px, output_type="ndarray")
-    if len(pairs):
-        i, j = pairs[:, 0], pairs[:, 1]
-        gap = np.hypot(*(xy[i] - xy[j]).T) - r[i] - r[j]
-        near = gap <= margin_px
-        out[i[near]] = True
-        out[j[near]] = True
-    for box in boxes:
-        r0, c0, r1, c1 = (float(v) for v in box)
-        dy = np.maximum(np.maximum(r0 - y, y - (r1 - 1.0)), 0.0)
-        dx = np.maximum(np.maximum(c0 - x, x - (c1 - 1.0)), 0.0)
-        out |= np.hypot(dx, dy) <= r + margin_px
-    return out
 
 
 def cluster_mean_ci(values, clusters, *, confidence=_CONFIDENCE):
@@ -374,7 +318,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     ----------
     table : dict of str to ndarray
         Particle table (``particles.csv`` columns; ``ecd_nm`` required; optional
-        ``separated`` and ``touching`` (bool, from :func:`touching`) choose the particles
+        ``separated`` and ``touching`` (bool, the pipeline's columns) choose the particles
         fractions and sizes are counted on).
     labels : (n,) array_like of int
         Population per particle, -1 for outliers (as from ``find_populations``).

@@ -50,7 +50,7 @@ from scipy.optimize import linear_sum_assignment
 
 import particlewatch.analysis as analysis_pkg
 from particlewatch.analysis.pipeline import analyze_image
-from particlewatch.analysis.statistics import RunningStatistics, touching
+from particlewatch.analysis.statistics import RunningStatistics
 from particlewatch.simulators.scope import SimScope
 
 SAMPLES = ("au10", "ps100", "ps50", "ps-bimodal", "silica-capsules", "spheres-rods",
@@ -108,11 +108,8 @@ def analysed(sample, detector, index, *, size, seed, key):
     path = WORK / "tables" / key / f"{sample}-{detector}-{size}-s{seed}-{index:03d}.npz"
     image, pixel_nm, truth = frame(sample, detector, index, size=size, seed=seed)
     if not path.exists() or "touching" not in np.load(path).files:
-        particles, _, sep = analyze_image(image.astype(float), pixel_nm)
-        # what the fractions are counted on: particles touching no particle and no box
-        particles["touching"] = touching(particles["x_px"], particles["y_px"],
-                                         particles["ecd_nm"] / 2 / pixel_nm,
-                                         boxes=sep.agglomerate_boxes)
+        # with the touching column: fractions are counted on particles touching nothing
+        particles, _, _ = analyze_image(image.astype(float), pixel_nm)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **particles)
     z = np.load(path)

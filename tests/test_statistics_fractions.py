@@ -4,21 +4,31 @@ simulator's ground truth."""
 import numpy as np
 import pytest
 
-from particlewatch.analysis.statistics import summarize, touching
+from particlewatch.analysis.pipeline import touching_particles
+from particlewatch.analysis.statistics import summarize
+
+
+def _squares(lefts, *, side=16, width=120):
+    """Labels 1, 2, ... of squares of ``side`` px starting at the given columns."""
+    labels = np.zeros((40, width), np.int32)
+    for k, c in enumerate(lefts, start=1):
+        labels[10:10 + side, c:c + side] = k
+    return labels
 
 
 def test_touching_flags_neighbours_and_boxes():
     # gaps of 1 px (touching) and 6 px (apart) at the default 3 px margin
-    flags = touching([10, 27, 60, 82], [10, 10, 10, 10], [8, 8, 8, 8])
+    flags = touching_particles(_squares([2, 19, 50, 72]), [1, 2, 3, 4])
     assert flags.tolist() == [True, True, False, False]
     # a box 2 px from a particle's edge touches it, one 10 px away does not
-    assert touching([10], [10], [5], boxes=[(0, 17, 30, 40)]).tolist() == [True]
-    assert touching([10], [10], [5], boxes=[(0, 25, 30, 40)]).tolist() == [False]
-    # a box holding the particle's centre
-    assert touching([10], [10], [5], boxes=[(5, 5, 15, 15)]).tolist() == [True]
-    assert touching([], [], []).shape == (0,)
-    with pytest.raises(ValueError, match="same length"):
-        touching([1, 2], [1], [1, 1])
+    lone = _squares([2])  # columns 2-17
+    assert touching_particles(lone, [1], boxes=[(0, 20, 40, 40)]).tolist() == [True]
+    assert touching_particles(lone, [1], boxes=[(0, 28, 40, 40)]).tolist() == [False]
+    # a box holding the particle
+    assert touching_particles(lone, [1], boxes=[(5, 0, 30, 25)]).tolist() == [True]
+    assert touching_particles(lone, []).shape == (0,)
+    # an id with no pixels (dropped) touches nothing
+    assert touching_particles(lone, [1, 7]).tolist() == [False, False]
 
 
 def _mixture_with_hidden_partners(rng, n):
