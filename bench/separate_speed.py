@@ -10,8 +10,15 @@ two versions' results pixel by pixel on the timed frame and on the first ``--fra
 frames of ``bench/separate_accuracy.py`` (1024², dense in touching pairs): particles and
 agglomerates of each, and the pixels whose particle differs (labels matched by overlap), in the
 label image and in the full extents of overlapping particles (``Separation.masks``).
+``--check REV`` instead compares the two versions on the cached 1024² frames of
+``bench/separate_accuracy.py`` (every sample; its usual detector, the other one and ¼ dose;
+``--frames`` of each, 48 frames at 2): labels, ``separated``, agglomerate boxes, full-extent
+masks, ``exact`` and the measured tables must be identical; prints each difference, the
+totals and both versions' CPU time over those frames. It reads the labels already cached
+there (the newest of each frame), so both versions see the same labels whatever segment.py
+is now.
 Run ``python bench/separate_speed.py [--samples au10,ps-bimodal] [--size 2048] [--method uecs]
-[--compare REV] [--frames 3] [--detector bf|haadf]``.
+[--compare REV | --check REV] [--frames 3] [--detector bf|haadf]``.
 """
 
 from __future__ import annotations
@@ -33,22 +40,23 @@ from particlewatch.simulators.scope import SimScope
 WORK = Path(__file__).resolve().parent / "_work" / "separate"
 
 
-def cached_frame(sample, size, seed):
+def cached_frame(sample, size, seed, detector=None):
     """(image, pixel_nm, labels) of the analysis_speed frame, segmented once.
 
     Cached under the simulator's source tag and the labels under segment.py's (see
     ``separate_accuracy.frame_at``), so either changing re-makes what depends on it.
     """
     from separate_accuracy import cached_labels, sim_tag  # bench/ is on the path as a script
-    stem = f"speed_{sample}_{size}_{seed}.sim-{sim_tag()}"
+    tag = f"_{detector}" if detector else ""
+    stem = f"speed_{sample}_{size}_{seed}{tag}.sim-{sim_tag()}"
     path = WORK / f"{stem}.npz"
     if not path.exists():
         WORK.mkdir(parents=True, exist_ok=True)
-        scope = SimScope(sample, seed=seed, size_px=size)
+        scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
         scope.move_stage(3.0, -2.0)
         scope.set_defocus(scope.true_focus_um())
         frame = scope.snap()
-        for old in WORK.glob(f"speed_{sample}_{size}_{seed}.*npz"):
+        for old in WORK.glob(f"speed_{sample}_{size}_{seed}{tag}.*npz"):
             old.unlink(missing_ok=True)
         np.savez_compressed(path, image=frame.image, pixel_nm=frame.pixel_nm)
     data = np.load(path)
@@ -145,6 +153,90 @@ def compare_frames(fns, frames, method):
               flush=True)
 
 
+# the samples of bench/separate_accuracy.py and the detector each is not usually seen with
+CHECK_SAMPLES = {"au10": "bf", "ps100": "haadf", "ps50": "haadf", "ps-bimodal": "haadf",
+                 "silica-capsules": "haadf", "au-rods": "bf", "cubes": "bf",
+                 "spheres-rods": "bf"}
+
+
+def check_frames(frames):
+    """(name, image, pixel_nm, labels) of the cached separate_accuracy frames for ``--check``.
+
+    The ``frames`` first frames of every sample with its usual detector, the other one and at
+    ¼ dose, with the newest labels cached for each (none is segmented here).
+    """
+    for sample, other in CHECK_SAMPLES.items():
+        for tag in ("", f"_{other}", "_d0.25"):
+            for k in range(frames):
+                images = sorted(p for p in WORK.glob(f"{sample}_1024_0{tag}_{k}.sim-*.npz")
+                                if ".seg-" not in p.name)
+                if not images:
+                    print(f"    {sample}{tag} {k}: not cached, left out")
+                    continue
+                stem = images[-1].name[:-len(".npz")]
+                segs = sorted(WORK.glob(f"{stem}.seg-*.npz"), key=lambda p: p.stat().st_mtime)
+                if not segs:
+                    print(f"    {sample}{tag} {k}: no labels cached, left out")
+                    continue
+                data = np.load(images[-1])
+                yield (f"{sample}{tag or '_usual'} {k}", data["image"], float(data["pixel_nm"]),
+                       np.load(segs[-1])["labels"])
+
+
+def _same_table(a, b):
+    """Names of the columns of two measured tables that differ (NaN equals NaN)."""
+    if set(a) != set(b):
+        return sorted(set(a) ^ set(b))
+    return [k for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]),
+                                               equal_nan=np.asarray(a[k]).dtype.kind == "f")]
+
+
+def differences(a, b, table_a, table_b):
+    """What differs between two Separations of one frame and their measured tables."""
+    out = []
+    if not np.array_equal(a.labels, b.labels):
+        out.append(f"labels ({int(np.count_nonzero(a.labels != b.labels))} px)")
+    if not np.array_equal(a.separated, b.separated):
+        out.append("separated")
+    if a.agglomerates != b.agglomerates or list(map(tuple, a.agglomerate_boxes)) != list(
+            map(tuple, b.agglomerate_boxes)):
+        out.append(f"boxes ({a.agglomerates} vs {b.agglomerates})")
+    if set(a.masks) != set(b.masks) or any(
+            a.masks[k][:2] != b.masks[k][:2] or not np.array_equal(a.masks[k][2], b.masks[k][2])
+            for k in a.masks):
+        out.append("masks")
+    if a.exact != b.exact:
+        out.append("exact")
+    cols = _same_table(table_a, table_b)
+    if cols:
+        out.append(f"table columns {cols}")
+    return out
+
+
+def check(rev, frames, method):
+    """``--check``: this separate() against ``rev``'s on the cached frames, bit for bit."""
+    fns = [("now", separate), (rev, separate_at(rev))]
+    spent = {name: 0.0 for name, _ in fns}
+    n = bad = 0
+    for name, image, px, labels in check_frames(frames):
+        results = []
+        for version, fn in fns:
+            t0 = time.process_time()
+            sep = fn(labels, px, method=method, image=image)
+            spent[version] += time.process_time() - t0
+            results.append((sep, measure(sep.labels, image, px, masks=sep.masks,
+                                         exact=sep.exact)))
+        diff = differences(results[0][0], results[1][0], results[0][1], results[1][1])
+        n += 1
+        bad += bool(diff)
+        print(f"    {name}: {int(results[0][0].labels.max())} particles, "
+              f"{results[0][0].agglomerates} boxes: "
+              + ("identical" if not diff else "DIFFERS in " + ", ".join(diff)), flush=True)
+    print(f"  {n} frames, {n - bad} identical, {bad} differ; separate CPU "
+          f"{spent['now']:.1f} s now vs {spent[rev]:.1f} s at {rev} "
+          f"({spent[rev] / max(spent['now'], 1e-9):.2f}x)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", default="au10,ps-bimodal")
@@ -157,13 +249,19 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=3,
                         help="separate_accuracy frames compared pixel by pixel with --compare")
     parser.add_argument("--detector", default=None,
-                        help="bf or haadf for the compared frames (default: the sample's)")
+                        help="bf or haadf for the timed and compared frames (default: the "
+                             "sample's)")
+    parser.add_argument("--check", default=None, metavar="REV",
+                        help="compare with analysis/separate.py at REV on the cached frames")
     args = parser.parse_args(argv)
+    if args.check:
+        check(args.check, args.frames, args.method)
+        return
     versions = [("now", separate)]
     if args.compare:
         versions.append((args.compare, separate_at(args.compare)))
     for sample in args.samples.split(","):
-        image, px, labels = cached_frame(sample, args.size, args.seed)
+        image, px, labels = cached_frame(sample, args.size, args.seed, args.detector)
         print(f"{sample} {args.size}², {int(labels.max())} regions, method {args.method}, "
               f"best of {args.repeat}")
         first = None
