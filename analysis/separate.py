@@ -21,13 +21,13 @@ reported as an agglomerate, not measured. Watershed (distance transform, h-maxim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import ConvexHull, QhullError, cKDTree
+from scipy.spatial import ConvexHull, QhullError, minkowski_distance
 from skimage import morphology, segmentation
 from skimage.filters import threshold_otsu
-from skimage.measure import CircleModel
 from . import rods
 from .rods import unexplained_boxes
 from ._checks import check_pixel_nm
@@ -278,10 +278,12 @@ def separate(labels, pixel_nm, *, method="uecs", image=None, min_marker_px=30,
         return _watershed(labels)
     min_marker_px = max(float(min_marker_px), np.pi / 4 * (min_marker_nm / pixel_nm) ** 2)
     sep, plain = _uecs(labels, min_marker_px=min_marker_px)
+    radius = blocks = None
     if image is not None:
         image = _validate_image(image, labels)
-        sep = _drop_thick(sep, plain, image, min_marker_px=min_marker_px)
-    return _particle_boxes(sep, labels, image)
+        blocks = _image_blocks(image)  # (what every thickness below needs of the image)
+        sep, radius = _drop_thick(sep, plain, image, blocks, min_marker_px=min_marker_px)
+    return _particle_boxes(sep, labels, image, radius, blocks)
 
 
 def _validate_inputs(labels, pixel_nm, method):
@@ -621,7 +623,7 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
     # the parts left unexplained must not grow: the blur-filled neck between two spheres and
     # pixelation are slivers, but a bump of the outline that the circle leaves out (and the
     # regrown piece held) would be reported as an agglomerate
-    unexplained = len(unexplained_boxes(mask & ~np.any(pieces, axis=0), min_marker_px))
+    unexplained = None  # (counted when a fit first needs it)
     for i in range(len(pieces)):
         own = (best == i) & owned
         disc = _fit_disc(outline[on & (at == i)], mask)
@@ -633,8 +635,17 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
                                < _ROUND_HOLDS * np.count_nonzero(own)):
             continue
         trial = pieces[:i] + [piece] + pieces[i + 1:]
-        if len(unexplained_boxes(mask & ~np.any(trial, axis=0), min_marker_px)) > unexplained:
-            continue
+        left = mask & ~np.any(trial, axis=0)
+        # every unexplained part holds at least min_marker_px pixels: fewer pixels left than
+        # one more part needs cannot add one (the usual case, checked without the parts)
+        n_left = np.count_nonzero(left)
+        if n_left >= min_marker_px:
+            if unexplained is None:  # (the pieces as they came: none replaced before this)
+                unexplained = len(unexplained_boxes(mask & ~np.any(pieces, axis=0),
+                                                    min_marker_px))
+            if (n_left >= (unexplained + 1) * min_marker_px
+                    and len(unexplained_boxes(left, min_marker_px)) > unexplained):
+                continue
         pieces[i], scores[i] = piece, score
     return pieces, scores
 
@@ -753,26 +764,19 @@ def _fill(mask, pieces, scores, rest, uncovered, reach):
     if not free.any():
         return pieces, scores
     margin = np.maximum(_FILL_MARGIN_PX, reach / _FILL_REACH)
-    # the nearest pixel of a piece to a point outside it has an 8-neighbour outside it: the
-    # pieces' outlines stand in for the pieces in the distance to the others
-    full = np.ones((3, 3), bool)
-    trees = [cKDTree(np.argwhere(p & ~ndi.binary_erosion(p, full))) for p in pieces]
+    # each piece's distance map over the crop, once: the distance of a pixel to it (exact
+    # Euclidean, the same on the crop as on any box that holds the piece)
+    dist = [ndi.distance_transform_edt(~p) for p in pieces]
     for i, piece in enumerate(pieces):
-        # distance to the piece on its box widened by its reach (all that may join it)
-        rows, cols = np.flatnonzero(piece.any(axis=1)), np.flatnonzero(piece.any(axis=0))
-        box = _grow_box((slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)),
-                        float(reach[i]), mask.shape)
-        d = ndi.distance_transform_edt(~piece[box])
-        cand = np.argwhere(free[box] & (d <= reach[i]))
+        # the pixels within reach of the piece (all that may join it)
+        cand = np.argwhere(free & (dist[i] <= reach[i]))
         if not cand.size:
             continue
-        di = d[cand[:, 0], cand[:, 1]]
-        cand += (box[0].start, box[1].start)
+        di = dist[i][cand[:, 0], cand[:, 1]]
         ok = np.ones(len(cand), bool)
-        for j, tree in enumerate(trees):
+        for j, dj in enumerate(dist):
             if j != i:
-                dj, _ = tree.query(cand, distance_upper_bound=float(di.max() + margin[i]) + 1)
-                ok &= dj - di > margin[i]
+                ok &= dj[cand[:, 0], cand[:, 1]] - di > margin[i]
         if ok.any():
             rr, cc = cand[ok].T
             pieces[i] = pieces[i].copy()
@@ -798,8 +802,7 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     if n < _FIT_MIN_POINTS:
         return None
     p = pts.astype(float)
-    rng = np.random.default_rng(n)  # deterministic for given points
-    a, b, c = (p[rng.integers(0, n, _FIT_TRIALS)] for _ in range(3))
+    a, b, c = (p[i] for i in _triples(n))
     d = 2 * (a[:, 0] * (b[:, 1] - c[:, 1]) + b[:, 0] * (c[:, 1] - a[:, 1])
              + c[:, 0] * (a[:, 1] - b[:, 1]))
     ok = np.abs(d) > 1e-9
@@ -821,17 +824,17 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     inl = np.abs(dist[best] - r[best]) < tol[best, 0]
     if inl.sum() < _FIT_MIN_POINTS:
         return None
-    model = CircleModel.from_estimate(p[inl])
-    if not model:
+    model = _circle(p[inl])
+    if model is None:
         return None
-    (cy, cx), radius = model.center, float(model.radius)
+    (cy, cx), radius = model
     res = np.abs(np.hypot(p[:, 0] - cy, p[:, 1] - cx) - radius)
     inl = res < max(_FIT_TOL_PX, _FIT_TOL_FRAC * radius)
     if inl.mean() < inliers or radius < 2:
         return None
     # the points must go round: the widest angular gap between them at most 360° - span
     ang = np.sort(np.arctan2(p[inl, 0] - cy, p[inl, 1] - cx))
-    gap = np.max(np.diff(np.r_[ang, ang[0] + 2 * np.pi]))
+    gap = np.max(np.diff(np.append(ang, ang[0] + 2 * np.pi)))
     if gap > 2 * np.pi - np.deg2rad(_FIT_MIN_SPAN_DEG):
         return None
     # boundary pixel centres lie half a pixel inside the edge on average
@@ -851,6 +854,43 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     score = np.full(mask.shape, -np.inf)
     score[r0:r1, c0:c1] = np.where(piece[r0:r1, c0:c1], inside, -np.inf)
     return piece, score
+
+
+@lru_cache(maxsize=1024)
+def _triples(n):
+    """Indices of the ``_FIT_TRIALS`` point triples :func:`_fit_disc` draws from ``n`` points.
+
+    Seeded by ``n`` (deterministic for given points) and drawn once per ``n``: a generator
+    costs more than the fit's arithmetic on these small sets.
+    """
+    rng = np.random.default_rng(n)
+    out = tuple(rng.integers(0, n, _FIT_TRIALS) for _ in range(3))
+    for i in out:
+        i.flags.writeable = False  # shared between calls
+    return out
+
+
+def _circle(p):
+    """``CircleModel.from_estimate(p)``'s ``(centre, radius)``, or None where it fails.
+
+    The same algebraic (Kåsa) least-squares fit, step for step and so to the last bit, without
+    the model framework's per-call overhead (a third of :func:`_fit_disc`'s time, called
+    ~1,000 times per frame). ``tests/test_separate.py`` checks it against ``CircleModel``.
+    """
+    origin = p.mean(axis=0)
+    data = p - origin
+    scale = data.std()
+    if scale < np.finfo(float).tiny:
+        return None
+    data /= scale
+    a = np.append(data * 2, np.ones((data.shape[0], 1)), axis=1)
+    f = np.sum(data ** 2, axis=1)
+    coef, _, rank, _ = np.linalg.lstsq(a, f, rcond=None)
+    if rank != 3:
+        return None
+    centre = coef[0:2]
+    r = np.sqrt(np.mean(minkowski_distance(centre, data) ** 2))
+    return centre * scale + origin, float(r * scale)
 
 
 def _fit_sphere(pts, mask, radius_range):
@@ -895,7 +935,7 @@ _THICK_NEIGHBOURS = 25  # references on either side in width that make a local r
 _BG_BLOCK = 8
 
 
-def _thickness_map(image, labels, rows, cols, own):
+def _thickness_map(image, labels, rows, cols, own, background=None):
     """Projected thickness up to a scale at the pixels ``(rows, cols)``, or None.
 
     Positive for dark and bright particles alike. The background is a normalised convolution
@@ -906,36 +946,15 @@ def _thickness_map(image, labels, rows, cols, own):
     particles). Returns None when no background is seen. Only the requested pixels are
     computed (the particles' neighbourhoods, not the whole frame). ``own`` marks the
     requested pixels that hold every labelled pixel of the frame exactly once: the polarity
-    (median over the particles) is read from them.
+    (median over the particles) is read from them. ``background``: :func:`_background` of
+    ``image`` and ``labels``, when the caller has it already (it is most of the cost).
     """
-    b = _BG_BLOCK
-    h, w = labels.shape
-    hb, wb = -(-h // b), -(-w // b)
-    pad = ((0, hb * b - h), (0, wb * b - w))
-
-    def blocks(a):  # a as (hb, b, wb, b) blocks, padded with zeros (no copy when it fits)
-        return (np.pad(a, pad) if pad[0][1] or pad[1][1] else a).reshape(hb, b, wb, b)
-
-    finite = np.isfinite(image)
-    # (reduced one block axis at a time, the last one first: contiguous, several times faster)
-    fg = blocks(labels > 0).any(axis=3).any(axis=1)
-    good = blocks(finite).all(axis=3).all(axis=1)
-    clear = good & ~ndi.maximum_filter(fg, size=3, mode="nearest")
-    if not clear.any():
+    if background is None:
+        background = _background(_image_blocks(image), labels)
+    if background is None:
         return None
-    means = blocks(np.where(finite, image, 0.0)).mean(axis=(1, 3))
-    areas = np.bincount(labels.ravel())[1:]
-    radius = np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
-    sigma = max(2.0, 2.0 * radius / b)
-    num = ndi.gaussian_filter(np.where(clear, means, 0.0), sigma, mode="nearest")
-    den = ndi.gaussian_filter(clear.astype(float), sigma, mode="nearest")
-    # far from any clear block (a crowded corner): the frame's median background
-    level = np.where(den > 0.05, num / np.maximum(den, 1e-12), np.median(means[clear]))
-    fallback = None
-    if not np.all(level != 0):  # the frame's median |background| stands in for a zero one
-        full = np.repeat(np.repeat(np.abs(level), b, axis=0), b, axis=1)[:h, :w]
-        fallback = max(float(np.median(full)), 1e-12)
-
+    level, fallback = background
+    b = _BG_BLOCK
     lv = level[rows // b, cols // b]
     scale = np.abs(lv)
     if fallback is not None:
@@ -950,6 +969,64 @@ def _thickness_map(image, labels, rows, cols, own):
             return -np.log(np.clip(1.0 + rel, 0.02, None))
         return -rel
     return rel
+
+
+def _image_blocks(image):
+    """The frame's ``_BG_BLOCK``² blocks: which hold only finite pixels, and their means.
+
+    What :func:`_background` needs of the image alone: computed once per frame.
+    """
+    b = _BG_BLOCK
+    h, w = image.shape
+    hb, wb = -(-h // b), -(-w // b)
+    pad = ((0, hb * b - h), (0, wb * b - w))
+
+    def blocks(a):  # a as (hb, b, wb, b) blocks, padded with zeros (no copy when it fits)
+        return (np.pad(a, pad) if pad[0][1] or pad[1][1] else a).reshape(hb, b, wb, b)
+
+    finite = np.isfinite(image)
+    # (reduced one block axis at a time, the last one first: contiguous, several times faster)
+    good = blocks(finite).all(axis=3).all(axis=1)
+    means = blocks(np.where(finite, image, 0.0)).mean(axis=(1, 3))
+    return good, means
+
+
+def _background_radius(labels):
+    """The typical particle radius (px) that sets :func:`_background`'s smoothing."""
+    areas = np.bincount(labels.ravel())[1:]
+    return np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
+
+
+def _background(blocks, labels, radius=None):
+    """``(level, fallback)`` of :func:`_thickness_map`'s background, or None when none is seen.
+
+    ``level``: the background per ``_BG_BLOCK``² block, a normalised convolution of the means
+    of the clear blocks (:func:`_image_blocks`' ``blocks``: no particle in or next to them);
+    ``fallback``: the frame's median |background|, standing in for a zero level (None when
+    there is none). ``radius``: :func:`_background_radius` of ``labels`` when known.
+    """
+    good, means = blocks
+    b = _BG_BLOCK
+    h, w = labels.shape
+    hb, wb = good.shape
+    pad = ((0, hb * b - h), (0, wb * b - w))
+    fg = labels > 0
+    fg = (np.pad(fg, pad) if pad[0][1] or pad[1][1] else fg).reshape(hb, b, wb, b)
+    fg = fg.any(axis=3).any(axis=1)
+    clear = good & ~ndi.maximum_filter(fg, size=3, mode="nearest")
+    if not clear.any():
+        return None
+    radius = _background_radius(labels) if radius is None else radius
+    sigma = max(2.0, 2.0 * radius / b)
+    num = ndi.gaussian_filter(np.where(clear, means, 0.0), sigma, mode="nearest")
+    den = ndi.gaussian_filter(clear.astype(float), sigma, mode="nearest")
+    # far from any clear block (a crowded corner): the frame's median background
+    level = np.where(den > 0.05, num / np.maximum(den, 1e-12), np.median(means[clear]))
+    fallback = None
+    if not np.all(level != 0):  # the frame's median |background| stands in for a zero one
+        full = np.repeat(np.repeat(np.abs(level), b, axis=0), b, axis=1)[:h, :w]
+        fallback = max(float(np.median(full)), 1e-12)
+    return level, fallback
 
 
 def _pack(boxes):
@@ -979,16 +1056,20 @@ def _reflect(index, n):
     return np.where(index >= n, 2 * n - index - 1, index)
 
 
-def _inscribed_radii(labels, slices, masks, n):
+def _inscribed_radii(labels, slices, masks, n, only=None):
     """Inscribed radius (px) of every label: 1 + the largest distance inside its interior.
 
     The interior leaves out pixels with a 4-neighbour of another label (borders between
     touching labels are cut); particles in ``masks`` take their full extent's radius. One
-    distance transform on a mosaic of the particles' boxes (1 px margin).
+    distance transform on a mosaic of the particles' boxes (1 px margin). A label's radius
+    depends on its own pixels (or mask) only: ``only`` (a set of labels) computes those and
+    leaves the others 0, for labels that changed since the rest were computed.
     """
     boxes, owner, full = [], [], {}
     for k, sl in enumerate(slices):
         lab = k + 1
+        if only is not None and lab not in only:
+            continue
         if lab in masks:
             # on the mask's own box (a split particle's mask may span its whole group):
             # the background ring around the box holds every pixel's nearest background
@@ -1080,15 +1161,25 @@ def thickness_excess(labels, image, *, reference, masks=None):
     """
     labels = np.asarray(labels)
     image = _validate_image(image, labels)
+    excess, z, _ = _excess(labels, image, np.asarray(reference, bool), masks or {})
+    return excess, z
+
+
+def _excess(labels, image, reference, masks, *, blocks=None, background=None, radius=None):
+    """:func:`thickness_excess`, and the inscribed radii (None where it stopped before them).
+
+    What the caller already has is reused, to the same values: ``blocks``
+    (:func:`_image_blocks` of ``image``), ``background`` (:func:`_background` of the image and
+    ``labels``) and ``radius`` (:func:`_inscribed_radii` of ``labels`` and ``masks``).
+    """
     n = int(labels.max()) if labels.size else 0
     excess = np.full(n + 1, np.nan)
     z = np.full(n + 1, np.nan)
-    reference = np.asarray(reference, bool)
     if n == 0 or reference[1:].sum() < _THICK_MIN_REFS:
-        return excess, z
-    masks = masks or {}
+        return excess, z, None
     slices = ndi.find_objects(labels)
-    radius = _inscribed_radii(labels, slices, masks, n)
+    if radius is None:
+        radius = _inscribed_radii(labels, slices, masks, n)
     # smoothing a tenth of a typical radius beats pixel noise without flattening a peak
     sigma = max(1.0, 0.1 * float(np.median(radius[1:][radius[1:] > 0])))
     # a shared lens is thick by nature (two particles), and blur and smoothing carry it a
@@ -1118,9 +1209,12 @@ def thickness_excess(labels, image, *, reference, masks=None):
              x + max(-c0, 0):x + c1 - c0 - max(c1 - w, 0)] = lab
     # every particle pixel lies in its own box, once
     own = (labels[rows, cols] == tile) & (tile > 0)
-    thick = _thickness_map(image, labels, rows, cols, own)
+    if background is None:
+        background = _background(_image_blocks(image) if blocks is None else blocks, labels)
+    thick = None if background is None else _thickness_map(image, labels, rows, cols, own,
+                                                           background)
     if thick is None:
-        return excess, z
+        return excess, z, radius
     smooth = ndi.gaussian_filter(thick, sigma)
     if masks:
         cover = np.zeros(labels.shape, np.uint8)
@@ -1134,7 +1228,7 @@ def thickness_excess(labels, image, *, reference, masks=None):
     ref = np.flatnonzero(reference[:n + 1] & np.isfinite(q))
     ref = ref[ref > 0]
     if ref.size < _THICK_MIN_REFS:
-        return excess, z
+        return excess, z, radius
     order = np.argsort(radius[ref])
     ref_r, ref_q = np.log(radius[ref][order]), q[ref][order]
     k = min(_THICK_NEIGHBOURS, (ref.size - 1) // 2)
@@ -1146,7 +1240,7 @@ def thickness_excess(labels, image, *, reference, masks=None):
     pos = np.clip(np.searchsorted(centre_r, np.log(radius[ids])), 0, centre_r.size - 1)
     excess[ids] = q[ids] / med[pos] - 1
     z[ids] = (q[ids] - med[pos]) / np.maximum(mad[pos], 1e-12)
-    return excess, z
+    return excess, z, radius
 
 
 # the larger of two overlapping discs owns at least this fraction of their union's outline
@@ -1257,27 +1351,34 @@ def _lens_split(mask, thick, min_marker_px):
     return pieces, scores
 
 
-def _drop_thick(sep, plain, image, *, min_marker_px):
+def _drop_thick(sep, plain, image, blocks, *, min_marker_px):
     """Report particles clearly thicker than one particle of their width as agglomerates.
 
     ``plain[k]``: particle ``k`` came from a region that needed no split (a reference). A
     thick particle whose outline is two overlapping circles (:func:`_two_discs`: a deep
     overlap of two spheres) or whose thickness shows the lens two flat particles share
     (:func:`_lens_split`) is split into them instead.
+
+    Returns the new Separation and the inscribed radii of its particles
+    (:func:`_inscribed_radii`; None when the frame could not be judged).
     """
     labels = sep.labels
     n = int(labels.max())
     if n == 0:
-        return sep
+        return sep, None
     reference = plain
     if plain[1:].sum() < 3 * _THICK_MIN_REFS:
         # a crowded frame (most regions needed a split): every particle is a reference; the
         # local median stands as long as most particles are single
         reference = np.ones(n + 1, bool)
-    excess, z = thickness_excess(labels, image, reference=reference, masks=sep.masks)
+    # the background (from ``blocks``, :func:`_image_blocks`) serves every thickness below
+    # (the trial keeps the foreground), the inscribed radii serve the trial's unchanged particles and the caller
+    background = _background(blocks, labels)
+    excess, z, radius = _excess(labels, image, reference, sep.masks, blocks=blocks,
+                                background=background)
     thick = (excess > _THICK_EXCESS) & (z > _THICK_Z)
     if not thick.any():
-        return sep
+        return sep, radius
     boxes = list(sep.agglomerate_boxes)
     slices = ndi.find_objects(labels)
     splits = []  # (label, row0, col0, pieces, owner, mask) of thick particles split in two
@@ -1303,7 +1404,7 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
                  + np.array(regions[k][1:3])[:, None] for k in lens]
         rows, cols = np.concatenate(crops, axis=1)
         flat = _thickness_map(image, labels, rows, cols,
-                              np.concatenate([regions[k][3].ravel() for k in lens]))
+                              np.concatenate([regions[k][3].ravel() for k in lens]), background)
         if flat is not None:
             for k, part in zip(lens, np.split(flat, np.cumsum([c.shape[1] for c in crops])[:-1])):
                 lab, r0, c0, m, _ = regions[k]
@@ -1321,12 +1422,12 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
         outline = m & ~ndi.binary_erosion(m)
         pieces = [p & ~(outline & (owner != i)) for i, p in enumerate(pieces)]
         splits.append((lab, r0, c0, pieces, owner, m))
+    members = []  # the trial's labels of each split's members
     if splits:
         # a member still thicker than one particle (a third particle in the lens, or more
         # than two in the region) is not one particle: its region goes back to its box
         trial = labels.copy()
         trial_masks = dict(sep.masks)
-        members = []
         next_label = n + 1
         for lab, r0, c0, pieces, owner, m in splits:
             view = trial[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
@@ -1336,7 +1437,20 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
                 next_label += 1
             members.append(range(next_label - len(pieces), next_label))
         ref = np.r_[reference, np.zeros(next_label - n - 1, bool)]
-        excess2, z2 = thickness_excess(trial, image, reference=ref, masks=trial_masks)
+        # the same foreground: the background changes only with the typical particle size
+        size = _background_radius(trial)
+        trial_background = (background if size == _background_radius(labels)
+                            else _background(blocks, trial, size))
+        # only the split particles and their members changed (a label's radius is its own)
+        changed = {s[0] for s in splits} | {k for ids in members for k in ids}
+        top = int(trial.max())
+        trial_radius = _inscribed_radii(trial, ndi.find_objects(trial), trial_masks, top,
+                                        only=changed)
+        same = np.arange(1, min(n, top) + 1)
+        same = same[~np.isin(same, list(changed))]
+        trial_radius[same] = radius[same]
+        excess2, z2, _ = _excess(trial, image, ref, trial_masks, blocks=blocks,
+                                 background=trial_background, radius=trial_radius)
         thick2 = (excess2 > _THICK_EXCESS) & (z2 > _THICK_Z)
         kept = []
         for split, ids in zip(splits, members):
@@ -1344,8 +1458,8 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
                 _, r0, c0, _, _, m = split
                 boxes.append((r0, c0, r0 + m.shape[0], c0 + m.shape[1]))
             else:
-                kept.append(split)
-        splits = kept
+                kept.append((split, ids))
+        splits, members = [k[0] for k in kept], [k[1] for k in kept]
     keep = ~thick
     keep[0] = True
     new = np.cumsum(keep) - 1  # old label -> new label (background stays 0)
@@ -1355,19 +1469,26 @@ def _drop_thick(sep, plain, image, *, min_marker_px):
     exact = {int(new[k]) for k in sep.exact if keep[k]}
     separated = list(sep.separated[keep])
     next_label = int(new.max()) + 1
-    for _, r0, c0, pieces, owner, m in splits:
+    # the radii of the result (a kept particle's are its own; members' those of the trial)
+    final = np.zeros(next_label + sum(len(ids) for ids in members))
+    if radius is not None:
+        final[new[keep][1:]] = radius[:n + 1][keep][1:]
+    for (_, r0, c0, pieces, owner, m), ids in zip(splits, members):
         view = out[r0:r0 + m.shape[0], c0:c0 + m.shape[1]]
         for i, piece in enumerate(pieces):
             view[owner == i] = next_label
             masks[next_label] = (r0, c0, piece)
             separated.append(True)
+            if ids[i] < trial_radius.size:
+                final[next_label] = trial_radius[ids[i]]
             next_label += 1
         # pixels of the region neither member holds (blur in the neck): every pixel is
         # explained by a particle or boxed
         rest = unexplained_boxes(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
-    return Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
-                      frozenset(exact))
+    return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
+                       frozenset(exact)),
+            None if radius is None else final[:int(out.max()) + 1])
 
 
 # A leftover (what no particle explains) is reported as an agglomerate only when it could be
@@ -1384,7 +1505,7 @@ _LEFTOVER_THICK = 0.25
 _LEFTOVER_MIN_PARTICLES = 5
 
 
-def _particle_boxes(sep, raw, image):
+def _particle_boxes(sep, raw, image, radius=None, blocks=None):
     """Drop agglomerate boxes whose leftover is no particle: a sliver or film.
 
     Nothing is lost silently: every part of a region the split particles leave unexplained
@@ -1403,8 +1524,9 @@ def _particle_boxes(sep, raw, image):
     n = int(labels.max())
     if not sep.agglomerate_boxes or n < _LEFTOVER_MIN_PARTICLES:
         return sep
-    slices = ndi.find_objects(labels)
-    radius = _inscribed_radii(labels, slices, sep.masks, n)[1:]
+    if radius is None:
+        radius = _inscribed_radii(labels, ndi.find_objects(labels), sep.masks, n)
+    radius = radius[1:]
     small = float(np.percentile(radius[radius > 0], _LEFTOVER_RADIUS_PCT))
     covered = labels > 0
     for r0, c0, m in sep.masks.values():
@@ -1420,10 +1542,11 @@ def _particle_boxes(sep, raw, image):
         # the thickest part (a box drawn around one unexplained part may also hold a corner
         # of another's)
         depth = ndi.distance_transform_edt(np.pad(lab > 0, 1))[1:-1, 1:-1]
-        deepest = ndi.maximum(depth, lab, np.arange(1, k + 1))
-        best = int(np.argmax(deepest))
+        # the part holding the deepest pixel (the first in label order on a tie)
+        top = depth.max()
+        best = int(lab[depth == top].min()) - 1
         part = lab == best + 1
-        if deepest[best] < _LEFTOVER_DEPTH * small:
+        if top < _LEFTOVER_DEPTH * small:
             part = None
         elif ndi.binary_dilation(np.pad(part, 1), np.ones((3, 3), bool))[1:-1, 1:-1][
                 covered[r0:r1, c0:c1]].any():
@@ -1433,32 +1556,42 @@ def _particle_boxes(sep, raw, image):
             part = True
         parts.append((box, part))
     if image is not None and any(p is not None and p is not True for _, p in parts):
-        parts = _thick_parts(parts, labels, raw, image)
+        parts = _thick_parts(parts, labels, raw, image, blocks)
     boxes = [box for box, part in parts if part is not None]
     if len(boxes) == len(sep.agglomerate_boxes):
         return sep
     return Separation(labels, sep.separated, len(boxes), boxes, sep.masks, sep.exact)
 
 
-def _thick_parts(parts, labels, raw, image):
+def _thick_parts(parts, labels, raw, image, blocks=None):
     """``parts`` with the leftovers thinner than ``_LEFTOVER_THICK`` of a particle set to None.
 
     A particle's thickness is its mean over its own pixels (in ``labels``); a leftover's over
     its part. One :func:`_thickness_map` call for both; its background leaves out every
-    segmented region (``raw``), boxed ones too.
+    segmented region (``raw``), boxed ones too. ``blocks``: :func:`_image_blocks` of ``image``
+    when known.
     """
-    rows, cols = np.nonzero(labels)
-    own = np.ones(rows.size, bool)
+    rows, cols = [np.nonzero(labels)], []
     for (r0, c0, _, _), part in parts:
         if part is not None and part is not True:
             pr, pc = np.nonzero(part)
-            rows, cols = np.r_[rows, pr + int(r0)], np.r_[cols, pc + int(c0)]
-            own = np.r_[own, np.zeros(pr.size, bool)]
-    thick = _thickness_map(image, raw, rows, cols, own)
+            rows.append((pr + int(r0), pc + int(c0)))
+    n_own = rows[0][0].size
+    rows, cols = np.concatenate([r for r, _ in rows]), np.concatenate([c for _, c in rows])
+    own = np.zeros(rows.size, bool)
+    own[:n_own] = True
+    thick = _thickness_map(image, raw, rows, cols, own,
+                           _background(_image_blocks(image) if blocks is None else blocks, raw))
     if thick is None:
         return parts
-    mean = ndi.mean(thick[own], labels[rows[own], cols[own]], np.arange(1, labels.max() + 1))
-    reference = float(np.median(mean))
+    # (a particle number may own no pixel, a split member wholly under its neighbour's
+    # deeper extent: its mean is NaN and must not make the median NaN, which would skip the
+    # test for the whole frame)
+    ids = np.arange(1, labels.max() + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = ndi.mean(thick[own], labels[rows[own], cols[own]], ids)
+    mean = mean[np.isfinite(mean)]
+    reference = float(np.median(mean)) if mean.size else np.nan
     if not reference > 0:
         return parts
     out, at = [], int(own.sum())

@@ -91,3 +91,36 @@ def test_agglomerate_boxes_hold_particles_and_nothing_is_lost(sample):
     # (not so for rods: the box of a crossing's unexplained end holds none)
     if "rods" not in sample:
         assert no_centre <= 0.1 * max(boxes, 1)
+
+
+def test_film_leftover_dropped_even_when_a_label_owns_no_pixel():
+    """A particle number with no pixel of its own (a split member wholly under its neighbour's
+    deeper extent) must not switch off the film test: its mean thickness is NaN, and a plain
+    median of the particles' means was NaN too, so every film box was kept."""
+    from particlewatch.analysis.separate import Separation, _particle_boxes
+
+    yy, xx = np.mgrid[:240, :240]
+    labels = np.zeros((240, 240), np.int32)
+    thick = np.zeros((240, 240))
+    centres = [(30 + 45 * (k // 4), 30 + 45 * (k % 4)) for k in range(12)]
+    for k, (cy, cx) in enumerate(centres):
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        # numbers 1..13 with 7 left out: particle 7 owns no pixel
+        labels[d2 < 10 ** 2] = k + 1 if k < 6 else k + 2
+        thick += np.sqrt(np.clip(10 ** 2 - d2, 0, None))
+    # film texture standing apart, as wide as a particle but barely thicker than the film
+    film = (yy - 200) ** 2 + (xx - 200) ** 2 < 9 ** 2
+    thick[film] += 0.3
+    image = 100.0 + 2.0 * thick  # HAADF: bright particles on a flat background
+    raw = labels.copy()
+    raw[film] = 99
+    box = (190, 190, 210, 210)
+    sep = Separation(labels, np.zeros(14, bool), 1, [box])
+    assert not np.any(labels == 7) and labels.max() == 13
+    out = _particle_boxes(sep, raw, image)
+    assert out.agglomerate_boxes == [] and out.agglomerates == 0
+    # the same frame with consecutive numbers: the film test drops the box as well
+    relabelled = np.where(labels > 7, labels - 1, labels)
+    raw2 = np.where(film, 99, relabelled)
+    out2 = _particle_boxes(Separation(relabelled, np.zeros(13, bool), 1, [box]), raw2, image)
+    assert out2.agglomerate_boxes == []
