@@ -636,18 +636,55 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
             continue
         trial = pieces[:i] + [piece] + pieces[i + 1:]
         left = mask & ~np.any(trial, axis=0)
-        # every unexplained part holds at least min_marker_px pixels: fewer pixels left than
-        # one more part needs cannot add one (the usual case, checked without the parts)
+        # every unexplained part holds at least min_marker_px pixels and a pixel deeper than
+        # the fillets: where no pixel is, none can be added (the usual case, checked without
+        # the parts); fewer pixels left than one more part needs cannot add one either
         n_left = np.count_nonzero(left)
-        if n_left >= min_marker_px:
+        islands = _deep_islands(left) if n_left >= min_marker_px else 0
+        if islands:
             if unexplained is None:  # (the pieces as they came: none replaced before this)
-                unexplained = len(unexplained_boxes(mask & ~np.any(pieces, axis=0),
-                                                    min_marker_px))
-            if (n_left >= (unexplained + 1) * min_marker_px
+                unexplained = len(_unexplained(mask & ~np.any(pieces, axis=0), min_marker_px))
+            # each part holds its own island of deep pixels: no more parts than islands
+            if (islands > unexplained and n_left >= (unexplained + 1) * min_marker_px
                     and len(unexplained_boxes(left, min_marker_px)) > unexplained):
                 continue
         pieces[i], scores[i] = piece, score
     return pieces, scores
+
+
+# the pixels within rods._REST_DEPTH_PX of a pixel (Euclidean): it lies deeper than that in a
+# part when all of them are in it
+_REST_REACH = int(np.floor(rods._REST_DEPTH_PX))
+_yy, _xx = np.mgrid[-_REST_REACH:_REST_REACH + 1, -_REST_REACH:_REST_REACH + 1]
+_REST_DISC = _yy ** 2 + _xx ** 2 <= rods._REST_DEPTH_PX ** 2
+del _yy, _xx
+
+
+def _has_deep_pixel(rest):
+    """Whether a pixel of ``rest`` lies deeper than ``rods._REST_DEPTH_PX`` in it.
+
+    Outside the array counts as outside ``rest``, as in :func:`.rods.unexplained_boxes`,
+    which boxes only parts that hold such a pixel: without one, it boxes none.
+    """
+    return bool(ndi.binary_erosion(rest, _REST_DISC, border_value=0).any())
+
+
+def _deep_islands(rest):
+    """Connected sets of the pixels deeper than ``rods._REST_DEPTH_PX`` in ``rest``.
+
+    Every part :func:`.rods.unexplained_boxes` boxes holds at least one of them, and no two
+    parts share one: their number bounds the number of boxes from above.
+    """
+    deep = ndi.binary_erosion(rest, _REST_DISC, border_value=0)
+    return ndi.label(deep)[1] if deep.any() else 0
+
+
+def _unexplained(rest, min_px):
+    """:func:`.rods.unexplained_boxes`, skipped (no box) where :func:`_has_deep_pixel` says
+    it would find none."""
+    if np.count_nonzero(rest) < min_px or not _has_deep_pixel(rest):
+        return []
+    return unexplained_boxes(rest, min_px)
 
 
 def _explain(mask, pieces, scores, *, min_marker_px):
@@ -666,7 +703,7 @@ def _explain(mask, pieces, scores, *, min_marker_px):
     """
     covered = np.any(pieces, axis=0) if pieces else np.zeros(mask.shape, bool)
     rest = mask & ~covered
-    boxes = unexplained_boxes(rest, min_marker_px)
+    boxes = _unexplained(rest, min_marker_px)
     if not boxes:
         return pieces, scores, []  # UECS explained the region: its pieces stand
     pts = np.argwhere(mask & ~ndi.binary_erosion(mask))  # the region's outline pixels
@@ -697,7 +734,7 @@ def _explain(mask, pieces, scores, *, min_marker_px):
             scores.append(score)
             covered |= piece
             added = True
-    return pieces, scores, (unexplained_boxes(mask & ~covered, min_marker_px) if added
+    return pieces, scores, (_unexplained(mask & ~covered, min_marker_px) if added
                             else boxes)
 
 
@@ -1484,7 +1521,7 @@ def _drop_thick(sep, plain, image, blocks, *, min_marker_px):
             next_label += 1
         # pixels of the region neither member holds (blur in the neck): every pixel is
         # explained by a particle or boxed
-        rest = unexplained_boxes(m & (owner < 0), min_marker_px)
+        rest = _unexplained(m & (owner < 0), min_marker_px)
         boxes.extend((r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in rest)
     return (Separation(out, np.array(separated, bool), len(boxes), boxes, masks,
                        frozenset(exact)),
