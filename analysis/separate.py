@@ -1410,7 +1410,8 @@ def _drop_thick(sep, plain, image, blocks, *, min_marker_px):
         reference = np.ones(n + 1, bool)
     # the background (from ``blocks``, :func:`_image_blocks`) serves every thickness below
     # (the trial keeps the foreground), the inscribed radii serve the trial's unchanged particles and the caller
-    background = _background(blocks, labels)
+    size = _background_radius(labels)
+    background = _background(blocks, labels, size)
     excess, z, radius = _excess(labels, image, reference, sep.masks, blocks=blocks,
                                 background=background)
     thick = (excess > _THICK_EXCESS) & (z > _THICK_Z)
@@ -1475,9 +1476,9 @@ def _drop_thick(sep, plain, image, blocks, *, min_marker_px):
             members.append(range(next_label - len(pieces), next_label))
         ref = np.r_[reference, np.zeros(next_label - n - 1, bool)]
         # the same foreground: the background changes only with the typical particle size
-        size = _background_radius(trial)
-        trial_background = (background if size == _background_radius(labels)
-                            else _background(blocks, trial, size))
+        trial_size = _background_radius(trial)
+        trial_background = (background if trial_size == size
+                            else _background(blocks, trial, trial_size))
         # only the split particles and their members changed (a label's radius is its own)
         changed = {s[0] for s in splits} | {k for ids in members for k in ids}
         top = int(trial.max())

@@ -609,3 +609,26 @@ def test_overlapping_flat_particles_split_at_their_thick_lens(detector):
     # without the lens split none (all boxed); with it about 5 of 12 come out within 10% in
     # area (a crescent the other square cuts in two can go partly to the wrong member)
     assert good >= 0.25 * len(offsets)
+
+
+def test_inline_circle_fit_is_circle_models_to_the_bit():
+    """separate's Kasa fit (``_circle``) gives CircleModel's centre and radius exactly, and
+    fails where it fails: it replaces CircleModel only to skip its per-call overhead."""
+    from skimage.measure import CircleModel
+
+    from particlewatch.analysis.separate import _circle
+
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(3, 150))
+        t = rng.uniform(0, rng.uniform(0.5, 2 * np.pi), n)
+        r, cy, cx = rng.uniform(2, 80), rng.uniform(0, 500), rng.uniform(0, 500)
+        pts = np.round(np.c_[cy + r * np.sin(t), cx + r * np.cos(t)]
+                       + rng.normal(0, 0.7, (n, 2)))
+        model, fit = CircleModel.from_estimate(pts), _circle(pts)
+        assert (fit is None) == (not model)
+        if fit is not None:
+            assert np.array_equal(fit[0], model.center) and fit[1] == float(model.radius)
+    # degenerate input: one point repeated, and three collinear points
+    for pts in (np.full((12, 2), 5.0), np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])):
+        assert (_circle(pts) is None) == (not CircleModel.from_estimate(pts))
