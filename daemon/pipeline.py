@@ -206,6 +206,7 @@ class _Task:
 
     name: str
     sent: float
+    sha256: str  # the content the task is for: a failure is recorded against this version
     strip: int | None = None  # the strip's index, None for a whole frame
 
 
@@ -716,7 +717,7 @@ class Daemon:
             if not sent:  # no worker connected yet
                 return
             self.ledger.mark_running(entry.name, task_id=task_id)
-            self._in_flight[task_id] = _Task(entry.name, time.monotonic())
+            self._in_flight[task_id] = _Task(entry.name, time.monotonic(), entry.sha256)
 
     def _send(self, zmq, entry: Entry, task_id: str, strip: dict | None = None) -> bool | None:
         """Send one task; False when no worker takes it now, None when the frame cannot be
@@ -794,7 +795,8 @@ class Daemon:
         if not sent:
             split.sends[index] -= 1
             return False
-        self._in_flight[task_id] = _Task(split.entry.name, time.monotonic(), strip=index)
+        self._in_flight[task_id] = _Task(split.entry.name, time.monotonic(), split.entry.sha256,
+                                         strip=index)
         return True
 
     def _forget(self, name: str) -> None:
@@ -945,7 +947,7 @@ class Daemon:
             msg = messages.validate_worker_message(
                 messages.decode(parts[0], max_bytes=messages.MAX_RESULT_BYTES))
         except messages.MessageError as exc:
-            self._report_error(f"bad message from a worker ignored: {exc}")
+            self._on_bad_worker_message(parts, exc)
             return
         now = time.monotonic()
         worker = self._workers_seen.setdefault(msg["worker"], _Worker(last_seen=now))
@@ -953,10 +955,60 @@ class Daemon:
         if msg["type"] == "bye":
             self._workers_seen.pop(msg["worker"], None)
         elif msg["type"] == "started":
+            lost = worker.task
             worker.task = msg["task_id"]
+            if lost is not None and lost != msg["task_id"] and lost in self._in_flight:
+                # One worker's messages arrive in the order sent, and a worker sends each
+                # task's result before it starts the next: that result was dropped (not
+                # JSON, too large, or it never reached us). Waiting would wait for ever.
+                self._task_failed(lost, f"worker {msg['worker']} went on to another task "
+                                        "without a valid result for it (see the daemon's "
+                                        "log for the message dropped)")
         elif msg["type"] == "result":
             worker.task = None
+            task = self._in_flight.get(msg["task_id"])
+            if task is not None and (task.name, task.sha256) != (msg["name"], msg["sha256"]):
+                self._task_failed(msg["task_id"], f"worker {msg['worker']} sent a result for "
+                                                  f"{msg['name']} to this frame's task")
+                return
             self._on_result(msg)
+
+    def _on_bad_worker_message(self, parts: list[bytes], exc: Exception) -> None:
+        """A worker message that fails the check: if it is a result whose task we know, that
+        frame (or strip) fails with the reason; the daemon goes on either way."""
+        self._report_error(f"bad message from a worker ignored: {exc}")
+        try:
+            raw = json.loads(parts[0]) if len(parts[0]) <= messages.MAX_RESULT_BYTES else None
+        except (ValueError, UnicodeDecodeError, IndexError):
+            return
+        if not isinstance(raw, dict) or raw.get("type") != "result":
+            return
+        task_id, worker_id = raw.get("task_id"), raw.get("worker")
+        if isinstance(worker_id, str) and worker_id in self._workers_seen:
+            self._workers_seen[worker_id].task = None
+        if isinstance(task_id, str) and task_id in self._in_flight:
+            who = f"worker {worker_id}" if isinstance(worker_id, str) else "a worker"
+            self._task_failed(task_id, f"{who} sent an invalid result: {exc}")
+
+    def _task_failed(self, task_id: str, why: str) -> None:
+        """Task ``task_id`` will bring no usable result: a whole frame is recorded failed
+        (against the content the task was for), a strip's frame is analysed whole instead."""
+        task = self._in_flight.pop(task_id, None)
+        if task is None:
+            return
+        if task.strip is not None:
+            if task.name in self._splits:
+                self._fall_back(task.name, f"strip {task.strip}: {why}")
+            return
+        path = self.folder / task.name
+        reason = f"{path}: {why}"
+        result = failed_result(task.name, str(path), reason)
+        if self.ledger.finish(task.name, sha256=task.sha256, status="failed", reason=reason,
+                              result=result) is None:
+            return  # already done, or the file changed since: nothing to record
+        log.error("%s", reason)
+        self._forget(task.name)
+        self._on_done(task.name, result)
 
     def _on_result(self, msg: dict) -> None:
         name = msg["name"]
@@ -972,7 +1024,7 @@ class Daemon:
                 f"analysed whole, not in strips: {self._whole[name]}")
         try:
             self._check_result(result)
-        except ValueError as exc:  # the worker speaks another version: the frame fails
+        except (ValueError, TypeError, KeyError) as exc:  # another version: the frame fails
             result = failed_result(name, result["path"],
                                    f"{result['path']}: worker {msg['worker']} sent an invalid "
                                    f"result: {exc}")
@@ -1003,7 +1055,7 @@ class Daemon:
             return
         try:
             strip_result = StripResult.from_message(result)
-        except ValueError as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             self._fall_back(name, f"worker {msg['worker']} sent an invalid strip result: {exc}")
             return
         index = strip_result.strip.index

@@ -156,6 +156,28 @@ def analyze_task(task: dict, parts: list[bytes], analyze: AnalyzeFn, *,
     return result
 
 
+def result_payload(task: dict, worker_id: str, result: dict) -> bytes:
+    """The encoded ``result`` message of ``task``; a result that cannot be sent as it is (not
+    JSON, or over :data:`..messages.MAX_RESULT_BYTES`) becomes a failed one saying why, so
+    the daemon records the frame instead of dropping the message and waiting for it."""
+    header = {"type": "result", "task_id": task["task_id"], "worker": worker_id,
+              "name": task["name"], "sha256": task["sha256"]}
+    try:
+        payload = messages.encode({**header, "result": result})
+    except (TypeError, ValueError) as exc:  # an injected analysis returned a non-JSON value
+        why = f"result is not JSON: {type(exc).__name__}: {exc}"
+    else:
+        if len(payload) <= messages.MAX_RESULT_BYTES:
+            return payload
+        why = (f"result of {len(payload):,} bytes is over the {messages.MAX_RESULT_BYTES:,} "
+               f"bytes a worker may send")
+    log.error("%s: %s", task["path"], why)
+    seconds = result.get("seconds") if isinstance(result, dict) else None
+    failed = failed_result(task["name"], task["path"], f"{task['path']}: {why}",
+                           seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0)
+    return messages.encode({**header, "result": failed})
+
+
 def run_worker(task_endpoint: str, result_endpoint: str, *,
                analyze: AnalyzeFn | None = None, parent_pid: int | None = None,
                stop: threading.Event | None = None, context=None,
@@ -214,9 +236,7 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
                                               "task_id": task["task_id"],
                                               "name": task["name"]}))
                 result = analyze_task(task, parts[1:], analyze, scratch=scratch, strip=strip)
-                results.send(messages.encode({"type": "result", "task_id": task["task_id"],
-                                              "worker": worker_id, "name": task["name"],
-                                              "sha256": task["sha256"], "result": result}))
+                results.send(result_payload(task, worker_id, result))
                 served += 1
         except KeyboardInterrupt:
             pass

@@ -311,6 +311,85 @@ def test_a_worker_dying_mid_frame_does_not_lose_the_frame(dirs, tmp_path, monkey
         name: len(ecd) for name, ecd in truth.items()}
 
 
+def _bad_results(path, **options):
+    """The fake analysis, but ``*_strings`` frames get a column of text (fails the daemon's
+    message check) and ``*_notjson`` frames a value JSON cannot hold."""
+    result = fake_analyze(path, **options)
+    if Path(path).stem.endswith("_strings"):
+        result["particles"]["ecd_nm"] = ["ten"] * len(result["particles"]["ecd_nm"])
+    elif Path(path).stem.endswith("_notjson"):
+        result["warnings"] = [object()]
+    return result
+
+
+def test_a_result_that_fails_the_message_check_is_recorded_failed(dirs):
+    # Before: the result was dropped with an error and its frame waited for task_timeout_s
+    # (then again, max_attempts times); a non-JSON result killed the worker thread.
+    folder, out = dirs
+    truth = {"frame_00001": [10.0], "frame_00002_strings": [11.0, 12.0],
+             "frame_00003_notjson": [13.0], "frame_00004": [14.0, 15.0]}
+    for name, ecd in truth.items():
+        encode_frame(folder / f"{name}.mrc", ecd)
+    daemon = Daemon(folder, out, **{**FAST, "analyze": _bad_results}).start()
+    try:
+        assert daemon.wait_idle(30, frames=4)
+        encode_frame(folder / "frame_00005.mrc", [16.0])  # the daemon goes on
+        assert daemon.wait_idle(30, frames=5)
+    finally:
+        daemon.stop()
+    by_name = {r["frame"]: r for r in rows(out / "frames.csv")}
+    assert {n: r["status"] for n, r in by_name.items()} == {
+        "frame_00001": "ok", "frame_00002_strings": "failed", "frame_00003_notjson": "failed",
+        "frame_00004": "ok", "frame_00005": "ok"}
+    strings, notjson = by_name["frame_00002_strings"], by_name["frame_00003_notjson"]
+    assert "frame_00002_strings.mrc" in strings["reason"] and "invalid result" in strings["reason"]
+    assert "ecd_nm" in strings["reason"] and "\n" not in strings["reason"]
+    assert "frame_00003_notjson.mrc" in notjson["reason"] and "not JSON" in notjson["reason"]
+    assert sorted(float(r["ecd_nm"]) for r in rows(out / "particles.csv")) == [10, 14, 15, 16]
+
+
+def test_a_result_lost_on_the_way_fails_its_frame_when_the_worker_moves_on(dirs):
+    # A worker whose result never arrives whole (here: bytes that are not JSON) and which
+    # then starts its next task: the first frame is recorded failed at once, not waited for.
+    import zmq
+
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0])
+    encode_frame(folder / "frame_00002.mrc", [11.0, 12.0])
+    daemon = Daemon(folder, out, **{**FAST, "workers": 0}).start()
+    ctx = zmq.Context.instance()
+    tasks, results = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        tasks.connect(daemon.endpoints["tasks"])
+        results.connect(daemon.endpoints["results"])
+        hello = {"schema_version": 1, "worker": "hand:1:1"}
+        results.send_json({**hello, "type": "hello"})
+        seen = []
+        for _ in range(2):
+            assert tasks.poll(20_000)
+            header = json.loads(tasks.recv_multipart()[0])
+            seen.append(header["name"])
+            results.send_json({**hello, "type": "started", "task_id": header["task_id"],
+                               "name": header["name"]})
+            if len(seen) == 1:
+                results.send(b"\x00 half a result")  # dropped by the daemon's check
+                continue
+            result = fake_analyze(header["path"])
+            results.send_json({**hello, "type": "result", "task_id": header["task_id"],
+                               "name": header["name"], "sha256": header["sha256"],
+                               "result": result})
+        assert daemon.wait_idle(20, frames=2)
+    finally:
+        daemon.stop()
+        tasks.close(0)
+        results.close(0)
+    by_name = {r["frame"]: r for r in rows(out / "frames.csv")}
+    lost, kept = Path(seen[0]).stem, Path(seen[1]).stem
+    assert by_name[lost]["status"] == "failed" and seen[0] in by_name[lost]["reason"]
+    assert "without a valid result" in by_name[lost]["reason"]
+    assert by_name[kept]["status"] == "ok"
+
+
 def test_workers_that_cannot_start_are_reported_not_respawned_in_a_loop(dirs):
     folder, out = dirs
     options = {**FAST, "workers": 1, "worker_mode": "process",

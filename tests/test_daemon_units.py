@@ -154,3 +154,22 @@ def test_ledger_exactly_once_and_modification(tmp_path):
     ledger.close()
     with pytest.raises(LedgerError, match="belongs to folder"):
         Ledger(tmp_path / "l.sqlite", folder=tmp_path)
+
+
+def test_a_result_too_large_to_send_goes_as_a_failed_result_naming_the_frame(monkeypatch):
+    from particlewatch.daemon.worker import result_payload
+
+    task = {"task_id": "7.1.ab", "name": "frame_00001.mrc", "path": "/data/frame_00001.mrc",
+            "sha256": "0" * 64}
+    result = {"frame": "frame_00001", "path": task["path"], "status": "ok", "reason": None,
+              "seconds": 1.5, "particles": {"ecd_nm": [10.0] * 200}}
+    sent = messages.validate_worker_message(
+        messages.decode(result_payload(task, "w", result), max_bytes=1 << 20))
+    assert sent["result"]["status"] == "ok"  # small enough: sent as it is
+    monkeypatch.setattr(messages, "MAX_RESULT_BYTES", 1000)
+    payload = result_payload(task, "w", result)
+    assert len(payload) <= 1000
+    sent = messages.validate_worker_message(messages.decode(payload, max_bytes=1000))
+    assert (sent["task_id"], sent["sha256"]) == (task["task_id"], task["sha256"])
+    assert sent["result"]["status"] == "failed" and sent["result"]["seconds"] == 1.5
+    assert sent["result"]["reason"].startswith("/data/frame_00001.mrc: result of ")
