@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from scipy.optimize import linear_sum_assignment
 import particlewatch.analysis as analysis_pkg
 from particlewatch.analysis.pipeline import analyze_image
 from particlewatch.analysis.statistics import RunningStatistics
+from particlewatch.simulators.samples import Population, SampleSpec
 from particlewatch.simulators.scope import SimScope
 
 SAMPLES = ("au10", "ps100", "ps50", "ps-bimodal", "silica-capsules", "spheres-rods",
@@ -61,6 +63,17 @@ WORK = Path(__file__).resolve().parent / "_work" / "populations_accuracy"
 _TABLE_SOURCES = ("segment.py", "separate.py", "measure.py", "pipeline.py", "_checks.py",
                   "io.py")
 ONE_POPULATION = ("au10", "ps100", "silica-capsules")
+#: A third two-population mix made from the simulator's parts: gold spheres of 12 and 30 nm,
+#: 60/40 by number (a size ratio of 2.5, so touching depends strongly on size).
+EXTRA_SAMPLES = {"au-bimodal": SampleSpec(
+    "au-bimodal", "gold spheres 12 and 30 nm, 60/40 by number",
+    (Population("sphere", "au", 12.0, 1.2, fraction=0.6),
+     Population("sphere", "au", 30.0, 2.5, fraction=0.4)),
+    pixel_nm=0.8, detector="haadf", coverage=0.10, agglomeration=0.35)}
+#: Relative density ranges (the specimen's density map, 1 = the sample's mean) of the
+#: ``--density`` classes; "any" keeps the uniform random positions.
+DENSITIES = {"sparse": (0.05, 0.6), "medium": (0.6, 1.3), "dense": (1.3, 3.0),
+             "any": None}
 
 
 def tables_key():
@@ -75,16 +88,31 @@ def tables_key():
     return h.hexdigest()[:12]
 
 
-def frame(sample, detector, index, *, size, seed):
-    """One cached in-focus record frame: (image, pixel_nm, truth arrays)."""
-    path = WORK / "frames" / f"{sample}-{detector}-{size}-s{seed}" / f"frame_{index:03d}.npz"
+def _name(sample, detector, size, seed, density):
+    tail = "" if density == "any" else f"-{density}"
+    return f"{sample}-{detector}-{size}-s{seed}{tail}"
+
+
+def frame(sample, detector, index, *, size, seed, density="any"):
+    """One cached in-focus record frame: (image, pixel_nm, truth arrays).
+
+    ``density`` picks the field among positions whose relative density (the specimen's
+    density map) lies in that class of :data:`DENSITIES`."""
+    path = WORK / "frames" / _name(sample, detector, size, seed, density) / \
+        f"frame_{index:03d}.npz"
     if not path.exists() or "alone" not in np.load(path).files:
-        scope = SimScope(sample, seed=seed, size_px=size, detector=detector)
+        scope = SimScope(EXTRA_SAMPLES.get(sample, sample), seed=seed, size_px=size,
+                         detector=detector)
         x0, y0, x1, y1 = scope.stage_limits_um
         rng = np.random.default_rng([seed, index])
-        # away from the limits; one field per index, so frames rarely overlap
-        scope.move_stage(rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0)),
-                         rng.uniform(y0 + 0.1 * (y1 - y0), y1 - 0.1 * (y1 - y0)))
+        span = DENSITIES[density]
+        for _ in range(10_000):
+            # away from the limits; one field per index, so frames rarely overlap
+            x = rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0))
+            y = rng.uniform(y0 + 0.1 * (y1 - y0), y1 - 0.1 * (y1 - y0))
+            if span is None or span[0] <= scope.specimen.density(x, y) < span[1]:
+                break
+        scope.move_stage(x, y)
         scope.set_defocus(scope.true_focus_um())
         snap = scope.snap()
         parts = snap.truth["particles"]
@@ -103,10 +131,12 @@ def frame(sample, detector, index, *, size, seed):
     return z["image"], float(z["pixel_nm"]), truth
 
 
-def analysed(sample, detector, index, *, size, seed, key):
+def analysed(sample, detector, index, *, size, seed, key, density="any"):
     """Cached ``analyze_image`` particle table of one frame, and the frame's truth."""
-    path = WORK / "tables" / key / f"{sample}-{detector}-{size}-s{seed}-{index:03d}.npz"
-    image, pixel_nm, truth = frame(sample, detector, index, size=size, seed=seed)
+    path = WORK / "tables" / key / \
+        f"{_name(sample, detector, size, seed, density)}-{index:03d}.npz"
+    image, pixel_nm, truth = frame(sample, detector, index, size=size, seed=seed,
+                                   density=density)
     if not path.exists() or "touching" not in np.load(path).files:
         # with the touching column: fractions are counted on particles touching nothing
         particles, _, _ = analyze_image(image.astype(float), pixel_nm)
@@ -235,6 +265,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", type=float, default=0.01)
+    parser.add_argument("--density", default="any",
+                        help=f"comma-separated density classes of the fields "
+                             f"({', '.join(DENSITIES)}); each is its own session")
     parser.add_argument("--tables", default=None,
                         help="analysed tables of this key (printed by an earlier run) "
                              "instead of the current analysis sources' hash")
@@ -242,19 +275,19 @@ def main(argv=None):
     key = args.tables or tables_key()
     print(f"analysis tables key {key}; {args.frames} frames of {args.size}² per sample, "
           f"seed {args.seed}", flush=True)
-    for sample in args.samples.split(","):
-        for detector in args.detectors.split(","):
-            t0 = time.perf_counter()
-            pairs = [analysed(sample, detector, i, size=args.size, seed=args.seed, key=key)
-                     for i in range(args.frames)]
-            tables = [p[0] for p in pairs]
-            truths = [p[1] for p in pairs]
-            print(f"-- {sample} {detector}: {sum(len(t['ecd_nm']) for t in tables)} particles "
-                  f"({time.perf_counter() - t0:.0f} s to simulate/analyse or load)",
-                  flush=True)
-            for method in args.methods.split(","):
-                report(sample, detector, method, tables, truths, precision=args.precision,
-                       seed=args.seed)
+    for sample, detector, density in itertools.product(
+            args.samples.split(","), args.detectors.split(","), args.density.split(",")):
+        t0 = time.perf_counter()
+        pairs = [analysed(sample, detector, i, size=args.size, seed=args.seed, key=key,
+                          density=density) for i in range(args.frames)]
+        tables = [p[0] for p in pairs]
+        truths = [p[1] for p in pairs]
+        print(f"-- {sample} {detector} {density}: "
+              f"{sum(len(t['ecd_nm']) for t in tables)} particles "
+              f"({time.perf_counter() - t0:.0f} s to simulate/analyse or load)", flush=True)
+        for method in args.methods.split(","):
+            report(sample, detector, method, tables, truths, precision=args.precision,
+                   seed=args.seed)
 
 
 if __name__ == "__main__":

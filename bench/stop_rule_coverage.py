@@ -24,6 +24,15 @@ of the means and of the fractions (mixtures) at its own stop.
 
 ``--truth-simulator`` draws each frame's true particles from the real simulator's specimen
 (``Specimen.particles_in`` over a record field), with the same measurement model on top.
+
+``--touching`` adds the pipeline's ``touching`` column, so fractions are counted on untouched
+particles and the fractions' crowding correction (``statistics._crowding_fractions``) is what
+is judged: ``exclusion`` makes a particle touch another as particles dropped at random do,
+with probability ``1 − exp(−x·A/Ā)`` (``A`` its excluded area, ``π·E(r + r')²`` over the
+frame's particles, ``x`` the frame's crowding, proportional to its particle count), so large
+particles touch more often; ``random`` touches the same share of particles whatever their
+size (as the simulator's agglomerates pick their members); split pieces always touch.
+``--crowding off`` judges the plain untouched counts instead.
 """
 
 from __future__ import annotations
@@ -75,14 +84,38 @@ def true_means(name, *, seed=12345, n=400_000):
                      for i in range(len(spec.populations))])
 
 
-def measure_frame(truth, rng, *, frame_sd, outliers=0.05, split=0.35, merged=0.25):
+def touching_flags(ecd_nm, crowding, rng, *, model):
+    """Which of a frame's particles touch another (``model`` "exclusion" or "random").
+
+    ``exclusion``: untouched with probability ``exp(−crowding·A_i/Ā)``, ``A_i = π·E_j(r_i +
+    r_j)²`` the excluded area of a disc of the particle's ECD against the frame's particles
+    (what a Poisson field gives, the density folded into ``crowding``); ``random``: every
+    particle untouched with the frame's mean of that probability, whatever its size.
+    """
+    r = np.asarray(ecd_nm, float) / 2.0
+    if r.size == 0:
+        return np.zeros(0, bool)
+    # E_j (r_i + r_j)² = r_i² + 2 r_i E r + E r²
+    area = np.pi * (r ** 2 + 2 * r * r.mean() + np.mean(r ** 2))
+    keep = np.exp(-crowding * area / area.mean())
+    if model == "random":
+        keep = np.full(r.size, keep.mean())
+    return rng.random(r.size) >= keep
+
+
+def measure_frame(truth, rng, *, frame_sd, outliers=0.05, split=0.35, merged=0.25,
+                  touching=None, crowding=0.5):
     """A measured particle table from a frame's true particles.
 
     The frame's sizes share one random factor ``1 + N(0, frame_sd)`` (focus, thickness),
     each particle adds 1% noise; ``outliers`` of the rows are agglomerates and debris;
     ``split`` of the rows come from separated groups, ``merged`` of those unsplit pairs.
+    ``touching`` (None, "exclusion" or "random"): add a ``touching`` column
+    (:func:`touching_flags` at the frame's ``crowding``; split pieces touch).
     """
     n = len(truth["ecd_nm"])
+    touch = touching_flags(truth["ecd_nm"], crowding, rng, model=touching) \
+        if touching else None
     shift = 1.0 + rng.normal(0.0, frame_sd)
     noise = shift * (1.0 + rng.normal(0.0, 0.01, n))
     ecd = truth["ecd_nm"] * noise
@@ -110,8 +143,11 @@ def measure_frame(truth, rng, *, frame_sd, outliers=0.05, split=0.35, merged=0.2
     fmax, aspect = fmax * stretch, aspect * stretch
     circ = np.where(sep, circ - 0.03, circ)
     solidity = np.where(sep, np.clip(rng.normal(0.98, 0.006, n), 0, 1), solidity)
-    return {"ecd_nm": ecd, "feret_max_nm": fmax, "feret_min_nm": fmin, "aspect_ratio": aspect,
-            "circularity": circ, "solidity": solidity, "separated": sep}
+    out = {"ecd_nm": ecd, "feret_max_nm": fmax, "feret_min_nm": fmin, "aspect_ratio": aspect,
+           "circularity": circ, "solidity": solidity, "separated": sep}
+    if touch is not None:
+        out["touching"] = touch | sep
+    return out
 
 
 class _SimulatorFrames:
@@ -142,7 +178,8 @@ RULES = {
 }
 
 
-def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules=("bound90",)):
+def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules=("bound90",),
+                touching=None, crowding=True):
     """One sequential session judged by every rule in ``rules`` at once.
 
     The particles, labels and refits are shared (they do not depend on the rule); each rule
@@ -167,7 +204,9 @@ def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules
                 local = rng.dirichlet(fractions * 100.0)  # ±5 points frame to frame
                 sub = _with_fractions(spec, local)
             truth = true_particles(sub, n, rng)
-        measured = measure_frame(truth, rng, frame_sd=frame_sd)
+        # crowding grows with the frame's particle count (mean 0.5: ~40% touch)
+        measured = measure_frame(truth, rng, frame_sd=frame_sd, touching=touching,
+                                 crowding=0.5 * len(truth["ecd_nm"]) / PARTICLES_PER_FRAME)
         stats.add(f"frame_{f:05d}", measured)
         sizes.append(len(measured["ecd_nm"]))
         codes = np.repeat(np.arange(len(sizes)), sizes)
@@ -176,7 +215,8 @@ def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules
             if rule in done:
                 continue
             summary = summarize(table, labels, frames_ok=f + 1, frames_failed=0,
-                                precision=precision, frames=codes, **RULES[rule])
+                                precision=precision, frames=codes,
+                                fraction_crowding=crowding, **RULES[rule])
             last[rule] = summary
             if summary["converged"]:
                 done[rule] = _verdict(summary, f + 1, means, fractions)
@@ -247,6 +287,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--rules", default=",".join(RULES),
                         help=f"stop-rule variants to compare ({', '.join(RULES)})")
+    parser.add_argument("--touching", choices=("exclusion", "random"), default=None,
+                        help="add a touching column (size-dependent or not)")
+    parser.add_argument("--crowding", choices=("on", "off"), default="on",
+                        help="the fractions' crowding correction (with --touching)")
     parser.add_argument("--truth-simulator", action="store_true",
                         help="draw true particles from the simulator's specimen")
     args = parser.parse_args(argv)
@@ -257,14 +301,16 @@ def main(argv=None):
         parser.error(f"unknown rules {unknown}; choose from {sorted(RULES)}")
     print(f"stop rule coverage: {args.sessions} sessions per sample, precision "
           f"±{args.precision:.1%}, frame shift sd {args.frame_sd:.1%}, "
-          f"{'simulator specimen' if args.truth_simulator else 'model'} particles")
+          f"{'simulator specimen' if args.truth_simulator else 'model'} particles, "
+          f"touching {args.touching or 'none'}, crowding correction {args.crowding}")
     print(f"{'sample':<16} {'rule':<8} {'pop':>3} {'mean cov':>9} {'frac cov':>9} "
           f"{'stopped':>8} {'frames':>12} {'particles':>16}")
     worst = {rule: 1.0 for rule in rules}
     for name in names:
         t0 = time.time()
         kw = {"precision": args.precision, "frame_sd": args.frame_sd,
-              "truth_simulator": args.truth_simulator, "rules": rules}
+              "truth_simulator": args.truth_simulator, "rules": rules,
+              "touching": args.touching, "crowding": args.crowding == "on"}
         tasks = [(name, s, kw) for s in range(args.sessions)]
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
