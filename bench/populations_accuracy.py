@@ -51,7 +51,7 @@ from scipy.optimize import linear_sum_assignment
 
 import particlewatch.analysis as analysis_pkg
 from particlewatch.analysis.pipeline import analyze_image
-from particlewatch.analysis.statistics import RunningStatistics
+from particlewatch.analysis.statistics import RunningStatistics, summarize
 from particlewatch.simulators.samples import Population, SampleSpec
 from particlewatch.simulators.scope import SimScope
 
@@ -224,10 +224,16 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
         np.zeros(len(labels), bool)
     pops = s["populations"]
     matched = match(pops, truth)
+    # the same session's fractions without the crowding correction (plain untouched counts)
+    codes = np.unique(rs.table["frame"], return_inverse=True)[1]
+    plain = summarize(rs.table, labels, frames_ok=rs.n_frames, frames_failed=0,
+                      precision=precision, frames=codes, fraction_crowding=False)
+    plain_f = {p["id"]: p["fraction"] for p in plain["populations"]}
     n = max(len(labels), 1)
     out_iso = np.mean(labels[~sep] < 0) if (~sep).any() else np.nan
     out_sep = np.mean(labels[sep] < 0) if sep.any() else np.nan
     line = (f"{sample:<15} {detector:<5} {method:<6} n={len(labels):6d} "
+            f"basis={s['fraction_basis']} touching={np.mean(rs.table.get('touching', [0])):.0%} "
             f"split={sep.mean():4.0%} pops={len(pops)} out={np.mean(labels < 0):5.1%} "
             f"(iso {out_iso:5.1%} split {out_sep:5.1%}) moved={moved} Δ±1={flipped} "
             f"upd={t_max * 1e3:.0f}ms")
@@ -238,7 +244,9 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
                      f"mean {p['mean_ecd_nm']:7.2f}/{t['mean']:7.2f} nm "
                      f"({p['mean_ecd_nm'] / t['mean'] - 1:+6.2%})  "
                      f"f {p['fraction']:.3f}/{t['fraction']:.3f} "
-                     f"({(p['fraction'] - t['fraction']) * 100:+5.1f} pt)  "
+                     f"({(p['fraction'] - t['fraction']) * 100:+5.1f} pt; "
+                     f"uncorrected {(plain_f[p['id']] - t['fraction']) * 100:+5.1f} pt) "
+                     f"[{p['fraction_ci95'][0]:.3f}-{p['fraction_ci95'][1]:.3f}] "
                      f"ci ±{p['ci95_rel'] * 100:.2f}%  aspect {p['mean_aspect_ratio']:.2f}")
         else:
             line += (f"\n    P{p['id']} {p['shape'] or '?':<9} n={p['n']:6d} "
@@ -275,20 +283,33 @@ def main(argv=None):
     key = args.tables or tables_key()
     print(f"analysis tables key {key}; {args.frames} frames of {args.size}² per sample, "
           f"seed {args.seed}", flush=True)
-    for sample, detector, density in itertools.product(
-            args.samples.split(","), args.detectors.split(","), args.density.split(",")):
-        t0 = time.perf_counter()
-        pairs = [analysed(sample, detector, i, size=args.size, seed=args.seed, key=key,
-                          density=density) for i in range(args.frames)]
-        tables = [p[0] for p in pairs]
-        truths = [p[1] for p in pairs]
-        print(f"-- {sample} {detector} {density}: "
-              f"{sum(len(t['ecd_nm']) for t in tables)} particles "
-              f"({time.perf_counter() - t0:.0f} s to simulate/analyse or load)", flush=True)
-        for method in args.methods.split(","):
-            report(sample, detector, method, tables, truths, precision=args.precision,
-                   seed=args.seed)
-
+    densities = args.density.split(",")
+    for sample, detector in itertools.product(args.samples.split(","),
+                                              args.detectors.split(",")):
+        pooled = []
+        for density in densities:
+            t0 = time.perf_counter()
+            pairs = [analysed(sample, detector, i, size=args.size, seed=args.seed, key=key,
+                              density=density) for i in range(args.frames)]
+            pooled.append(pairs)
+            tables = [p[0] for p in pairs]
+            truths = [p[1] for p in pairs]
+            print(f"-- {sample} {detector} {density}: "
+                  f"{sum(len(t['ecd_nm']) for t in tables)} particles "
+                  f"({time.perf_counter() - t0:.0f} s to simulate/analyse or load)",
+                  flush=True)
+            for method in args.methods.split(","):
+                report(sample, detector, method, tables, truths, precision=args.precision,
+                       seed=args.seed)
+        if len(densities) > 1:
+            # one session over every class's frames, interleaved (a session that crosses
+            # sparse and dense areas: the crowding varies from frame to frame)
+            pairs = [p for group in zip(*pooled) for p in group]
+            print(f"-- {sample} {detector} {'+'.join(densities)} interleaved: "
+                  f"{sum(len(p[0]['ecd_nm']) for p in pairs)} particles", flush=True)
+            for method in args.methods.split(","):
+                report(sample, detector, method, [p[0] for p in pairs],
+                       [p[1] for p in pairs], precision=args.precision, seed=args.seed)
 
 if __name__ == "__main__":
     main()
