@@ -42,6 +42,10 @@ ANALYSIS_OPTIONS = {"pixel_nm": (float, type(None)), "min_size_nm": (float, type
                     "separate": (str,), "polarity": (str,)}
 
 
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+_FLAG_TYPES = _NUMBER_TYPES | {bool}
+
+
 class MessageError(ValueError):
     """A message that is not valid; ``str(exc)`` is the reason for the error reply."""
 
@@ -64,9 +68,18 @@ def to_jsonable(value: Any) -> Any:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    """Encode a message as UTF-8 JSON, adding ``schema_version`` (strict JSON: no NaN)."""
-    body = {"schema_version": SCHEMA_VERSION, **to_jsonable(dict(message))}
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    """Encode a message as UTF-8 JSON, adding ``schema_version`` (strict JSON: no NaN).
+
+    A message of plain JSON values (a frame result's message is one) is written as it is;
+    only one holding numpy values, paths or non-finite floats goes through
+    :func:`to_jsonable` first (a Python walk over every value: ~10 ms for 1,000 particles).
+    """
+    body = {"schema_version": SCHEMA_VERSION, **message}
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError):  # numpy values, NaN or inf: made plain, NaN -> null
+        body = {"schema_version": SCHEMA_VERSION, **to_jsonable(dict(message))}
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
 
 def decode(payload: bytes, *, max_bytes: int) -> dict:
@@ -242,9 +255,12 @@ def validate_worker_message(message: Mapping) -> dict:
     for column, values in particles.items():
         if not isinstance(values, list):
             raise MessageError(f"particle column {column!r} must be a list")
-        if any(v is not None and (isinstance(v, bool) and column not in FLAG_COLUMNS
-                                  or not isinstance(v, (int, float, bool)))
-               for v in values):
+        allowed = _FLAG_TYPES if column in FLAG_COLUMNS else _NUMBER_TYPES
+        # the types of a decoded column are these few: one set, not a check per value
+        if not set(map(type, values)) <= allowed and any(
+                v is not None and (isinstance(v, bool) and column not in FLAG_COLUMNS
+                                   or not isinstance(v, (int, float, bool)))
+                for v in values):
             raise MessageError(f"particle column {column!r} holds non-numbers")
         lengths.add(len(values))
     if len(lengths) > 1:

@@ -146,10 +146,12 @@ class _Painter:
     """Draws histogram.png in a thread so that matplotlib never holds up ingest.
 
     Only the newest request is kept: a picture nobody will see is never drawn.
+    ``cpu_s`` is the CPU time the last picture took (the thread's own).
     """
 
     def __init__(self, draw: Callable):
         self._draw = draw
+        self.cpu_s = 0.0
         self._cond = threading.Condition()
         self._job = None
         self._closed = False
@@ -171,10 +173,12 @@ class _Painter:
                 if self._job is None:
                     return
                 job, self._job = self._job, None
+            start = time.thread_time()
             try:
                 self._draw(*job)
             except Exception:  # a failed picture must not stop the daemon
                 log.exception("histogram.png not written")
+            self.cpu_s = time.thread_time() - start
 
     def close(self) -> None:
         """Draw what is asked for, then end the thread."""
@@ -311,7 +315,8 @@ class Daemon:
         Rows analysed beyond each cut (default: from the frame size, see
         :func:`particlewatch.analysis.strips.default_margin_px`).
     histogram_interval_s, stats_interval_s : float
-        Least time between two histogram.png writes; period of repeated ``stats`` messages
+        Least time between two histogram.png writes (longer where drawing would take more
+        than 5% of a core); period of repeated ``stats`` messages
         while idle (for late subscribers).
     statistics : callable, optional
         ``statistics(precision=, seed=)`` -> a RunningStatistics; default the analysis one.
@@ -1175,7 +1180,10 @@ class Daemon:
 
     def _periodic(self, now: float) -> None:
         cfg = self.config
-        if self._histogram_due and now - self._last_histogram >= cfg.histogram_interval_s:
+        # at most 1/20 of a core for the picture (0.3 s of CPU each on 10,000 particles):
+        # the cores are the workers'
+        interval = max(cfg.histogram_interval_s, 20.0 * self._painter.cpu_s)
+        if self._histogram_due and now - self._last_histogram >= interval:
             self._histogram_due = False
             self._last_histogram = now
             self._painter.submit(self._stats, self._summary_now)

@@ -59,12 +59,16 @@ def default_analyze(path, **options):
 
 
 def result_to_message(result: Any) -> dict:
-    """The JSON-safe dict of an analysis result (``FrameResult.to_message()`` or a dict)."""
+    """The message dict of an analysis result (``FrameResult.to_message()`` or a dict).
+
+    Not walked value by value: :func:`..messages.encode` makes numpy values and NaN plain
+    where a result holds any (``to_message`` gives plain JSON values already).
+    """
     if hasattr(result, "to_message"):
         result = result.to_message()
     if not isinstance(result, dict):
         raise TypeError(f"analysis returned {type(result).__name__}, not a FrameResult or dict")
-    return messages.to_jsonable(result)
+    return dict(result)
 
 
 def failed_result(name: str, path: str, reason: str, *, seconds: float = 0.0) -> dict:
@@ -141,8 +145,7 @@ def analyze_task(task: dict, parts: list[bytes], analyze: AnalyzeFn, *,
         if strip is None:
             result = result_to_message(analyze(str(local), **task["options"]))
         else:
-            result = messages.to_jsonable(analyze_strip_task(str(local), strip,
-                                                             **task["options"]))
+            result = analyze_strip_task(str(local), strip, **task["options"])
     except Exception as exc:  # an injected analysis may raise; the frame fails, we go on
         log.error("%s: analysis raised %s", path, traceback.format_exc(limit=3))
         result = failed_result(name, path, f"{path}: analysis raised {type(exc).__name__}: "
