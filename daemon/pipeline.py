@@ -838,6 +838,13 @@ class Daemon:
                             now - task.sent)
                 self._requeue(task_id)
 
+    def _requeue_unstarted(self, *, also: str | None = None) -> None:
+        """Send again every task no living worker has started (and ``also``)."""
+        started = {w.task for w in self._workers_seen.values() if w.task}
+        for task_id in list(self._in_flight):
+            if task_id not in started or task_id == also:
+                self._requeue(task_id)
+
     def _requeue(self, task_id: str) -> None:
         """Send a task again: a whole frame through the ledger, a strip from its split."""
         task = self._in_flight.pop(task_id, None)
@@ -907,10 +914,7 @@ class Daemon:
             # Tasks queued for the dead worker are lost with it, and PUSH does not say which
             # those were: send again every task no living worker has started. A duplicate
             # result is ignored by the ledger, a lost frame would be waited for until timeout.
-            started = {w.task for w in self._workers_seen.values() if w.task}
-            for task_id in list(self._in_flight):
-                if task_id not in started:
-                    self._requeue(task_id)
+            self._requeue_unstarted()
             if self._stop.is_set():
                 continue
             if ever_started:
@@ -959,6 +963,13 @@ class Daemon:
         worker.last_seen = now
         if msg["type"] == "bye":
             self._workers_seen.pop(msg["worker"], None)
+            if worker.task is not None and worker.task in self._in_flight:
+                # stopped mid-frame (Ctrl-C on a remote worker): the frame would otherwise
+                # wait task_timeout_s; its queued tasks went with its socket, as for a
+                # local worker that died
+                log.warning("worker %s left during task %s; sending again what it held",
+                            msg["worker"], worker.task)
+                self._requeue_unstarted(also=worker.task)
         elif msg["type"] == "started":
             lost = worker.task
             worker.task = msg["task_id"]

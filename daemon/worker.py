@@ -181,6 +181,29 @@ def result_payload(task: dict, worker_id: str, result: dict) -> bytes:
     return messages.encode({**header, "result": failed})
 
 
+def refused_task_payload(raw: bytes, worker_id: str, exc: Exception) -> bytes | None:
+    """A failed ``result`` for a task this worker cannot take (another version's task), if
+    the task says enough (id, plain file name, sha256, path) to answer it; else None."""
+    import json
+
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    fields = {k: header.get(k) for k in ("task_id", "name", "sha256", "path")}
+    if not all(isinstance(v, str) for v in fields.values()):
+        return None
+    if Path(fields["name"]).name != fields["name"] or fields["name"] in ("", ".", ".."):
+        return None
+    reason = f"{fields['path']}: worker {worker_id} cannot take the task: {exc}"
+    return messages.encode({"type": "result", "task_id": fields["task_id"],
+                            "worker": worker_id, "name": fields["name"],
+                            "sha256": fields["sha256"],
+                            "result": failed_result(fields["name"], fields["path"], reason)})
+
+
 def run_worker(task_endpoint: str, result_endpoint: str, *,
                analyze: AnalyzeFn | None = None, parent_pid: int | None = None,
                stop: threading.Event | None = None, context=None,
@@ -234,6 +257,9 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
                     task, strip = validate_strip_task(header)
                 except messages.MessageError as exc:
                     log.error("worker %s: bad task ignored: %s", worker_id, exc)
+                    refusal = refused_task_payload(parts[0], worker_id, exc)
+                    if refusal is not None:  # the daemon records why, instead of waiting
+                        results.send(refusal)
                     continue
                 results.send(messages.encode({"type": "started", "worker": worker_id,
                                               "task_id": task["task_id"],

@@ -390,6 +390,98 @@ def test_a_result_lost_on_the_way_fails_its_frame_when_the_worker_moves_on(dirs)
     assert by_name[kept]["status"] == "ok"
 
 
+class HandWorker:
+    """A worker driven by the test, message by message, on the daemon's sockets."""
+
+    def __init__(self, daemon, name):
+        import zmq
+
+        ctx = zmq.Context.instance()
+        self.tasks, self.results = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        self.tasks.connect(daemon.endpoints["tasks"])
+        self.results.connect(daemon.endpoints["results"])
+        self.id = name
+        self.send("hello")
+
+    def send(self, kind, **fields):
+        self.results.send_json({"schema_version": 1, "type": kind, "worker": self.id, **fields})
+
+    def take(self, timeout_s):
+        """The next task's header, or None after ``timeout_s``."""
+        if not self.tasks.poll(int(timeout_s * 1000)):
+            return None
+        return json.loads(self.tasks.recv_multipart()[0])
+
+    def answer(self, header):
+        self.send("result", task_id=header["task_id"], name=header["name"],
+                  sha256=header["sha256"], result=fake_analyze(header["path"]))
+
+    def close(self):
+        self.tasks.close(0)
+        self.results.close(0)
+
+
+def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs):
+    # A remote worker stopped with Ctrl-C says bye mid-frame; before, its frame waited
+    # task_timeout_s (600 s by default) before anyone else got it.
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0, 11.0])
+    daemon = Daemon(folder, out, **{**FAST, "workers": 0}).start()
+    first = HandWorker(daemon, "hand:1:1")
+    second = None
+    try:
+        header = first.take(20)
+        first.send("started", task_id=header["task_id"], name=header["name"])
+        first.send("bye")
+        first.close()
+        second = HandWorker(daemon, "hand:2:1")
+        again = second.take(10)
+        assert again is not None and again["name"] == "frame_00001.mrc"
+        second.answer(again)
+        assert daemon.wait_idle(20, frames=1)
+    finally:
+        daemon.stop()
+        first.close()
+        if second is not None:
+            second.close()
+    assert [(r["frame"], r["status"], r["particles"]) for r in rows(out / "frames.csv")] == [
+        ("frame_00001", "ok", "2")]
+
+
+def test_a_task_the_worker_cannot_read_is_answered_failed_not_waited_for(dirs):
+    # A worker of another version refuses the task: it now says so, and the frame is
+    # recorded failed with the worker's reason (before: no answer, task_timeout_s x 3).
+    import zmq
+
+    from particlewatch.daemon import worker as worker_module
+
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0])
+    daemon = Daemon(folder, out, **{**FAST, "workers": 0}).start()
+    stop = threading.Event()
+    original = worker_module.validate_strip_task
+
+    def refuse(header):  # as a worker that knows no such task would
+        raise worker_module.messages.MessageError("unknown field(s): sha256")
+
+    worker_module.validate_strip_task = refuse
+    thread = threading.Thread(target=worker_module.run_worker,
+                              args=(daemon.endpoints["tasks"], daemon.endpoints["results"]),
+                              kwargs={"stop": stop, "context": zmq.Context.instance(),
+                                      "poll_ms": 50}, daemon=True)
+    thread.start()
+    try:
+        assert daemon.wait_idle(20, frames=1)
+    finally:
+        worker_module.validate_strip_task = original
+        stop.set()
+        thread.join(10)
+        daemon.stop()
+    (row,) = rows(out / "frames.csv")
+    assert row["status"] == "failed" and "frame_00001.mrc" in row["reason"]
+    assert "cannot take the task: unknown field(s): sha256" in row["reason"]
+
+
 def test_workers_that_cannot_start_are_reported_not_respawned_in_a_loop(dirs):
     folder, out = dirs
     options = {**FAST, "workers": 1, "worker_mode": "process",
