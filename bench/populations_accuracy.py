@@ -224,11 +224,11 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
         np.zeros(len(labels), bool)
     pops = s["populations"]
     matched = match(pops, truth)
-    # the same session's fractions without the crowding correction (plain untouched counts)
+    # the same session's fractions with the crowding correction (off by default)
     codes = np.unique(rs.table["frame"], return_inverse=True)[1]
-    plain = summarize(rs.table, labels, frames_ok=rs.n_frames, frames_failed=0,
-                      precision=precision, frames=codes, fraction_crowding=False)
-    plain_f = {p["id"]: p["fraction"] for p in plain["populations"]}
+    crowd = summarize(rs.table, labels, frames_ok=rs.n_frames, frames_failed=0,
+                      precision=precision, frames=codes, fraction_crowding=True)
+    crowd_f = {p["id"]: (p["fraction"], p["fraction_ci95"]) for p in crowd["populations"]}
     n = max(len(labels), 1)
     out_iso = np.mean(labels[~sep] < 0) if (~sep).any() else np.nan
     out_sep = np.mean(labels[sep] < 0) if sep.any() else np.nan
@@ -244,9 +244,10 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
                      f"mean {p['mean_ecd_nm']:7.2f}/{t['mean']:7.2f} nm "
                      f"({p['mean_ecd_nm'] / t['mean'] - 1:+6.2%})  "
                      f"f {p['fraction']:.3f}/{t['fraction']:.3f} "
-                     f"({(p['fraction'] - t['fraction']) * 100:+5.1f} pt; "
-                     f"uncorrected {(plain_f[p['id']] - t['fraction']) * 100:+5.1f} pt) "
-                     f"[{p['fraction_ci95'][0]:.3f}-{p['fraction_ci95'][1]:.3f}] "
+                     f"({(p['fraction'] - t['fraction']) * 100:+5.1f} pt) "
+                     f"[{p['fraction_ci95'][0]:.3f}-{p['fraction_ci95'][1]:.3f}]; crowding "
+                     f"{(crowd_f[p['id']][0] - t['fraction']) * 100:+5.1f} pt "
+                     f"[{crowd_f[p['id']][1][0]:.3f}-{crowd_f[p['id']][1][1]:.3f}]  "
                      f"ci ±{p['ci95_rel'] * 100:.2f}%  aspect {p['mean_aspect_ratio']:.2f}")
         else:
             line += (f"\n    P{p['id']} {p['shape'] or '?':<9} n={p['n']:6d} "

@@ -26,13 +26,13 @@ of the means and of the fractions (mixtures) at its own stop.
 (``Specimen.particles_in`` over a record field), with the same measurement model on top.
 
 ``--touching`` adds the pipeline's ``touching`` column, so fractions are counted on untouched
-particles and the fractions' crowding correction (``statistics._crowding_fractions``) is what
-is judged: ``exclusion`` makes a particle touch another as particles dropped at random do,
+particles: ``exclusion`` makes a particle touch another as particles dropped at random do,
 with probability ``1 − exp(−x·A/Ā)`` (``A`` its excluded area, ``π·E(r + r')²`` over the
 frame's particles, ``x`` the frame's crowding, proportional to its particle count), so large
 particles touch more often; ``random`` touches the same share of particles whatever their
 size (as the simulator's agglomerates pick their members); split pieces always touch.
-``--crowding off`` judges the plain untouched counts instead.
+``--crowding on`` judges the fractions' crowding correction (``fraction_crowding``) instead of
+the plain untouched counts.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ RULES = {
 
 
 def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules=("bound90",),
-                touching=None, crowding=True):
+                touching=None, crowding=False):
     """One sequential session judged by every rule in ``rules`` at once.
 
     The particles, labels and refits are shared (they do not depend on the rule); each rule
@@ -289,7 +289,7 @@ def main(argv=None):
                         help=f"stop-rule variants to compare ({', '.join(RULES)})")
     parser.add_argument("--touching", choices=("exclusion", "random"), default=None,
                         help="add a touching column (size-dependent or not)")
-    parser.add_argument("--crowding", choices=("on", "off"), default="on",
+    parser.add_argument("--crowding", choices=("on", "off"), default="off",
                         help="the fractions' crowding correction (with --touching)")
     parser.add_argument("--truth-simulator", action="store_true",
                         help="draw true particles from the simulator's specimen")
