@@ -167,3 +167,50 @@ def test_from_message_rejects_wrong_types(change, match):
 def test_result_columns_follow_particle_columns():
     assert RESULT_COLUMNS == tuple(c for c in PARTICLE_COLUMNS
                                    if c not in ("frame", "population"))
+
+
+def _touching_by_brute_force(labels, ids, boxes, margin_px):
+    """Which labels have a pixel of another label, or of a grown box, within the margin:
+    every pair of pixels compared (Chebyshev distance: the filter's square window)."""
+    from scipy.spatial.distance import cdist
+
+    reach = margin_px + 1
+    pixels = {int(k): np.argwhere(labels == k) for k in np.unique(labels[labels > 0])}
+    out = []
+    for k in ids:
+        mine = pixels.get(int(k))
+        if mine is None:
+            out.append(False)
+            continue
+        near = any(cdist(mine, other, "chebyshev").min() <= reach
+                   for j, other in pixels.items() if j != k)
+        near |= any(((mine[:, 0] >= r0 - reach) & (mine[:, 0] < r1 + reach)
+                     & (mine[:, 1] >= c0 - reach) & (mine[:, 1] < c1 + reach)).any()
+                    for r0, c0, r1, c1 in boxes)
+        out.append(near)
+    return out
+
+
+@pytest.mark.parametrize("side, per_side", [(24, 4), (160, 3)])
+def test_touching_particles_equals_a_pixel_by_pixel_comparison(side, per_side):
+    # (24, 4): crowded, the whole-frame rule; (160, 3): sparse, the rule on the areas where
+    # particles' boxes meet (a particle at another's corner, beside a box, at the edge)
+    from particlewatch.analysis.pipeline import touching_particles
+
+    rng = np.random.default_rng(side)
+    yy, xx = np.mgrid[:9, :9]
+    for trial in range(25):
+        labels = np.zeros((side, side + 7), np.int32)
+        n = int(rng.integers(1, per_side * 3 + 1))
+        for k in range(1, n + 1):
+            r, c = rng.integers(0, labels.shape[0]), rng.integers(0, labels.shape[1])
+            h, w = rng.integers(1, 9, 2)
+            shape = (yy[:h, :w] - h / 2) ** 2 + (xx[:h, :w] - w / 2) ** 2 <= (max(h, w) / 2) ** 2
+            part = labels[r:r + h, c:c + w]
+            part[shape[:part.shape[0], :part.shape[1]] & (part == 0)] = k
+        present = np.unique(labels[labels > 0])
+        ids = np.append(present, labels.max() + 3)  # a particle number owning no pixel
+        boxes = [tuple(int(v) for v in rng.integers(0, side, 4)) for _ in range(trial % 3)]
+        margin = int(rng.integers(0, 5))
+        got = touching_particles(labels, ids, boxes=boxes, margin_px=margin).tolist()
+        assert got == _touching_by_brute_force(labels, ids, boxes, margin), (trial, margin)
