@@ -195,15 +195,17 @@ def _fraction_ci(member, clusters, *, confidence=_CONFIDENCE, bound=_VARIANCE_BO
     return p, float(q * math.sqrt(max(var_cluster, var_binom)))
 
 
-def _crowding(codes, free):
-    """Per frame: how crowded it is, ``−log`` of the share of its particles that touch nothing.
+def _crowding(codes, free, unsplit):
+    """Per frame: how crowded it is, ``−log`` of the share of its unsplit particles that touch
+    nothing.
 
     For particles dropped at random (a Poisson field) a particle stays untouched with
     probability ``exp(−λ·A)``, ``λ`` the density and ``A`` the excluded area, so ``−log`` of
     the untouched share is ``λ`` times the mean excluded area: zero on an empty field, growing
-    with the density. Computed from the frame itself (every row: members, outliers, split
-    pieces), so no frame area or pixel size is needed; half a particle is added to both
-    counts so that a frame where everything touches stays finite.
+    with the density. Split pieces are left out: they touched by construction (they came
+    from a group), whatever the chance of a contact. Computed from the frame itself, so no
+    frame area or pixel size is needed; half a particle is added to both counts so that a
+    frame where everything touches stays finite.
 
     Parameters
     ----------
@@ -211,14 +213,17 @@ def _crowding(codes, free):
         Frame code of every particle (non-negative).
     free : (n,) ndarray of bool
         Particles that were not split and touch nothing.
+    unsplit : (n,) ndarray of bool
+        Particles that were not split.
 
     Returns
     -------
     (n_codes,) ndarray
-        Crowding of each frame code (NaN for codes without particles).
+        Crowding of each frame code (NaN for codes without unsplit particles).
     """
-    total = np.bincount(codes).astype(float)
-    untouched = np.bincount(codes, weights=free.astype(float), minlength=total.size)
+    size = int(codes.max()) + 1 if codes.size else 0
+    total = np.bincount(codes, weights=unsplit.astype(float), minlength=size)
+    untouched = np.bincount(codes, weights=free.astype(float), minlength=size)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(total > 0, -np.log((untouched + 0.5) / (total + 1.0)), np.nan)
 
@@ -638,7 +643,7 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     basis = {"untouched": inlier & rows_free, "isolated": alone}.get(fraction_basis, inlier)
     crowded = (np.full(len(ids), np.nan), np.full(len(ids), np.nan), math.nan)
     if fraction_basis == "untouched" and fraction_crowding and len(ids) > 1:
-        x_frame = _crowding(codes, rows_free)
+        x_frame = _crowding(codes, rows_free, rows_unsplit)
         counts = np.zeros((x_frame.size, len(ids)))
         pos = np.searchsorted(ids, labels[basis])
         np.add.at(counts, (codes[basis], pos), 1.0)
