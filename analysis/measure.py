@@ -3,7 +3,12 @@
 Everything is computed for all particles at once (pixel sums with ``bincount``, outlines as
 dense arrays). Outlines are sub-pixel: one point on every pixel edge between a particle and
 anything else, placed where the lightly smoothed image crosses the particle's own edge level
-(the mean of the grey levels on either side of its outline). A pixel outline, and even more a
+(the mean of the grey levels on either side of its outline). That level follows the label it
+starts from, so an outline wholly facing the background is then moved onto the particle's own
+edge, fitted on the frame: its profile across the outline against a flat or a curved body's
+projected thickness (through the detector: linear for bright particles, Beer-Lambert for dark
+ones) convolved with the frame's blur (see :func:`_edge_shifts`); such a particle's area is
+that outline's. A pixel outline, and even more a
 noisy one, has a known bias: its caliper maximum grows and its minimum shrinks with every bump,
 and its perimeter grows with the staircase. So each outline that is star-shaped about its
 centroid is written as a radius r(θ), resampled on a regular grid of angles and denoised in
@@ -240,12 +245,16 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=()):
     centre = rel < 0.25 ** 2
     ring = (rel >= 0.3 ** 2) & (rel < 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        i_centre = np.bincount(lab, np.where(centre, vals, 0.0), n) / np.bincount(lab, centre, n)
+        n_centre = np.bincount(lab, centre, n)
+        i_centre = np.bincount(lab, np.where(centre, vals, 0.0), n) / n_centre
         i_ring = np.bincount(lab, np.where(ring, vals, 0.0), n) / np.bincount(lab, ring, n)
 
     geo = _outline_geometry(labels, ids, cy, cx, smooth, frame,
+                            core=(i_centre[ids], n_centre[ids]), raw=image,
                             exact=np.isin(ids, exact) if len(exact) else None)
-    a = np.where(geo["shared"], geo["poly_area"], area[ids])
+    # a shared outline is rebuilt, a fitted one placed on the particle's own edge: their
+    # polygons, not the label's pixels, give the area
+    a = np.where(geo["shared"] | geo["fitted"], geo["poly_area"], area[ids])
     perim = geo["perimeter"]
     with np.errstate(invalid="ignore", divide="ignore"):
         # area and perimeter of the same outline: a circle gives 1 whatever its edge level
@@ -295,17 +304,20 @@ def _smooth_noise(smooth, labels):
     """Standard deviation of the noise of the smoothed frame, from its background.
 
     Differences of background pixels 5 px apart along rows (beyond the smoothing kernel's
-    reach, so their noise is independent): σ = MAD·1.4826 / √2. Every 4th row is enough.
+    reach, so their noise is independent): σ = MAD·1.4826 / √2. Every 4th row is enough, and
+    on frames larger than 1024² rows further apart, so that about 2¹⁸ differences are taken
+    (the MAD's relative error is then ~0.2%; its two medians were the costliest step here).
     """
-    a, b = smooth[::4, :-5], smooth[::4, 5:]
-    bg = (labels[::4, :-5] == 0) & (labels[::4, 5:] == 0)
+    stride = max(4, int(np.ceil(smooth.shape[0] * smooth.shape[1] / 2 ** 18)))
+    a, b = smooth[::stride, :-5], smooth[::stride, 5:]
+    bg = (labels[::stride, :-5] == 0) & (labels[::stride, 5:] == 0)
     d = (a - b)[bg]
     if d.size < 100:
         return 0.0
     return float(1.4826 / np.sqrt(2) * np.median(np.abs(d - np.median(d))))
 
 
-def _edge_points(labels, smooth=None, frame=None):
+def _edge_points(labels, smooth=None, frame=None, *, axes=False):
     """One point per pixel edge between a label and anything else.
 
     Without ``smooth`` the point is the edge's midpoint. With it (the smoothed frame) the point
@@ -323,6 +335,8 @@ def _edge_points(labels, smooth=None, frame=None):
     lab, row, col : ndarray
         Label and point (in ``labels``' coordinates) of each edge.
     free : ndarray of bool
+    inside : tuple of ndarray, only with ``axes``
+        ``(row, col, drow, dcol)``: the edge's inside pixel and the unit step out of it.
     """
     p = np.pad(labels, 1)
     width = p.shape[1]
@@ -392,6 +406,8 @@ def _edge_points(labels, smooth=None, frame=None):
         frac = np.where(np.isfinite(f) & free, np.clip(f, 0.0, 1.0), 0.5)
         if reach is not None:
             frac = np.where(short & free, reach, frac)
+    if axes:
+        return lab, ri + frac * dr, ci + frac * dc, free, (ri, ci, dr, dc)
     return lab, ri + frac * dr, ci + frac * dc, free
 
 
@@ -469,7 +485,8 @@ def _march_out(frame_labels, smooth, lab, fr, fc, dr, dc, level, sign, which, no
     return reach, found
 
 
-def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
+def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None, core=None,
+                      raw=None):
     """Perimeter, polygon and hull area, hull perimeter and Feret diameters (px) of ``ids``.
 
     An outline partly shared with a neighbour (see :func:`_edge_points`) is written as r(θ)
@@ -484,9 +501,16 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
     res = {name: np.zeros(k) for name in ("perimeter", "poly_area", "hull_area",
                                           "hull_perimeter", "feret_max", "feret_min")}
     res["shared"] = np.zeros(k, bool)
+    res["fitted"] = np.zeros(k, bool)
     if k == 0:
         return res
-    lab, y, x, free = _edge_points(labels, smooth, frame)
+    # the particle's own edge is fitted on the frame (not on the mosaic of overlapping masks,
+    # whose outlines are partly guessed)
+    fit_edges = smooth is not None and frame is None and raw is not None and core is not None
+    if fit_edges:
+        lab, y, x, free, axes = _edge_points(labels, smooth, frame, axes=True)
+    else:
+        lab, y, x, free = _edge_points(labels, smooth, frame)
     row = np.full(int(labels.max()) + 1, -1)
     row[ids] = np.arange(k)
     seg = row[lab]
@@ -496,6 +520,8 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
     ang = np.arctan2(y, x)
     order = np.argsort(seg * _KEY_STRIDE + ang, kind="stable")
     seg, y, x, ang, free = seg[order], y[order], x[order], ang[order], free[order]
+    if fit_edges:
+        axes = tuple(a[keep][order] for a in axes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_free = np.bincount(seg, free, k)
     fill = (n_free < counts) & (n_free >= _MIN_FREE * counts) & (n_free >= _MIN_POINTS)
@@ -515,6 +541,7 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
     raw_area = np.zeros(k)
     raw_area[counts > 0] = np.abs(np.add.reduceat(cross, starts[counts > 0])) / 2
     radius = np.hypot(y, x)
+    groups = []
     for m, sel in _size_groups(counts, few):
         r = _resample_polar(seg, ang, radius, starts, counts, sel, m)
         part = fill[sel]
@@ -523,7 +550,19 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
             known = _resample_polar(seg, ang, free.astype(float), starts, counts, s, m) > 0.5
             r_free = _resample_polar(f_seg, f_ang, radius[free], f_starts, f_counts, s, m)
             r[part] = _fill_gaps(r_free, known)
-        r = _denoise_radius(r)
+        groups.append((m, sel, _denoise_radius(r)))
+    if fit_edges and groups:
+        # outlines wholly facing the background; a shared one's band holds its neighbour
+        alone = ~few & ~fill & (n_free == counts)
+        if exact is not None:
+            alone &= ~exact
+        shift, res["fitted"] = _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups,
+                                            alone, core, raw)
+    for m, sel, r in groups:
+        if res["fitted"][sel].any():
+            # the outline moved δ along its normal: r(θ) by δ / cos ψ (tan ψ = r' / r)
+            slope = (np.roll(r, -1, 1) - np.roll(r, 1, 1)) * (m / (4 * np.pi))
+            r = r + shift[sel][:, None] * np.hypot(r, slope) / np.maximum(r, 1e-9)
         theta = np.linspace(-np.pi, np.pi, m, endpoint=False)
         py, px = r * np.sin(theta), r * np.cos(theta)
         dy, dx = np.roll(py, -1, axis=1) - py, np.roll(px, -1, axis=1) - px
@@ -536,8 +575,14 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None):
     res["poly_area"][few] = res["hull_area"][few] = raw_area[few]
     res["hull_perimeter"][few] = res["perimeter"][few]
     res["feret_max"][few] = res["feret_min"][few] = np.sqrt(4 * raw_area[few] / np.pi)
-    # not star-shaped about the centroid: the angle order zigzags, so trace it
-    folded = ~few & (res["hull_area"] > 0) & (raw_area < _STAR_SOLIDITY * res["hull_area"])
+    # not star-shaped about the centroid: the angle order zigzags, so trace it. A fitted
+    # outline was moved δ outwards: its hull before the move, by Steiner's formula for a
+    # convex body (A + P δ + π δ²), is what the raw points' polygon compares with
+    hull_before = res["hull_area"]
+    if res["fitted"].any():
+        d = np.where(res["fitted"], shift, 0.0)
+        hull_before = hull_before - res["hull_perimeter"] * d - np.pi * d * d
+    folded = ~few & (res["hull_area"] > 0) & (raw_area < _STAR_SOLIDITY * hull_before)
     # every label's box in one pass over the frame (one pass per folded particle grows as
     # the frame's pixels times its particles)
     boxes = ndi.find_objects(labels) if folded.any() else []
@@ -615,6 +660,361 @@ def _fill_gaps(r, known):
     rhs = (w * r) @ basis
     coef = np.linalg.solve(gram, rhs[..., None])[..., 0]
     return np.where(known, r, coef @ basis.T)
+
+
+# ---- the particle's own edge ------------------------------------------------------------
+# Where the image crosses "half contrast" is the edge of a flat particle (a cube seen face-on)
+# only. A sphere's projected thickness rises from zero as the square root of the depth below
+# its outline, so once blurred its edge lies well below half contrast, and the more so the
+# smaller the particle is next to the blur; a dense particle's bright-field shadow saturates
+# (Beer-Lambert) and sits in between. So the edge is fitted: the frame's pixels across each
+# outline, pooled per particle as a function of the distance along the outline's normal (with
+# the mean over its central disc as one more point), are matched by background + amplitude ×
+# (edge profile ⊛ blur), the profile moved by δ. The
+# profile is the particle's own: a flat body's step, or a curved convex body's thickness
+# ((d/R)(2 − d/R))^½ at depth d (R its half-width: a sphere's radius, a rod's half-width),
+# taken through the detector: linear for bright (dark-field) particles, 1 − exp(−κ·t/t_max)
+# for dark (bright-field) ones, κ from the particle's own deepest shadow. Flat or curved and
+# the frame's blur are chosen once per frame, on its particles pooled; δ per particle, kept
+# where its standard error is within _MAX_SHIFT_SE. Hollow particles are left as they were.
+_BAND_PX = 5  # samples reach this far either side of the outline (px)
+_BAND_BIN = 0.25  # bin width of the pooled profiles (px)
+_SHIFT_GRID = np.arange(-2.0, 2.0001, 0.2)  # δ tried (px); a best δ at either end is no fit
+_KAPPA_GRID = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0])
+_OPTICS_SIGMA = (0.0, 0.4, 0.7, 1.0, 1.4, 2.0, 2.8)  # the frame's blur tried (px)
+_FRAME_FIT_MAX = 32  # particles the frame's profile and blur are chosen on
+_REF_ANGLES = 64  # angles of the reference outline the samples' distances are taken from
+_PIXEL_VAR = 1.0 / 12  # variance of a pixel's own box (the detector integrates over it)
+_MAX_SHIFT_SE = 0.15  # px; a fitted δ less certain than this leaves the outline as it was
+_HOLLOW_Z = 3.0  # a contrast falling inwards by this many standard errors: hollow, not fitted
+
+
+def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, raw):
+    """Outward shift (px) of each outline ``r(θ)`` onto its particle's fitted edge.
+
+    Parameters
+    ----------
+    labels, smooth, raw : (M, N) ndarray
+        The label image, the smoothed frame (:func:`_edge_image`, for the band's noise) and
+        the frame itself: the profiles are fitted on its pixels, whose noise is independent
+        (the smoothed frame's is not, which would overweight the band against the centre).
+    ids, cy, cx : ndarray
+        Labels measured and every label's centroid.
+    seg : ndarray of int
+        Row in ``ids`` of each edge point; ``axes`` its inside pixel and outward unit step
+        (from :func:`_edge_points`).
+    groups : list of (int, ndarray, ndarray)
+        ``(m, rows, r)``: outlines ``r`` sampled at ``m`` regular angles from -π.
+    alone : ndarray of bool
+        Outlines that may be fitted (wholly facing the background).
+    core : (ndarray, ndarray)
+        Mean grey level over each particle's central disc (radius a quarter of its
+        equivalent radius: its deepest shadow in bright field) and that disc's pixels. It
+        takes part in the fit as one more point of the profile, at the body's full depth:
+        a curved body's centre stands well above its band, a flat one's does not, which
+        tells the two apart where the band alone cannot (a faint particle).
+
+    Returns
+    -------
+    shift : ndarray
+        Per row of ``ids``; 0 where not fitted.
+    fitted : ndarray of bool
+    """
+    k = len(ids)
+    shift, fitted = np.zeros(k), np.zeros(k, bool)
+    ri, ci, dr, dc = axes
+    pick = np.flatnonzero(alone[seg])
+    if not pick.size:
+        return shift, fitted
+    # reference outline of each fitted particle: its smallest radius (the body's half-width)
+    # and its perimeter
+    which = np.flatnonzero(alone)
+    q_of = np.full(k, -1)
+    q_of[which] = np.arange(which.size)
+    half_width, perimeter = np.zeros(which.size), np.zeros(which.size)
+    # each outline on _REF_ANGLES angles (a denoised outline is smooth at that spacing), with
+    # the cosine of its normal's lean from the ray, cos ψ = r / sqrt(r² + r'²) (a rod's sides)
+    ref = np.zeros((which.size, _REF_ANGLES), np.float32)
+    lean = np.ones((which.size, _REF_ANGLES), np.float32)
+    for m, sel, r in groups:
+        mine = alone[sel]
+        if not mine.any():
+            continue
+        rr = r[mine]
+        theta = np.linspace(-np.pi, np.pi, m, endpoint=False)
+        py, px = rr * np.sin(theta), rr * np.cos(theta)
+        q = q_of[sel[mine]]
+        perimeter[q] = np.hypot(np.roll(py, -1, 1) - py, np.roll(px, -1, 1) - px).sum(1)
+        half_width[q] = rr.min(1)
+        slope = (np.roll(rr, -1, 1) - np.roll(rr, 1, 1)) * (m / (4 * np.pi))
+        cos_psi = rr / np.maximum(np.hypot(rr, slope), 1e-9)
+        if m >= _REF_ANGLES:
+            ref[q], lean[q] = rr[:, ::m // _REF_ANGLES], cos_psi[:, ::m // _REF_ANGLES]
+        else:  # m = _REF_ANGLES / 2: halfway samples interpolated
+            ref[q, ::2], lean[q, ::2] = rr, cos_psi
+            ref[q, 1::2] = (rr + np.roll(rr, -1, 1)) / 2
+            lean[q, 1::2] = (cos_psi + np.roll(cos_psi, -1, 1)) / 2
+    # samples: pixels along each edge point's axis, inside the particle or in the background
+    steps = np.arange(-_BAND_PX + 1, _BAND_PX + 1)
+    p_seg = seg[pick]
+    h, w = labels.shape
+    rows = ri[pick, None] + dr[pick, None] * steps
+    cols = ci[pick, None] + dc[pick, None] * steps
+    ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    at = np.where(ok, rows * w + cols, 0)
+    lv = labels.ravel()[at]
+    ok &= np.where(steps <= 0, lv == ids[p_seg, None], lv == 0)
+    owner = np.broadcast_to(p_seg[:, None], rows.shape)[ok]
+    at = at[ok]
+    # offsets from the centroid, per edge point and step (no per-sample gathers)
+    y = (ri[pick] - cy[ids[p_seg]])[:, None] + dr[pick, None] * steps
+    x = (ci[pick] - cx[ids[p_seg]])[:, None] + dc[pick, None] * steps
+    # single precision: sub-pixel distances need no more, and it halves the time here
+    y, x = y[ok].astype(np.float32), x[ok].astype(np.float32)
+    rho = np.hypot(y, x)
+    t = np.arctan2(y, x)
+    t += np.float32(np.pi)
+    t *= np.float32(_REF_ANGLES / (2 * np.pi))
+    i0 = t.astype(np.int32)
+    t -= i0
+    q = q_of[owner]
+    base = q * _REF_ANGLES
+    i1 = base + ((i0 + 1) & (_REF_ANGLES - 1))
+    i0 = base + (i0 & (_REF_ANGLES - 1))
+    flat_ref = ref.ravel()
+    r0 = flat_ref[i0]
+    r_ref = r0 + (flat_ref[i1] - r0) * t
+    cos_psi = lean.ravel()[i0]
+    # distance from the outline along its normal, binned per particle
+    s = (rho - r_ref) * cos_psi
+    n_bins = int(round(2 * _BAND_PX / _BAND_BIN))
+    b = ((s + _BAND_PX) * (1 / _BAND_BIN)).astype(int)
+    use = (s > -_BAND_PX) & (b < n_bins)
+    flat = q[use] * n_bins + b[use]
+    size = which.size * n_bins
+    v = raw.ravel()[at[use]].astype(np.float64)
+    counts = np.bincount(flat, minlength=size).reshape(which.size, n_bins).astype(float)
+    sums = np.bincount(flat, v, size).reshape(which.size, n_bins)
+    squares = np.bincount(flat, v * v, size).reshape(which.size, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prof = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    centres = -_BAND_PX + (np.arange(n_bins) + 0.5) * _BAND_BIN
+    inside, outside = centres < 0, centres > 0
+    # enough of a profile on both sides of the outline to fit
+    usable = ((counts[:, centres < -1] > 0).sum(1) >= 4) \
+        & ((counts[:, centres > 1] > 0).sum(1) >= 4)
+    mean_in = sums[:, inside].sum(1) / np.maximum(counts[:, inside].sum(1), 1)
+    mean_out = sums[:, outside].sum(1) / np.maximum(counts[:, outside].sum(1), 1)
+    sign = np.sign(mean_in - mean_out)
+    # a hollow particle (a capsule) is no solid body: its edge is left as it was. Its centre,
+    # the hole, lies below the band's inner end, where a solid body's lies above (curved) or
+    # level with it (flat). Pixel noise from the scatter in the bins
+    scatter = np.maximum(squares - sums * prof, 0).sum(1)
+    noise = np.sqrt(scatter / np.maximum(counts.sum(1) - n_bins, 1))
+    deep = centres < -_BAND_PX + 1
+    n_deep = counts[:, deep].sum(1)
+    deep_mean = sign * sums[:, deep].sum(1) / np.maximum(n_deep, 1)
+    core_val = np.asarray(core[0], float)[which]
+    core_w = np.asarray(core[1], float)[which]  # its pixels, as the band's samples count
+    usable &= np.isfinite(core_val) & (core_w > 0)
+    dip = deep_mean - sign * core_val
+    dip_se = noise * np.sqrt(1 / np.maximum(n_deep, 1) + 1 / np.maximum(core_w, 1))
+    usable &= ~((n_deep > 0) & (dip > _HOLLOW_Z * dip_se))
+    if not usable.any():
+        return shift, fitted
+    # the detector: bright particles (dark-field) linear in thickness; dark ones cast a
+    # shadow 1 − exp(−κ t / t_max), κ from the particle's deepest shadow
+    bg = sums[:, centres > _BAND_PX - 1.5].sum(1) / np.maximum(
+        counts[:, centres > _BAND_PX - 1.5].sum(1), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shadow = np.clip(1 - core_val / bg, 0.0, 1 - np.exp(-_KAPPA_GRID[-1]))
+    kappa = np.where(sign < 0, -np.log1p(-shadow), 0.0)
+    kappa = np.where(np.isfinite(kappa), kappa, 0.0)
+    dome = 1 + np.argmin(np.abs(kappa[:, None] - _KAPPA_GRID[None, :]), axis=1)
+    # the central disc's radius in units of the half-width, and a sphere's mean thickness
+    # over it (relative to its centre's): (2 / 3a²)(1 − (1 − a²)^(3/2))
+    area = np.zeros(which.size)
+    area[:] = 0.5 * (ref.astype(float) ** 2).sum(1) * (2 * np.pi / _REF_ANGLES)
+    a2 = np.clip(0.0625 * area / np.pi / np.maximum(half_width, 1e-9) ** 2, 1e-6, 1.0)
+    mean_t = (2 / (3 * a2)) * (1 - (1 - a2) ** 1.5)
+    kap = _KAPPA_GRID[dome - 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dome_core = np.where(kap > 0, np.expm1(-kap * mean_t) / np.expm1(-kap), mean_t)
+    core_model = {0: np.ones(which.size), 1: dome_core}
+    # the frame's edge (flat or curved) and blur, on up to _FRAME_FIT_MAX of its particles
+    cand = np.flatnonzero(usable)
+    sub = cand[np.linspace(0, cand.size - 1, min(cand.size, _FRAME_FIT_MAX)).astype(int)]
+    best = (np.inf, None, 0.0)
+    sigmas = np.sqrt(np.square(_OPTICS_SIGMA) + _PIXEL_VAR)
+    for kind, shape in enumerate((np.zeros(which.size, int), dome)):
+        point = (core_val[sub], core_w[sub], core_model[kind][sub])
+        sse = _fit_edge(prof[sub], counts[sub], centres, half_width[sub], shape[sub],
+                        sigmas, shifts=_SHIFT_GRID[::2], core=point)[0]  # (Q, S)
+        total = np.where(np.isfinite(sse), sse, 0.0).sum(0)
+        i = int(np.argmin(total))
+        if total[i] < best[0]:
+            best = (total[i], kind, _vertex(sigmas, total, i))
+    _, kind, sig = best
+    shape = (np.zeros(which.size, int), dome)[kind]
+    point = (core_val[cand], core_w[cand], core_model[kind][cand])
+    _, delta, se, good = _fit_edge(prof[cand], counts[cand], centres, half_width[cand],
+                                   shape[cand], sig, core=point)
+    if kind == 1:
+        # a curved edge's profile scales with the body's half-width, which the reference
+        # outline gave δ off: once more with the half-width on the fitted edge
+        _, delta, se, good = _fit_edge(prof[cand], counts[cand], centres,
+                                       np.maximum(half_width[cand] + np.where(good, delta, 0),
+                                                  0.5), shape[cand], sig, core=point)
+    good &= se <= _MAX_SHIFT_SE
+    # the fit is 1-D across the edge; a curved edge blurred in 2-D reads σ²·κ/2 further in
+    # (κ its curvature), which averages to π·σ²/perimeter around a convex outline
+    delta = delta + np.pi * sig * sig / perimeter[cand]
+    rows_ids = which[cand[good]]
+    shift[rows_ids] = delta[good]
+    fitted[rows_ids] = True
+    return shift, fitted
+
+
+def _vertex(x, y, i):
+    """The minimum of the parabola through (x, y) at i − 1, i, i + 1, kept between them (x[i]
+    where i is at an end or the three points do not curve upwards)."""
+    if i == 0 or i == len(x) - 1:
+        return float(x[i])
+    (x0, x1, x2), (y0, y1, y2) = x[i - 1:i + 2], y[i - 1:i + 2]
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+    if not a > 0:
+        return float(x1)
+    return float(np.clip(-b / (2 * a), x0, x2))
+
+
+def _fit_edge(prof, counts, centres, half_width, shape, sigma, shifts=_SHIFT_GRID, core=None):
+    """Fit ``background + amplitude × edge(s − δ)`` to pooled edge profiles.
+
+    Parameters
+    ----------
+    prof, counts : (Q, B) ndarray
+        Mean frame value and sample count per bin of distance ``centres`` (px,
+        outwards) from each particle's reference outline.
+    half_width : (Q,) ndarray
+        The body's half-width (px), the R of a curved edge profile.
+    shape : (Q,) ndarray of int
+        Row of :func:`_edge_table`'s table: 0 flat, 1 + j curved with κ = ``_KAPPA_GRID[j]``.
+    sigma : float or (S,) ndarray
+        Total blur (px) of the frame (optics and the pixel's box); with an array every
+        result has a column per blur.
+
+    shifts : ndarray
+        The δ grid (px, evenly spaced).
+    core : tuple of (Q,) ndarray, optional
+        ``(value, weight, model)``: one more point per particle, its central disc, whose
+        model value does not depend on δ.
+
+    Returns
+    -------
+    sse : (Q,) ndarray
+        Weighted residual sum of squares at the best δ, at the parabola's vertex between
+        grid steps (inf where no δ fits).
+    delta, se : (Q,) ndarray
+        Outward shift of the edge from the reference outline (px), refined between grid
+        steps, and its standard error (from the residual and the curvature of the fit).
+    good : (Q,) ndarray of bool
+        Best δ inside the grid with an amplitude of the particle's contrast sign.
+    """
+    x_grid, rho_grid, table = _edge_table()
+    sig = np.atleast_1d(np.asarray(sigma, float))
+    n_sig, n_shift = sig.size, shifts.size
+    # every blur's δ grid side by side: (S·D) shifts
+    # half-width / σ between the table's rows, linearly in its logarithm: (Q, S)
+    pos = np.interp(np.log(half_width[:, None] / sig[None, :]), np.log(rho_grid),
+                    np.arange(rho_grid.size))
+    rho_i = np.minimum(pos.astype(int), rho_grid.size - 2)
+    rho_w = pos - rho_i
+    # depth / σ of each bin for each δ is the same for every particle: (S, D, B)
+    x = (shifts[None, :, None] - centres[None, None, :]) / sig[:, None, None]
+    t = np.clip((x - x_grid[0]) / (x_grid[1] - x_grid[0]), 0, x_grid.size - 1.001)
+    i0 = t.astype(int)
+    f = t - i0
+    model = np.empty((len(prof), n_sig, n_shift, centres.size))
+    for k in range(n_sig):
+        w = rho_w[:, k, None]
+        curves = table[shape, rho_i[:, k]] * (1 - w) + table[shape, rho_i[:, k] + 1] * w
+        model[:, k] = np.take(curves, i0[k], axis=1) * (1 - f[k])
+        model[:, k] += np.take(curves, i0[k] + 1, axis=1) * f[k]
+    model = model.reshape(len(prof), n_sig * n_shift, centres.size)
+    wy = counts * prof
+    sw = counts.sum(1)[:, None]
+    sy, syy = wy.sum(1)[:, None], (wy * prof).sum(1)[:, None]
+    sm = np.einsum("qb,qdb->qd", counts, model)
+    smy = np.einsum("qb,qdb->qd", wy, model)
+    smm = np.einsum("qb,qdb->qd", counts, model * model)
+    if core is not None:
+        cv, cw, cm = (np.asarray(a, float)[:, None] for a in core)
+        sw, sy, syy = sw + cw, sy + cw * cv, syy + cw * cv * cv
+        sm, smy, smm = sm + cw * cm, smy + cw * cm * cv, smm + cw * cm * cm
+    det = smm * sw - sm * sm
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp = (smy * sw - sm * sy) / det
+        off = (sy - amp * sm) / sw
+        sse = syy - amp * smy - off * sy
+    # the amplitude's sign is the particle's: its inner band against its outer one
+    inner = (counts * prof)[:, centres < 0].sum(1) / np.maximum(counts[:, centres < 0].sum(1), 1)
+    outer = (counts * prof)[:, centres > 0].sum(1) / np.maximum(counts[:, centres > 0].sum(1), 1)
+    sign = np.sign(inner - outer)
+    sse = np.where((det > 0) & (amp * sign[:, None] > 0) & np.isfinite(sse), sse, np.inf)
+    sse = sse.reshape(len(prof), n_sig, n_shift)
+    j = np.argmin(sse, axis=2)
+    q, k = np.indices(j.shape)
+    e0 = sse[q, k, j]
+    good = np.isfinite(e0) & (j > 0) & (j < n_shift - 1)
+    el = sse[q, k, np.clip(j - 1, 0, None)]
+    er = sse[q, k, np.clip(j + 1, None, n_shift - 1)]
+    step_px = shifts[1] - shifts[0]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        curv = el - 2 * e0 + er
+        # vertex of the parabola through the best grid point and its neighbours
+        step = 0.5 * (el - er) / curv
+        # SSE ≈ e0 + c (δ − δ̂)², c = curv / 2 step²; var δ̂ = residual variance / c
+        dof = np.maximum((counts > 0).sum(1) - 3, 1)[:, None]
+        se = np.sqrt(np.maximum(e0, 0) / dof / (curv / (2 * step_px ** 2)))
+    good &= np.isfinite(step) & (curv > 0)
+    step = np.where(good, np.clip(step, -0.5, 0.5), 0.0)
+    delta = shifts[j] + step * step_px
+    e0 = np.where(good, e0 - 0.25 * step * (el - er), e0)
+    se = np.where(good, se, np.inf)
+    if np.ndim(sigma) == 0:
+        return e0[:, 0], delta[:, 0], se[:, 0], good[:, 0]
+    return e0, delta, se, good
+
+
+@functools.lru_cache(maxsize=1)
+def _edge_table():
+    """Blurred edge profiles against depth / σ (negative outside the particle), for each
+    half-width / σ on a log grid: row 0 a flat body's step, row 1 + j a curved body's
+    thickness (u (2 − u))^½ (u = depth / half-width, at most 1) through the detector,
+    1 − exp(−κ t) normalised (κ = ``_KAPPA_GRID[j]``, 0 linear), each convolved with a unit
+    Gaussian.
+
+    Returns
+    -------
+    x_grid : (X,) ndarray
+    rho_grid : (P,) ndarray
+    table : (1 + len(_KAPPA_GRID), P, X) ndarray
+    """
+    # depths / σ reach (band + largest shift) / smallest blur, and the Gaussian 6 beyond
+    reach = (_BAND_PX + _SHIFT_GRID[-1]) / np.sqrt(_OPTICS_SIGMA[0] ** 2 + _PIXEL_VAR)
+    h = 0.04
+    y = (np.arange(int((reach + 6) / h)) + 0.5) * h  # depth / σ inside the particle
+    x_grid = np.arange(-reach, reach + h / 2, h)
+    rho_grid = np.geomspace(0.5, 100.0, 40)
+    kernel = np.exp(-0.5 * (x_grid[:, None] - y[None, :]) ** 2) * (h / np.sqrt(2 * np.pi))
+    u = np.minimum(y[None, :] / rho_grid[:, None], 1.0)
+    thick = np.sqrt(u * (2 - u))
+    rows = [np.ones_like(thick)]
+    for kappa in _KAPPA_GRID:
+        rows.append(thick if kappa == 0 else -np.expm1(-kappa * thick) / -np.expm1(-kappa))
+    return x_grid, rho_grid, np.stack([r @ kernel.T for r in rows])
 
 
 _MIN_FREE = 0.3  # share of an outline that must face the background to reconstruct the rest
@@ -865,8 +1265,9 @@ def _background_map(labels, image, areas):
         vsum = np.where(clear, blocks(np.where(finite, image, 0)), 0.0)
     radius = np.sqrt(np.median(areas[areas > 0]) / np.pi) if np.any(areas > 0) else 4.0
     sigma = max(2.0, 2.0 * radius / b)
-    num = ndi.gaussian_filter(vsum, sigma, mode="nearest")
-    den = ndi.gaussian_filter(wsum, sigma, mode="nearest")
+    # truncated at 3σ (not 4σ): the weights left out are 0.3% and cancel in num / den
+    num = ndi.gaussian_filter(vsum, sigma, mode="nearest", truncate=3.0)
+    den = ndi.gaussian_filter(wsum, sigma, mode="nearest", truncate=3.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         level = np.where(den > 0.05 * b * b, num / den, np.nan)
 
