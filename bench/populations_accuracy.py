@@ -9,7 +9,8 @@ touching the frame edge, per true population):
 
 * ``pops``: populations found (outliers not counted);
 * per population: mean ECD (the summary's size basis) vs the true mean of the matched true
-  population, and its fraction (fraction basis) vs the true number fraction;
+  population, and its fraction (fraction basis, crowding-corrected) and interval vs the true
+  number fraction, with the uncorrected untouched fraction of the same session beside it;
 * ``out``: outlier share of all particles, and separately of the particles that stood alone
   (``iso``) and of those split from touching groups (``split``);
 * ``truth (alone)``: the true mean and fraction of the particles that touch no other (what
@@ -32,7 +33,11 @@ Usage::
 
     python bench/populations_accuracy.py [--samples au10,ps-bimodal] [--detectors bf,haadf]
         [--frames 10] [--size 2048] [--methods auto,kmeans,dbscan,optics] [--seed 1]
-        [--precision 0.01] [--tables KEY]
+        [--precision 0.01] [--density any] [--tables KEY]
+
+``--density sparse,medium,dense`` takes the fields from those density classes of the
+specimen (``DENSITIES``), one session per class and one over all classes interleaved;
+``--samples au-bimodal`` is a third two-population mix (``EXTRA_SAMPLES``).
 
 ``--tables KEY`` evaluates tables analysed earlier (to compare populations/statistics
 changes on the same tables while the analysis sources change).
@@ -224,10 +229,10 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
         np.zeros(len(labels), bool)
     pops = s["populations"]
     matched = match(pops, truth)
-    # the same session's fractions with the crowding correction (off by default)
+    # the same session's fractions without the crowding correction (plain untouched counts)
     codes = np.unique(rs.table["frame"], return_inverse=True)[1]
     crowd = summarize(rs.table, labels, frames_ok=rs.n_frames, frames_failed=0,
-                      precision=precision, frames=codes, fraction_crowding=True)
+                      precision=precision, frames=codes, fraction_crowding=False)
     crowd_f = {p["id"]: (p["fraction"], p["fraction_ci95"]) for p in crowd["populations"]}
     n = max(len(labels), 1)
     out_iso = np.mean(labels[~sep] < 0) if (~sep).any() else np.nan
@@ -245,7 +250,7 @@ def report(sample, detector, method, tables, truths, *, precision, seed):
                      f"({p['mean_ecd_nm'] / t['mean'] - 1:+6.2%})  "
                      f"f {p['fraction']:.3f}/{t['fraction']:.3f} "
                      f"({(p['fraction'] - t['fraction']) * 100:+5.1f} pt) "
-                     f"[{p['fraction_ci95'][0]:.3f}-{p['fraction_ci95'][1]:.3f}]; crowding "
+                     f"[{p['fraction_ci95'][0]:.3f}-{p['fraction_ci95'][1]:.3f}]; uncorrected "
                      f"{(crowd_f[p['id']][0] - t['fraction']) * 100:+5.1f} pt "
                      f"[{crowd_f[p['id']][1][0]:.3f}-{crowd_f[p['id']][1][1]:.3f}]  "
                      f"ci ±{p['ci95_rel'] * 100:.2f}%  aspect {p['mean_aspect_ratio']:.2f}")

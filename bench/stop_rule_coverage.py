@@ -31,8 +31,8 @@ with probability ``1 − exp(−x·A/Ā)`` (``A`` its excluded area, ``π·E(r +
 frame's particles, ``x`` the frame's crowding, proportional to its particle count), so large
 particles touch more often; ``random`` touches the same share of particles whatever their
 size (as the simulator's agglomerates pick their members); split pieces always touch.
-``--crowding on`` judges the fractions' crowding correction (``fraction_crowding``) instead of
-the plain untouched counts.
+``--crowding off`` judges the plain untouched counts instead of the fractions' crowding
+correction (``fraction_crowding``, on by default).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ RULES = {
 
 
 def run_session(name, seed, *, precision, frame_sd, truth_simulator=False, rules=("bound90",),
-                touching=None, crowding=False):
+                touching=None, crowding=True):
     """One sequential session judged by every rule in ``rules`` at once.
 
     The particles, labels and refits are shared (they do not depend on the rule); each rule
@@ -289,7 +289,7 @@ def main(argv=None):
                         help=f"stop-rule variants to compare ({', '.join(RULES)})")
     parser.add_argument("--touching", choices=("exclusion", "random"), default=None,
                         help="add a touching column (size-dependent or not)")
-    parser.add_argument("--crowding", choices=("on", "off"), default="off",
+    parser.add_argument("--crowding", choices=("on", "off"), default="on",
                         help="the fractions' crowding correction (with --touching)")
     parser.add_argument("--truth-simulator", action="store_true",
                         help="draw true particles from the simulator's specimen")

@@ -55,7 +55,7 @@ def test_fractions_are_counted_on_particles_that_touch_nothing():
     table, labels = _mixture_with_hidden_partners(rng, 2000)
     frames = rng.integers(0, 20, len(labels))
     s = summarize(table, labels, frames_ok=20, frames_failed=0, frames=frames,
-                  fraction_crowding=False)
+                  fraction_crowding=False)  # the basis alone
     assert s["fraction_basis"] == "untouched"
     assert abs(s["populations"][0]["fraction"] - 0.5) < 0.03
     # with the crowding correction (frames alike here) the interval still holds the truth
@@ -172,8 +172,8 @@ def test_crowding_correction_removes_the_size_bias_of_untouched_counts():
     table, truth = _poisson_frames(rng, 40)
     labels = (table["ecd_nm"] > 82.5).astype(int)
     kw = dict(frames_ok=40, frames_failed=0)
-    plain = summarize(table, labels, **kw)["populations"][0]  # the default: plain counts
-    fixed = summarize(table, labels, fraction_crowding=True, **kw)["populations"][0]
+    plain = summarize(table, labels, fraction_crowding=False, **kw)["populations"][0]
+    fixed = summarize(table, labels, **kw)["populations"][0]  # the default: corrected
     assert plain["fraction"] - truth > 0.05
     assert not plain["fraction_ci95"][0] <= truth <= plain["fraction_ci95"][1]
     # one session: the correction's own noise is ~2 points (half-width ~4.5)
@@ -184,7 +184,8 @@ def test_crowding_correction_removes_the_size_bias_of_untouched_counts():
 def _specimen_frames(sample, *, n_frames, seed, margin_px=3.5):
     """The simulator's own particles (true outlines, no image) over 1024² record fields at
     random occupied positions: ``touching`` when two outlines come within ``margin_px``
-    (the pipeline's margin), frame-edge particles dropped. Returns the table (with the true
+    (the pipeline's margin), ``separated`` when they come within a pixel (one region,
+    split by separation), frame-edge particles dropped. Returns the table (with the true
     ``population``) and the true population shares."""
     from particlewatch.simulators.specimen import Specimen
     from particlewatch.simulators.truth import overlapping_pairs
@@ -202,34 +203,34 @@ def _specimen_frames(sample, *, n_frames, seed, margin_px=3.5):
             continue
         touch = np.zeros(n, bool)
         touch[overlapping_pairs(t, gap_nm=margin_px * pix).ravel()] = True
+        # outlines closer than a pixel merge into one region, which separation splits
+        merged = np.zeros(n, bool)
+        merged[overlapping_pairs(t, gap_nm=pix).ravel()] = True
         inside = ((t["x_nm"] - t["hx_nm"] > x0) & (t["x_nm"] + t["hx_nm"] < x0 + side)
                   & (t["y_nm"] - t["hy_nm"] > y0) & (t["y_nm"] + t["hy_nm"] < y0 + side))
         k = int(inside.sum())
         parts.append({"ecd_nm": t["ecd_nm"][inside], "population": t["population"][inside],
-                      "separated": np.zeros(k, bool), "touching": touch[inside],
+                      "separated": merged[inside], "touching": touch[inside],
                       "frame": np.full(k, len(parts))})
     table = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     return table, np.bincount(table["population"]) / len(table["population"])
 
 
 @pytest.mark.parametrize("sample", ["ps-bimodal", "spheres-rods"])
-def test_untouched_counts_on_the_simulators_touching(sample):
+def test_fractions_on_the_simulators_touching(sample):
     # with true outlines, counting untouched particles is nearly unbiased on the simulator's
     # frames (its agglomerates pick their members whatever their size; singles are spread
-    # out, so chance contacts are few): four sessions of 40 fields, each within 3 points
-    # and inside its interval. The crowding correction, off by default, must keep the
-    # truth inside its (wider) interval in at least three (two misses in four: 1.4%).
-    covered = 0
+    # out, so chance contacts are few), and the crowding correction must keep it so: four
+    # sessions of 40 fields, each within 3 points of the truth and inside its interval,
+    # with and without the correction
     for seed in (1, 2, 3, 4):
         table, truth = _specimen_frames(sample, n_frames=40, seed=seed)
         labels = table.pop("population")
-        s = summarize(table, labels, frames_ok=40, frames_failed=0)
-        assert s["fraction_basis"] == "untouched"
-        p = s["populations"][0]
-        f = truth[p["id"]]
-        assert abs(p["fraction"] - f) < 0.03
-        assert p["fraction_ci95"][0] <= f <= p["fraction_ci95"][1]
-        c = summarize(table, labels, frames_ok=40, frames_failed=0,
-                      fraction_crowding=True)["populations"][0]
-        covered += c["fraction_ci95"][0] <= f <= c["fraction_ci95"][1]
-    assert covered >= 3
+        for crowding in (True, False):
+            s = summarize(table, labels, frames_ok=40, frames_failed=0,
+                          fraction_crowding=crowding)
+            assert s["fraction_basis"] == "untouched"
+            p = s["populations"][0]
+            f = truth[p["id"]]
+            assert abs(p["fraction"] - f) < 0.03
+            assert p["fraction_ci95"][0] <= f <= p["fraction_ci95"][1]
