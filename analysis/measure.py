@@ -723,7 +723,11 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     k = len(ids)
     shift, fitted = np.zeros(k), np.zeros(k, bool)
     ri, ci, dr, dc = axes
-    pick = np.flatnonzero(alone[seg])
+    # edges whose axis runs within 45° of the ray from the centroid: their pixels run across
+    # the outline (an oblique axis mostly meets pixels the others sample already)
+    ey = ri + 0.5 * dr - cy[ids[seg]]
+    ex = ci + 0.5 * dc - cx[ids[seg]]
+    pick = np.flatnonzero(alone[seg] & (2 * (dr * ey + dc * ex) ** 2 >= ey * ey + ex * ex))
     if not pick.size:
         return shift, fitted
     # reference outline of each fitted particle: its smallest radius (the body's half-width)

@@ -37,8 +37,9 @@ def _thickness(shape, centres, radii, kind):
     return t.reshape(h, _SUB, w, _SUB).mean(axis=(1, 3))
 
 
-def _frame(kind, detector, *, label_offset, blur=0.8, seed=0):
-    """(image, labels, true radii): four bodies of radius 8-14 px in a 160² frame."""
+def _frame(kind, detector, *, label_offset, blur=0.8, seed=0, dose=1.0):
+    """(image, labels, true radii): four bodies of radius 8-14 px in a 160² frame
+    (``dose`` scales the counts)."""
     rng = np.random.default_rng(seed)
     centres = [(40.3, 42.6), (41.7, 118.2), (117.4, 39.1), (119.9, 121.5)]
     radii = [8.2, 10.7, 12.4, 14.1]
@@ -47,7 +48,7 @@ def _frame(kind, detector, *, label_offset, blur=0.8, seed=0):
         expected = 200.0 + ndi.gaussian_filter(6.0 * t, blur)
     else:  # an absorbing particle: its shadow 1 − exp(−t / λ) is what the optics blurs
         expected = 800.0 * (1 - ndi.gaussian_filter(-np.expm1(-t / 12.0), blur))
-    image = rng.poisson(expected).astype(np.float32)
+    image = rng.poisson(dose * expected).astype(np.float32)
     yy, xx = np.indices(image.shape)
     labels = np.zeros(image.shape, np.int32)
     for k, ((cy, cx), r) in enumerate(zip(centres, radii), start=1):
@@ -70,9 +71,13 @@ def test_outline_sits_on_the_bodys_own_edge(kind, detector, label_offset):
 @pytest.mark.parametrize("blur", [0.5, 1.5])
 def test_edge_follows_the_frames_blur(blur):
     # the blur is the frame's, not a constant: a sphere's edge lies lower on a blurred profile
-    image, labels, radii = _frame("sphere", "haadf", label_offset=0.0, blur=blur, seed=1)
+    # (at 4× the dose: a small sphere's edge fitted on a 1.5 px blur is otherwise not certain
+    # enough to be kept, and its outline stays where the labels put it)
+    image, labels, radii = _frame("sphere", "haadf", label_offset=-0.7, blur=blur, seed=1,
+                                  dose=4.0)
     err = measure(labels, image, 1.0)["ecd_nm"] / (2 * radii) - 1
-    assert np.all(np.abs(err) < 0.015), err
+    assert np.all(np.abs(err) < 0.02), err
+    assert abs(np.median(err)) < 0.01, err
 
 
 def test_hollow_shells_are_not_fitted_as_solid_bodies():
