@@ -230,7 +230,12 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
     """
     import zmq
 
-    analyze = analyze or default_analyze
+    if analyze is None:
+        # import the analysis before saying hello (0.5-1 s of CPU): the first frame's
+        # latency and the daemon's throughput figures then count analysis only
+        from ..analysis import pipeline as _pipeline, strips as _strips  # noqa: F401
+
+        analyze = default_analyze
     ctx = context or zmq.Context()
     worker_id = f"{_socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
     tasks = ctx.socket(zmq.PULL)
