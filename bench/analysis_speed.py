@@ -13,8 +13,9 @@ Prints, for each sample:
    CPU figures and the ratios within one run do not).
 
 The goal of issue 4 is ≥ 30,000 particles/min on the 2-core machine (the daemon, 2 workers).
-Run ``python bench/analysis_speed.py`` (au10 and ps-bimodal, ~10 min on a quiet 2-core
-machine) or ``--quick`` (one sample, 2 frames per figure, ~3 min). ``--folder DIR`` times the
+Run ``python bench/analysis_speed.py`` (au10 and ps-bimodal: 32 min at load 5, about half
+that on a quiet 2-core machine) or ``--quick`` (au10, 2 frames per figure, 4 in the daemon:
+5 min at load 5, 150 CPU-seconds, so under 3 min quiet). ``--folder DIR`` times the
 daemon on your own frames instead (MRC/TIFF/... with their ``.mdoc``). The frames come from the
 simulator; rendering time is not counted.
 """
