@@ -81,6 +81,12 @@ _REST_DEPTH_PX = 2.0
 _CONVEX_PX = 1.5
 _MIN_ASPECT = 2.0
 _MIN_RODS = 5
+# A rod longer than this many times the frame's typical length is two rods end to end (or
+# overlapping along one line): a monodisperse sample's rods (CV ~10%) are never 5 SD long.
+_TOO_LONG = 1.5
+# Where the region's depth along such a rod's axis dips below this share of the radius, two
+# caps meet (the neck of rods touching end to end): they are cut there.
+_NECK = 0.8
 _MIN_RADIUS_PX = 1.5  # split_rods needs a radius above 1 px and room for its tolerances
 _CAP = 1.0 - np.pi / 4  # a stadium's area is w·L - (1 - π/4)·w² (L tip to tip)
 
@@ -466,6 +472,46 @@ def _hidden_ends(pts, a, b, rho, length_px):
     return a + ea * d, a + eb * d
 
 
+
+def _collinear_pair(a, b, rho, depth, length_px):
+    """Two rods for one fitted rod too long to be one: rods end to end or overlapping in line.
+
+    ``a``, ``b``, ``rho`` are the fitted axis end points and radius; ``depth`` the region's
+    distance transform. Where the depth along the axis dips below :data:`_NECK` of the radius
+    away from the caps, two end caps meet (the neck of rods touching end to end): each rod
+    runs from its own tip to the neck. Without a neck (ends overlapping by more than about a
+    radius) each rod has the frame's typical length ``length_px`` from its own visible tip,
+    and at least half the whole (together they cover it).
+
+    Returns
+    -------
+    list of (ndarray, ndarray)
+        The two rods' axis end points, or ``[(a, b)]`` when the rod is not too long.
+    """
+    ab = b - a
+    axis = float(np.hypot(*ab))
+    whole = axis + 2 * rho
+    if length_px is None or whole <= _TOO_LONG * length_px or axis < 1e-6:
+        return [(a, b)]
+    d = ab / axis
+    # the depth along the axis, one sample a pixel, off the caps (a cap's depth falls anyway)
+    s = np.arange(rho, axis - rho + 1e-9, 1.0)
+    if len(s):
+        pts = a + s[:, None] * d
+        rc = np.clip(np.round(pts).astype(int), 0, np.array(depth.shape) - 1)
+        prof = ndi.gaussian_filter1d(depth[rc[:, 0], rc[:, 1]], 1.0)
+        k = int(np.argmin(prof))
+    if len(s) and prof[k] < _NECK * rho:
+        cut = float(s[k])
+        # each rod's tip at the neck: its axis end a radius back (never past its own start)
+        ends = [(0.0, max(cut - rho, 0.0)), (min(cut + rho, axis), axis)]
+    else:
+        # tip to tip: the typical length, at least half the whole, at most all of it
+        span = float(np.clip(length_px, whole / 2, whole)) - 2 * rho
+        ends = [(0.0, max(span, 0.0)), (max(axis - span, 0.0), axis)]
+    return [(a + e0 * d, a + e1 * d) for e0, e1 in ends]
+
+
 def _model_outline(a, b, rho):
     """Points (about 1 px apart) on the outline of the stadium of radius ``rho`` about a–b."""
     ab = b - a
@@ -700,10 +746,15 @@ def split_rods(mask, radius_px, *, length_px=None, min_px=30):
     near = dev <= np.maximum(tol, _RADIUS_TOL_FRAC * radii)[:, None]
     near &= done | (np.hypot(*(axes[:, 1] - axes[:, 0]).T) < radii)[:, None]
     mine = np.where(near.any(axis=0), np.argmin(np.where(near, dev, np.inf), axis=0), -1)
+    fitted, fitted_r = [], []
     for k in range(len(picked)):
         pa, pb, rho = _fit_rod(outline[mine == k], axes[k, 0], axes[k, 1], radii[k])
-        axes[k] = _hidden_ends(outline[mine == k], pa, pb, rho, length_px)
-        radii[k] = rho
+        pa, pb = _hidden_ends(outline[mine == k], pa, pb, rho, length_px)
+        # one axis along two rods in line (end to end, or ends overlapping): two rods
+        for ends in _collinear_pair(pa, pb, rho, depth, length_px):
+            fitted.append(np.stack(ends))
+            fitted_r.append(rho)
+    axes, radii = np.array(fitted, float).reshape(-1, 2, 2), np.array(fitted_r, float)
     # a rod is as wide as the frame's rods (within the tolerances, half a pixel for the fit);
     # a wider piece is kept only when round (axis shorter than its radius): a sphere touching
     # the rods, fitted by its own outline. An elongated wide one is a slab of rods or a fit
@@ -807,7 +858,9 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30,
         # one particle: handed to rods only when too thick for one rod (side by side)
         depth = ndi.distance_transform_edt(np.pad(mask, 1))
         r = float(radius_px)
-        if depth.max() <= r + 0.25 + max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r):
+        if depth.max() <= r + 0.25 + max(_RADIUS_TOL_PX, _RADIUS_TOL_FRAC * r) and not (
+                _too_long(mask, length_px)):
+            # (one rod thick, but too long for one: rods end to end, handed on)
             return None
         # ... and not round: a sphere is no slab of rods (separate's edge-count roundness;
         # two rods side by side score ~0.7)
@@ -831,6 +884,25 @@ def rods_instead(mask, radius_px, *, pieces, rest, length_px=None, min_px=30,
     if len(split.pieces) >= 2 and not split.rest and split.explained >= _REPLACE_EXPLAINED:
         return split
     return None
+
+
+
+def _too_long(mask, length_px):
+    """Whether the region's caliper length exceeds :data:`_TOO_LONG` typical rod lengths."""
+    if length_px is None:
+        return False
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    limit = _TOO_LONG * float(length_px)
+    # the box's diagonal bounds the caliper: most regions stop here
+    if np.hypot(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) <= limit:
+        return False
+    pts = _boundary(mask).astype(float)
+    try:
+        v = pts[ConvexHull(pts).vertices]
+    except (QhullError, ValueError):
+        return False
+    # pixel centres: the pixels' own caliper is about one pixel more (as rod_geometry_px)
+    return float(np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1)).max()) + 1.0 > limit
 
 
 def rods_and_discs(mask, radius_px, *, fit_disc, length_px=None, min_px=30, max_discs=3):

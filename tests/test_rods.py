@@ -331,3 +331,40 @@ def test_spheres_touching_rods_come_out_as_a_sphere_and_a_rod(monkeypatch):
     alone, _ = _sphere_rod_pairs_split_right(frames, 0.1)
     # (a few pairs overlap too deeply for any shape split; most must come out right)
     assert right >= 0.5 * total and right > alone, (right, alone, total)
+
+
+@pytest.mark.parametrize("angle", [0, 27, 90])
+def test_rods_end_to_end_are_two_rods_cut_at_the_neck(angle):
+    # two 52 px rods whose caps overlap by 2 px: one straight region 102 px long, which one
+    # axis runs through (UECS leaves it whole when the neck is shallow)
+    c = np.array([60.0, 70.0])
+    d = np.array([np.sin(np.deg2rad(angle)), np.cos(np.deg2rad(angle))])
+    rods = [_rod(c - d * 25.0, angle, 40, 6.0), _rod(c + d * 25.0, angle, 40, 6.0)]
+    mask = _stadium(*rods[0]) | _stadium(*rods[1])
+    split = rods_instead(mask, 6.2, pieces=[mask], rest=[], length_px=52.0)
+    assert split is not None and len(split.pieces) == 2 and split.rest == []
+    # lengths tip to tip; radii: the drawn edge (pixel centres within 6) lies 6 to 6.5 out
+    # depending on the angle
+    err = _match(split, rods)
+    assert np.all(np.abs(err[:, 0]) < 0.04), err
+    assert np.all(np.abs(split.radii - 6.25) < 0.5), split.radii
+    # without the frame's rod length a long straight region is no pair of rods
+    assert rods_instead(mask, 6.2, pieces=[mask], rest=[]) is None
+
+
+def test_rods_overlapping_in_line_keep_the_typical_length_from_each_tip():
+    # ends overlapping by 20 px (no neck): each rod's visible tip and the typical length
+    rods = [_rod((60.0, 35.0), 0, 40, 6.0), _rod((60.0, 67.0), 0, 40, 6.0)]
+    mask = _stadium(*rods[0]) | _stadium(*rods[1])
+    split = split_rods(mask, 6.2, length_px=52.0)
+    assert split is not None and len(split.pieces) == 2
+    # lengths tip to tip; radii: the drawn edge (pixel centres within 6) lies 6 to 6.5 out
+    # depending on the angle
+    err = _match(split, rods)
+    assert np.all(np.abs(err[:, 0]) < 0.04), err
+    assert np.all(np.abs(split.radii - 6.25) < 0.5), split.radii
+    # one rod of the typical length stays one rod
+    one = _stadium(*_rod((60.0, 70.0), 0, 40, 6.0))
+    assert rods_instead(one, 6.2, pieces=[one], rest=[], length_px=52.0) is None
+    split = split_rods(one, 6.2, length_px=52.0)
+    assert split is not None and len(split.pieces) == 1
