@@ -640,13 +640,14 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
         # the fillets: where no pixel is, none can be added (the usual case, checked without
         # the parts); fewer pixels left than one more part needs cannot add one either
         n_left = np.count_nonzero(left)
-        islands = _deep_islands(left) if n_left >= min_marker_px else 0
+        deep = _deep_pixels(left) if n_left >= min_marker_px else None
+        islands = ndi.label(deep)[1] if deep is not None and deep.any() else 0
         if islands:
             if unexplained is None:  # (the pieces as they came: none replaced before this)
-                unexplained = len(_unexplained(mask & ~np.any(pieces, axis=0), min_marker_px))
+                unexplained = _count_unexplained(mask & ~np.any(pieces, axis=0), min_marker_px)
             # each part holds its own island of deep pixels: no more parts than islands
             if (islands > unexplained and n_left >= (unexplained + 1) * min_marker_px
-                    and len(unexplained_boxes(left, min_marker_px)) > unexplained):
+                    and _count_unexplained(left, min_marker_px, deep) > unexplained):
                 continue
         pieces[i], scores[i] = piece, score
     return pieces, scores
@@ -669,14 +670,34 @@ def _has_deep_pixel(rest):
     return bool(ndi.binary_erosion(rest, _REST_DISC, border_value=0).any())
 
 
-def _deep_islands(rest):
-    """Connected sets of the pixels deeper than ``rods._REST_DEPTH_PX`` in ``rest``.
+def _deep_pixels(rest):
+    """The pixels deeper than ``rods._REST_DEPTH_PX`` in ``rest`` (outside it and the array).
 
     Every part :func:`.rods.unexplained_boxes` boxes holds at least one of them, and no two
-    parts share one: their number bounds the number of boxes from above.
+    parts share one: their connected sets (islands) bound the number of boxes from above.
+    A pixel's distance to the nearest pixel off ``rest`` exceeds the depth exactly when every
+    pixel of the disc of that radius around it is in ``rest`` (squared distances are whole
+    numbers): the erosion by that disc.
     """
-    deep = ndi.binary_erosion(rest, _REST_DISC, border_value=0)
-    return ndi.label(deep)[1] if deep.any() else 0
+    return ndi.binary_erosion(rest, _REST_DISC, border_value=0)
+
+
+def _count_unexplained(rest, min_px, deep=None):
+    """``len(rods.unexplained_boxes(rest, min_px))``: the parts of ``rest`` (4-connected)
+    of at least ``min_px`` pixels that hold a pixel of ``deep`` (:func:`_deep_pixels`, of
+    ``rest`` when not given). One labelling and two bincounts instead of the boxes' distance
+    transform, per-part maxima and bounding boxes, where only their number is needed.
+    """
+    if np.count_nonzero(rest) < min_px:
+        return 0
+    if deep is None:
+        deep = _deep_pixels(rest)
+    if not deep.any():
+        return 0
+    lab, n = ndi.label(rest)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    holds = np.bincount(lab[deep], minlength=n + 1) > 0
+    return int(np.count_nonzero((sizes[1:] >= min_px) & holds[1:]))
 
 
 def _unexplained(rest, min_px):
