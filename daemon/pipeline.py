@@ -1002,9 +1002,17 @@ class Daemon:
         task_id, worker_id = raw.get("task_id"), raw.get("worker")
         if isinstance(worker_id, str) and worker_id in self._workers_seen:
             self._workers_seen[worker_id].task = None
-        if isinstance(task_id, str) and task_id in self._in_flight:
-            who = f"worker {worker_id}" if isinstance(worker_id, str) else "a worker"
-            self._task_failed(task_id, f"{who} sent an invalid result: {exc}")
+        task = self._in_flight.get(task_id) if isinstance(task_id, str) else None
+        if task is None:
+            return
+        if (raw.get("name"), raw.get("sha256")) != (task.name, task.sha256):
+            # as for a valid result: a message that names another frame (or none) fails no
+            # frame on its say-so
+            log.warning("invalid result for task %s names %r, not %s: no frame failed",
+                        task_id, raw.get("name"), task.name)
+            return
+        who = f"worker {worker_id}" if isinstance(worker_id, str) else "a worker"
+        self._task_failed(task_id, f"{who} sent an invalid result: {exc}")
 
     def _task_failed(self, task_id: str, why: str) -> None:
         """Task ``task_id`` will bring no usable result: a whole frame is recorded failed

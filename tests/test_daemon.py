@@ -448,6 +448,28 @@ def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs):
         ("frame_00001", "ok", "2")]
 
 
+def test_an_invalid_result_naming_another_frame_fails_no_frame(dirs):
+    # A malformed result is believed only for the frame it names, as a valid one is: a
+    # buggy worker's garbage must not fail a frame that another result then finishes.
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0, 11.0])
+    daemon = Daemon(folder, out, **{**FAST, "workers": 0}).start()
+    worker = HandWorker(daemon, "hand:1:1")
+    try:
+        header = worker.take(20)
+        worker.send("started", task_id=header["task_id"], name=header["name"])
+        worker.send("result", task_id=header["task_id"], name="frame_09999.mrc",
+                    sha256=header["sha256"], result={"status": "ok", "particles": "none"})
+        time.sleep(0.5)  # the bad message is handled before the good one either way
+        worker.answer(header)
+        assert daemon.wait_idle(20, frames=1)
+    finally:
+        daemon.stop()
+        worker.close()
+    assert [(r["frame"], r["status"], r["particles"]) for r in rows(out / "frames.csv")] == [
+        ("frame_00001", "ok", "2")]
+
+
 def test_a_task_the_worker_cannot_read_is_answered_failed_not_waited_for(dirs):
     # A worker of another version refuses the task: it now says so, and the frame is
     # recorded failed with the worker's reason (before: no answer, task_timeout_s x 3).
