@@ -13,8 +13,9 @@ agglomerate, median |length| and |width| error of the members of split rod pairs
 particles over-split or lost, agglomerate count, regions handed to rods, and the hook's CPU
 ms / frame. ``split*``: pairs split when the rods are measured from their masks as they are
 (measure's free-outline rebuild cuts a rod whose end lies under its neighbour short).
+``--rev REV`` compares rods.py at a git revision with the working tree instead.
 Run ``python bench/rods_accuracy.py [--samples au-rods,spheres-rods] [--variants
-default,bf,d0.25] [--pairs 60] [--size 1024]``.
+default,bf,d0.25] [--pairs 60] [--size 1024] [--rev REV]``.
 """
 
 from __future__ import annotations
@@ -169,7 +170,14 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=0.05)
     parser.add_argument("--segment-rev", default=None,
                         help="segment with analysis/segment.py as it was at this git revision")
+    parser.add_argument("--rev", default=None,
+                        help="compare analysis/rods.py at this git revision ('then') with the "
+                        "working tree ('now') instead of no hook with the hook")
     args = parser.parse_args(argv)
+    hooks = ((None, "no"), (rods_module, "yes"))
+    if args.rev:
+        from separate_speed import module_at  # bench/ is on the path
+        hooks = ((module_at(args.rev, "analysis/rods.py"), "then"), (rods_module, "now"))
     if args.segment_rev:
         use_segment_at(args.segment_rev)
     print(f"frames: simulator {sim_tag()}, segmentation {seg_tag()}; pair split: both ECDs "
@@ -188,11 +196,11 @@ def main(argv=None):
                                 detector=detector, dose=dose)
             name = sample + (f" {detector}" if detector else "") + (
                 f" x{dose:g}" if dose != 1 else "")
-            for hook in (None, rods_module):
+            for hook, tag in hooks:
                 t, e = run(frames, args.tol, hook)
                 n = max(t["pairs"], 1)
                 med = np.median(e, axis=0) * 100 if len(e) else np.full(2, np.nan)
-                print(f"{name:24} {'yes' if hook else 'no':>4} {t['pairs']:>5d} "
+                print(f"{name:24} {tag:>4} {t['pairs']:>5d} "
                       f"{t['split'] / n:>6.2f} {t['split_alone'] / n:>6.2f} "
                       f"{t['merged_pair'] / n:>6.2f} "
                       f"{t['agglo_pair'] / n:>6.2f} {med[0]:>5.1f}% {med[1]:>5.1f}% "
