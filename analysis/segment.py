@@ -1630,7 +1630,7 @@ def _refine_edges(labels, smooth, raw, valid, *, sigma, noise, outline_sigma=Non
             outline_sigma=outline_sigma)
     by_level = np.isfinite(level) & (level - base > _LEVEL_NOISE * noise)
     px_level = _member_levels(labels, px, owner, rho, level, base, shift,
-                              by_level & round_ & ~hollow,
+                              by_level & round_ & ~hollow, hollow=by_level & hollow,
                               total=float(np.round(np.hypot(blur, sigma), 2)),
                               floor=base + _LEVEL_NOISE * noise,
                               around=(signed, np.where(ok, sm, np.nan),
@@ -1668,7 +1668,7 @@ _MIN_FAR_PX = 12  # pixels of that background a member needs for a level of its 
 
 
 def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total, floor,
-                   around=None):
+                   around=None, hollow=None):
     """Edge level per pixel of each member of a region holding several touching particles.
 
     Detection keeps touching particles in one region where blur and low contrast leave no
@@ -1695,10 +1695,22 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
     has faded) stands from the members' mean (:func:`_member_drift`); a member with fewer
     than ``_MIN_FAR_PX`` such pixels keeps the region's background.
 
+    ``hollow`` (bool per label, optional) adds hollow regions (capsules). Their members
+    keep the region's level (no disc model of a shell) but for two corrections: the drift
+    above, and their contrast. A shell's contrast is its own (its thickness varies from
+    capsule to capsule), and at one level the stronger member's outline reaches past its
+    edge while the weaker one's stops short (capsule pairs: the member grown by > 5% stood
+    1.3 px out all round, its partner on its edge). With ``around``, each hollow member's
+    level is scaled by its contrast relative to the other members
+    (:func:`_member_contrast`). A solid member's contrast follows from its radius, which
+    its disc level already takes.
+
     Returns ``(indices into px, levels)`` or None when no region has several members.
     """
     n = rho.size
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    if hollow is not None:
+        curved = curved | hollow
     todo = np.flatnonzero(curved & np.isfinite(level) &
                           (area > _MERGED_AREA * np.pi * rho ** 2) & (rho >= 3.0))
     if todo.size == 0:
@@ -1731,8 +1743,9 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
         r_part = r_part[1:] + shift[j]
         big = float(r_part.max())
         e_big = _disc_edge_level(float(_rho_classes(big)), big, total)
-        e_part = np.array([_disc_edge_level(float(_rho_classes(r)), float(r), total)
-                           for r in r_part])
+        is_hollow = hollow is not None and bool(hollow[j])
+        e_part = np.full(m, e_big) if is_hollow else np.array(
+            [_disc_edge_level(float(_rho_classes(r)), float(r), total) for r in r_part])
         amp = (level[j] - base[j]) / max(e_big, 1e-12)
         lv = base[j] + amp * e_part
         # a member the fitted edge leaves (almost) nothing of (the edge inside the outline
@@ -1753,6 +1766,13 @@ def _member_levels(labels, px, owner, rho, level, base, shift, curved, *, total,
             drift = _member_drift(around[0][at], around[1][at], member, m,
                                   beyond=float(shift[j]) + _FAR_BLURS * total,
                                   noise_area=around[2])
+        if around is not None and is_hollow:
+            # a shell's contrast is its own (its thickness varies from capsule to capsule);
+            # a solid particle's follows from its radius, which the disc level has taken
+            gain = _member_contrast(around[0][at], around[1][at], member, m,
+                                    depth=_INNER_PX + 2.0 * total, ground=base[j] + drift,
+                                    expected=lv - base[j], noise_area=around[2])
+            lv = base[j] + gain * (lv - base[j])
         lv = np.maximum(lv + drift, floor[j] + drift)
         sel_at.append(at)
         sel_val.append(lv[member - 1])
@@ -1787,6 +1807,42 @@ def _member_drift(signed, values, member, m, *, beyond, noise_area=0.0):
     u2 = np.pi / 2.0 * float(noise_area) / np.maximum(cnt, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(has & (d * d > 0), d * d * d / (d * d + u2), 0.0)
+
+
+_INNER_PX = 0.5  # px inside the outline where a member's contrast band starts ...
+_CONTRAST_CLIP = (0.67, 1.5)  # ... and the range of its contrast over the predicted one
+
+
+def _member_contrast(signed, values, member, m, *, depth, ground, expected, noise_area=0.0):
+    """Per member 1..m, its contrast relative to the others, as a factor on its level.
+
+    The median of ``values`` over its pixels from ``_INNER_PX`` to ``depth`` px inside the
+    outline (``signed``; NaN values left out), less its background ``ground`` (per member),
+    over ``expected`` (per member: the model's contrast at its edge, which grows with its
+    radius), divided by the members' mean of that ratio weighted by pixel count. Each
+    ratio's departure from 1 is shrunk by d² / (d² + u²), u² its variance from the noise
+    (as :func:`_member_drift`), and clipped to ``_CONTRAST_CLIP``; a member with fewer
+    than ``_MIN_FAR_PX`` pixels, or a region with fewer than two such members, gets 1.
+    """
+    band = (signed < -_INNER_PX) & (signed >= -depth) & np.isfinite(values)
+    ratio, cnt, obs = np.ones(m), np.zeros(m), np.zeros(m)
+    for k in range(m):
+        sel = band & (member == k + 1)
+        cnt[k] = np.count_nonzero(sel)
+        if cnt[k] >= _MIN_FAR_PX:
+            obs[k] = float(np.median(values[sel])) - float(ground[k])
+    expected = np.asarray(expected, float)
+    has = (cnt >= _MIN_FAR_PX) & (obs > 0) & (expected > 0)
+    if has.sum() < 2:
+        return np.ones(m)
+    ratio[has] = obs[has] / expected[has]
+    ratio[has] /= np.average(ratio[has], weights=cnt[has])
+    d = np.where(has, ratio - 1.0, 0.0)
+    # the noise of a median of cnt pixels, relative to the member's contrast
+    u2 = np.pi / 2.0 * float(noise_area) / np.maximum(cnt, 1.0) / np.maximum(obs, 1e-12) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shrunk = np.where(has & (d * d > 0), d * d * d / (d * d + u2), 0.0)
+    return np.clip(1.0 + shrunk, *_CONTRAST_CLIP)
 
 
 def _members(labels, todo, boxes):

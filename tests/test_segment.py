@@ -414,3 +414,56 @@ def test_each_member_of_a_group_is_leveled_against_its_own_background():
                                around=(signed.ravel()[px], values, 0.1 ** 2 * 2000.0))
     col = px[at] % labels.shape[1]
     assert 0.0 < value[col < 30][0] - value[col > 48][0] < 0.1
+
+
+def _two_shells(left_contrast, right_contrast):
+    """Two equal discs fused in one region on a flat film, each its own contrast inside."""
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:64, :80]
+    region = ((yy - 32) ** 2 + (xx - 29) ** 2 <= 10 ** 2) | \
+        ((yy - 32) ** 2 + (xx - 49) ** 2 <= 10 ** 2)
+    signed = np.where(region, 0.5 - ndi.distance_transform_edt(region),
+                      ndi.distance_transform_edt(~region) - 0.5)
+    px = np.flatnonzero(signed.ravel() <= 12.0)
+    inside = np.where(xx < 39, left_contrast, right_contrast)
+    values = np.where(signed > 0, 0.0, inside).ravel()[px]
+    rho = np.array([ndi.distance_transform_edt(region).max()])
+    return region.astype(np.int32), px, signed.ravel()[px], values, rho
+
+
+def test_hollow_members_are_leveled_by_their_own_contrast():
+    from particlewatch.analysis.segment import _member_levels
+
+    # two capsules fused in one region, the left shell 1.5x the right one's contrast: at the
+    # region's level the left outline reaches past its edge, the right stops short; each
+    # member's level must follow its own contrast (hollow regions were left out before)
+    labels, px, signed, values, rho = _two_shells(1.2, 0.8)
+    owner = np.ones(px.size, np.int64)
+    args = (labels, px, owner, rho, np.array([0.5]), np.array([0.0]), np.array([0.0]),
+            np.array([False]))
+    kw = dict(total=1.0, floor=np.array([0.05]), around=(signed, values, 0.0))
+    got = _member_levels(*args, hollow=np.array([True]), **kw)
+    assert got is not None
+    at, value = got
+    col = px[at] % labels.shape[1]
+    left, right = value[col < 30], value[col > 48]
+    assert left.size and right.size
+    assert np.ptp(left) < 1e-6 and np.ptp(right) < 1e-6
+    # levels in the ratio of the contrasts, about the region's level on average
+    assert abs(left[0] / right[0] - 1.5) < 0.05
+    assert abs((left[0] + right[0]) / 2 - 0.5) < 0.03
+    # a solid region (not hollow) is not looked at this way: its contrast follows its radius
+    assert _member_levels(*args, **kw) is None
+    # equal shells share the region's level; a contrast difference within the noise of the
+    # members' medians is mostly noise: kept small
+    labels, px, signed, values, rho = _two_shells(1.0, 1.0)
+    at, value = _member_levels(*args[:1], px, np.ones(px.size, np.int64), rho, *args[4:],
+                               hollow=np.array([True]), total=1.0, floor=np.array([0.05]),
+                               around=(signed, values, 0.0))
+    assert np.allclose(value, 0.5)
+    labels, px, signed, values, rho = _two_shells(1.2, 0.8)
+    at, value = _member_levels(*args, hollow=np.array([True]), total=1.0,
+                               floor=np.array([0.05]), around=(signed, values, 0.2 ** 2 * 300))
+    col = px[at] % labels.shape[1]
+    assert 1.0 < value[col < 30][0] / value[col > 48][0] < 1.4
