@@ -124,3 +124,31 @@ def test_film_leftover_dropped_even_when_a_label_owns_no_pixel():
     raw2 = np.where(film, 99, relabelled)
     out2 = _particle_boxes(Separation(relabelled, np.zeros(13, bool), 1, [box]), raw2, image)
     assert out2.agglomerate_boxes == []
+
+
+def test_unexplained_count_equals_the_boxes_it_stands_for():
+    """``_count_unexplained`` (what ``_round_members`` compares) is the number of boxes
+    ``rods.unexplained_boxes`` draws: parts of at least ``min_px`` pixels holding a pixel
+    deeper than its depth, outside the array counting as background; on random unions of
+    discs, slivers and squares touching the array's edge, with and without the deep-pixel mask
+    passed in."""
+    from particlewatch.analysis.rods import unexplained_boxes
+    from particlewatch.analysis.separate import _count_unexplained, _deep_pixels
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:70, :90]
+    counts = []
+    for _ in range(200):
+        rest = np.zeros((70, 90), bool)
+        for _ in range(rng.integers(1, 6)):
+            cy, cx, r = rng.uniform(-3, 73), rng.uniform(-3, 93), rng.uniform(1.5, 9)
+            rest |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        r0, c0 = rng.integers(0, 60), rng.integers(0, 80)
+        rest[r0:r0 + rng.integers(1, 6), c0:c0 + rng.integers(1, 30)] = True  # a sliver
+        min_px = float(rng.choice([5, 20, 30, 60]))
+        want = len(unexplained_boxes(rest, min_px))
+        assert _count_unexplained(rest, min_px) == want
+        assert _count_unexplained(rest, min_px, _deep_pixels(rest)) == want
+        counts.append(want)
+    # the cases include none, one and several parts
+    assert {0, 1} <= set(counts) and max(counts) >= 2
