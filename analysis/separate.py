@@ -626,11 +626,11 @@ def _round_members(mask, pieces, scores, *, min_marker_px):
     unexplained = None  # (counted when a fit first needs it)
     for i in range(len(pieces)):
         own = (best == i) & owned
-        disc = _fit_disc(outline[on & (at == i)], mask)
+        disc = _fit_disc_at(outline[on & (at == i)], mask)
         if disc is None:
             continue
-        piece, score = disc
-        cy, cx = np.round(np.argwhere(piece).mean(axis=0)).astype(int)
+        piece, score, box = disc
+        cy, cx = _centre(piece, box)
         if not own[cy, cx] or (np.count_nonzero(piece & own)
                                < _ROUND_HOLDS * np.count_nonzero(own)):
             continue
@@ -736,17 +736,17 @@ def _explain(mask, pieces, scores, *, min_marker_px):
         # the part's own free outline, and a few pixels on where its arc runs on
         near = ((pts[:, 0] >= r0 - 2) & (pts[:, 0] < r1 + 2) & (pts[:, 1] >= c0 - 2)
                 & (pts[:, 1] < c1 + 2))
-        disc = _fit_disc(pts[near], mask)
+        disc = _fit_disc_at(pts[near], mask)
         if disc is None:
             continue
-        piece, score = disc
+        piece, score, box = disc
         new = np.count_nonzero(piece & ~covered)
         # a missed particle overlaps its neighbours by a lens, never by much of one (a disc
         # through a rod's end cap that swallows its neighbour is not a particle)
         lens = max((np.count_nonzero(piece & q) / max(np.count_nonzero(q), 1)
                     for q in pieces), default=0.0)
         # and its centre lies outside them (overlaps are shallow lenses)
-        cy, cx = np.round(np.argwhere(piece).mean(axis=0)).astype(int)
+        cy, cx = _centre(piece, box)
         if (not covered[cy, cx] and np.count_nonzero(piece) >= min_marker_px
                 and new >= 0.3 * np.count_nonzero(piece)
                 and np.count_nonzero(piece & part) >= 0.6 * np.count_nonzero(part)
@@ -845,14 +845,35 @@ def _fill(mask, pieces, scores, rest, uncovered, reach):
 
 
 def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
+    """:func:`_fit_disc_at` without the disc's box: ``(disc & mask, score)`` or None."""
+    fit = _fit_disc_at(pts, mask, inliers=inliers, radius_range=radius_range)
+    return None if fit is None else fit[:2]
+
+
+def _centre(piece, box):
+    """``np.round(np.argwhere(piece).mean(axis=0)).astype(int)`` of a non-empty ``piece``
+    whose pixels all lie in ``box`` ``(row0, col0, row1, col1)``, reading only the box.
+
+    The same value to the bit: the mean of whole numbers is their exact sum over the count
+    (float64 holds these sums exactly), whichever pixels are summed first.
+    """
+    r0, c0, r1, c1 = box
+    pos = np.argwhere(piece[r0:r1, c0:c1])
+    n = len(pos)
+    total = pos.sum(axis=0) + np.array([r0, c0]) * n
+    return np.round(total.astype(float) / n).astype(int)
+
+
+def _fit_disc_at(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     """The disc whose circle runs through most of the outline points ``pts``, or None.
 
     A consensus over circles through point triples (a few dozen, vectorised: RANSAC's
     idea at a fraction of ``skimage.measure.ransac``'s cost on these small sets) picks the
     points of one circle; ``CircleModel`` refines on them. Accepted when most points lie on
     it (at least the fraction ``inliers``), they span a good part of it, and the disc lies
-    inside the region ``mask`` (a circle through a true outline does). Returns ``(disc & mask, score)``, score the depth inside
-    the disc (-inf outside it). ``radius_range`` ``(lo, hi)``: only circles of a radius in
+    inside the region ``mask`` (a circle through a true outline does). Returns ``(disc & mask, score,
+    box)``, score the depth inside the disc (-inf outside it), box ``(row0, col0, row1, col1)``
+    holding the disc. ``radius_range`` ``(lo, hi)``: only circles of a radius in
     it are candidates (a sphere among rods: wider than a rod's end cap, no wider than the
     region holds), so a circle through a rod's straight side cannot win the vote.
     """
@@ -911,7 +932,7 @@ def _fit_disc(pts, mask, *, inliers=_FIT_INLIERS, radius_range=None):
     piece[r0:r1, c0:c1] = disc & mask[r0:r1, c0:c1]
     score = np.full(mask.shape, -np.inf)
     score[r0:r1, c0:c1] = np.where(piece[r0:r1, c0:c1], inside, -np.inf)
-    return piece, score
+    return piece, score, (r0, c0, r1, c1)
 
 
 @lru_cache(maxsize=1024)
