@@ -479,9 +479,9 @@ def _collinear_pair(a, b, rho, depth, length_px):
     ``a``, ``b``, ``rho`` are the fitted axis end points and radius; ``depth`` the region's
     distance transform. Where the depth along the axis dips below :data:`_NECK` of the radius
     away from the caps, two end caps meet (the neck of rods touching end to end): each rod
-    runs from its own tip to the neck. Without a neck (ends overlapping by more than about a
-    radius) each rod has the frame's typical length ``length_px`` from its own visible tip,
-    and at least half the whole (together they cover it).
+    runs from its own tip to the neck. Without a neck it stays one rod: rods overlapping in
+    line by more than about a radius look like one long rod, and cutting every long rod at
+    the typical length would cut a polydisperse sample's long rods in two.
 
     Returns
     -------
@@ -501,14 +501,13 @@ def _collinear_pair(a, b, rho, depth, length_px):
         rc = np.clip(np.round(pts).astype(int), 0, np.array(depth.shape) - 1)
         prof = ndi.gaussian_filter1d(depth[rc[:, 0], rc[:, 1]], 1.0)
         k = int(np.argmin(prof))
-    if len(s) and prof[k] < _NECK * rho:
-        cut = float(s[k])
-        # each rod's tip at the neck: its axis end a radius back (never past its own start)
-        ends = [(0.0, max(cut - rho, 0.0)), (min(cut + rho, axis), axis)]
-    else:
-        # tip to tip: the typical length, at least half the whole, at most all of it
-        span = float(np.clip(length_px, whole / 2, whole)) - 2 * rho
-        ends = [(0.0, max(span, 0.0)), (max(axis - span, 0.0), axis)]
+    if not len(s) or prof[k] >= _NECK * rho:
+        # no neck: length alone is no evidence of two rods (a real sample's long tail, or
+        # one rod longer than most, would be cut in two), so it stays one
+        return [(a, b)]
+    cut = float(s[k])
+    # each rod's tip at the neck: its axis end a radius back (never past its own start)
+    ends = [(0.0, max(cut - rho, 0.0)), (min(cut + rho, axis), axis)]
     return [(a + e0 * d, a + e1 * d) for e0, e1 in ends]
 
 
