@@ -6,7 +6,8 @@ rods also length (Feret max) and width (Feret min) errors. Precision: detected p
 centroid lies within any truth particle (isolated or not). Frames are in focus at the sample's
 default pixel size; ``--dose`` scales the sample's default dose (0.25 = low dose).
 
-Run ``python bench/segment_accuracy.py [--samples au10,ps50] [--dose 0.25] [--detector bf]``.
+Run ``python bench/segment_accuracy.py [--samples au10,ps50] [--dose 0.25] [--detector bf]
+[--seed 1]``.
 
 ``--crowded`` scores the crowded ps-bimodal fields a session starts in (seed 0, the stage
 positions of its first frames, defocus ±0.02 µm from true focus, within the depth of field):
@@ -256,6 +257,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dose", type=float, default=1.0, help="factor on the default dose")
     parser.add_argument("--detector", default=None, choices=(None, "bf", "haadf"))
+    parser.add_argument("--seed", type=int, default=1,
+                        help="first frame's seed (others: seed+1, ...); change it to check "
+                        "on frames no constant was chosen on")
     parser.add_argument("--crowded", action="store_true",
                         help="PS50 recall on crowded ps-bimodal fields (session positions)")
     parser.add_argument("--pipeline", action="store_true",
@@ -274,13 +278,13 @@ def main(argv=None):
             print(f"  gap >= {g:g} diameters: recall {h}/{n} = {h / max(n, 1):.3f}")
         print(f"  precision (all detections) {precision:.4f}, {sec:.2f} s/frame")
         return
-    print(f"{args.frames} x {args.size}² frames, dose x{args.dose}, detector "
-          f"{args.detector or 'default'}; isolated particles vs truth")
+    print(f"{args.frames} x {args.size}² frames from seed {args.seed}, dose x{args.dose}, "
+          f"detector {args.detector or 'default'}; isolated particles vs truth")
     print(f"{'sample':16} {'n':>4} {'recall':>6} {'prec':>6} {'|err|':>6} {'bias':>6} "
           f"{'len':>6} {'width':>6} {'s/frame':>7}")
     for sample in args.samples.split(","):
         r = evaluate(sample, frames=args.frames, size=args.size, dose_factor=args.dose,
-                     detector=args.detector)
+                     detector=args.detector, seed=args.seed)
         e = np.array(r["ecd"])
         n = e.size + r["missed"]
         recall = e.size / n if n else float("nan")
