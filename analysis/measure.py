@@ -848,17 +848,19 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     # the frame's edge (flat or curved) and blur, on up to _FRAME_FIT_MAX of its particles
     cand = np.flatnonzero(usable)
     sub = cand[np.linspace(0, cand.size - 1, min(cand.size, _FRAME_FIT_MAX)).astype(int)]
-    best = (np.inf, None, 0.0)
     sigmas = np.sqrt(np.square(_OPTICS_SIGMA) + _PIXEL_VAR)
-    for kind, shape in enumerate((np.zeros(which.size, int), dome)):
-        point = (core_val[sub], core_w[sub], core_model[kind][sub])
-        sse = _fit_edge(prof[sub], counts[sub], centres, half_width[sub], shape[sub],
-                        sigmas, shifts=_SHIFT_GRID[::2], core=point)[0]  # (Q, S)
-        total = np.where(np.isfinite(sse), sse, 0.0).sum(0)
-        i = int(np.argmin(total))
-        if total[i] < best[0]:
-            best = (total[i], kind, _vertex(sigmas, total, i))
-    _, kind, sig = best
+    sse = np.stack([_fit_edge(prof[sub], counts[sub], centres, half_width[sub], shape[sub],
+                              sigmas, shifts=_SHIFT_GRID[::2],
+                              core=(core_val[sub], core_w[sub], core_model[kind][sub]))[0]
+                    for kind, shape in enumerate((np.zeros(which.size, int), dome))])
+    # each particle's misfit relative to its own best: one bright, badly fitting particle
+    # (a neighbour in its band, a tilted cube) would otherwise choose the frame's model alone
+    sse = np.where(np.isfinite(sse), sse, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = sse / np.nanmin(sse, axis=(0, 2), keepdims=True)
+    total = np.nansum(np.where(np.isfinite(rel), rel, np.nan), axis=1)  # (kind, S)
+    kind, i = np.unravel_index(int(np.argmin(total)), total.shape)
+    kind, sig = int(kind), _vertex(sigmas, total[kind], int(i))
     shape = (np.zeros(which.size, int), dome)[kind]
     point = (core_val[cand], core_w[cand], core_model[kind][cand])
     _, delta, se, good = _fit_edge(prof[cand], counts[cand], centres, half_width[cand],
