@@ -871,7 +871,9 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
         _, delta, se, good = _fit_edge(prof[cand], counts[cand], centres,
                                        np.maximum(half_width[cand] + np.where(good, delta, 0),
                                                   0.5), shape[cand], sig, core=point)
-    good &= se <= _MAX_SHIFT_SE
+    # the standard error assumed independent pixels; a detector's correlated noise (scan
+    # lines, a camera's point spread) moves pooled profiles together: inflate it by as much
+    good &= se * np.sqrt(_noise_inflation(raw, labels)) <= _MAX_SHIFT_SE
     # the fit is 1-D across the edge; a curved edge blurred in 2-D reads σ²·κ/2 further in
     # (κ its curvature), which averages to π·σ²/perimeter around a convex outline
     delta = delta + np.pi * sig * sig / perimeter[cand]
@@ -879,6 +881,51 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     shift[rows_ids] = delta[good]
     fitted[rows_ids] = True
     return shift, fitted
+
+
+_BLOCK_PX = 4  # side of the background blocks whose means show the noise's correlation
+
+
+def _noise_inflation(raw, labels, *, max_px=1024):
+    """How much more a mean of neighbouring pixels varies than if the noise were white.
+
+    ``B²·var(difference of adjacent B×B block means) / var(difference of pixels B apart)``
+    on the background (robust variances, both differences taken over the same distance so
+    a slow background cancels alike): 1 for white noise, larger where the noise is
+    correlated over a few pixels (scan lines, a detector's point spread). At least 1.
+
+    Parameters
+    ----------
+    raw : (M, N) ndarray
+        The frame.
+    labels : (M, N) ndarray of int
+        Particles (non-zero), kept out with a margin.
+    max_px : int
+        Side of the central crop looked at (enough pixels for the estimate).
+    """
+    b = _BLOCK_PX
+    h, w = labels.shape
+    r0, c0 = max((h - max_px) // 2, 0), max((w - max_px) // 2, 0)
+    hh, ww = (min(h, max_px) // b) * b, (min(w, max_px) // b) * b
+    if hh < 2 * b or ww < 2 * b:
+        return 1.0
+    img = np.asarray(raw[r0:r0 + hh, c0:c0 + ww], float)
+    free = ~ndi.binary_dilation(labels[r0:r0 + hh, c0:c0 + ww] > 0, iterations=2)
+    blocks = img.reshape(hh // b, b, ww // b, b).mean(axis=(1, 3))
+    clear = free.reshape(hh // b, b, ww // b, b).all(axis=(1, 3))
+    pair = clear[:, :-1] & clear[:, 1:]
+    pix = free[:, :-b] & free[:, b:]
+    if pair.sum() < 50 or pix.sum() < 500:
+        return 1.0
+
+    def robust_var(d):
+        return (1.4826 * np.median(np.abs(d - np.median(d)))) ** 2
+
+    per_pixel = robust_var((img[:, b:] - img[:, :-b])[pix])
+    if not per_pixel > 0:
+        return 1.0
+    blockwise = robust_var((blocks[:, 1:] - blocks[:, :-1])[pair])
+    return max(1.0, b * b * blockwise / per_pixel)
 
 
 def _vertex(x, y, i):
