@@ -275,12 +275,14 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
         except KeyboardInterrupt:
             pass
         finally:
+            # stop taking tasks before saying bye: a task the daemon sends again on our bye
+            # must not find our pipe still open (it would be lost with it)
+            tasks.close(linger=0)
             try:
                 results.send(messages.encode({"type": "bye", "worker": worker_id}),
                              zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            tasks.close(linger=0)
             results.close()
             if context is None:
                 ctx.term()

@@ -432,6 +432,7 @@ def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs):
     try:
         header = first.take(20)
         first.send("started", task_id=header["task_id"], name=header["name"])
+        first.tasks.close(0)  # as run_worker leaves: no more tasks taken, then bye
         first.send("bye")
         first.close()
         second = HandWorker(daemon, "hand:2:1")
