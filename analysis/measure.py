@@ -1034,7 +1034,8 @@ def _fit_edge(prof, counts, centres, half_width, shape, sigma, shifts=_SHIFT_GRI
     good &= np.isfinite(step) & (curv > 0)
     step = np.where(good, np.clip(step, -0.5, 0.5), 0.0)
     delta = shifts[j] + step * step_px
-    e0 = np.where(good, e0 - 0.25 * step * (el - er), e0)
+    with np.errstate(invalid="ignore"):  # inf - inf where no δ fits: not used (good False)
+        e0 = np.where(good, e0 - 0.25 * step * (el - er), e0)
     se = np.where(good, se, np.inf)
     if np.ndim(sigma) == 0:
         return e0[:, 0], delta[:, 0], se[:, 0], good[:, 0]
