@@ -40,6 +40,8 @@ log = logging.getLogger("particlewatch.daemon")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 OUTPUT_NAMES = ("particles.csv", "frames.csv", "summary.json", "histogram.png", "daemon.json")
+#: Seconds between a worker's bye and its tasks going out again (its pipe closes meanwhile).
+_LEAVING_GRACE_S = 0.3
 
 
 def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 4 << 20) -> str:
@@ -555,6 +557,8 @@ class Daemon:
         self._last_stats = 0.0
         self._next_rescan = 0.0
         self._next_expiry = 0.0
+        # tasks of workers that said bye, sent again once their pipes are surely closed
+        self._leaving: list[tuple[float, str]] = []
         self._rebuild_statistics(order="done", rewrite=True)
         if self._summary_now is not None and self._stats_converged():
             # a restart after convergence: the flag holds, and repeated stats messages say so
@@ -613,6 +617,11 @@ class Daemon:
                 self._next_rescan = now + self.config.rescan_s
             for arrival in self._arrivals.look(time.monotonic()):
                 self._admit(arrival)
+            if self._leaving and now >= self._leaving[0][0]:
+                due = [task for at, task in self._leaving if at <= now]
+                self._leaving = [(at, task) for at, task in self._leaving if at > now]
+                for task in due:
+                    self._requeue_unstarted(also=task)
             if now >= self._next_expiry:
                 self._expire(now)
                 self._supervise_workers()
@@ -969,7 +978,9 @@ class Daemon:
                 # local worker that died
                 log.warning("worker %s left during task %s; sending again what it held",
                             msg["worker"], worker.task)
-                self._requeue_unstarted(also=worker.task)
+                # not at once: until the daemon's socket has seen the worker's task pipe
+                # close, a task sent now could go down it and be lost with it
+                self._leaving.append((now + _LEAVING_GRACE_S, worker.task))
         elif msg["type"] == "started":
             lost = worker.task
             worker.task = msg["task_id"]

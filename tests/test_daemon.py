@@ -421,9 +421,12 @@ class HandWorker:
         self.results.close(0)
 
 
-def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs):
+@pytest.mark.parametrize("bye_first", [False, True])
+def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs, bye_first):
     # A remote worker stopped with Ctrl-C says bye mid-frame; before, its frame waited
-    # task_timeout_s (600 s by default) before anyone else got it.
+    # task_timeout_s (600 s by default) before anyone else got it. run_worker stops taking
+    # tasks before its bye; a worker that says bye first keeps its task pipe open a moment,
+    # and a task sent again at once went down it and was lost.
     folder, out = dirs
     encode_frame(folder / "frame_00001.mrc", [10.0, 11.0])
     daemon = Daemon(folder, out, **{**FAST, "workers": 0}).start()
@@ -432,8 +435,13 @@ def test_a_worker_leaving_mid_frame_has_its_frame_sent_again_at_once(dirs):
     try:
         header = first.take(20)
         first.send("started", task_id=header["task_id"], name=header["name"])
-        first.tasks.close(0)  # as run_worker leaves: no more tasks taken, then bye
-        first.send("bye")
+        if bye_first:
+            first.send("bye")
+            time.sleep(0.1)
+            first.tasks.close(0)
+        else:
+            first.tasks.close(0)
+            first.send("bye")
         first.close()
         second = HandWorker(daemon, "hand:2:1")
         again = second.take(10)
