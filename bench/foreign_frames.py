@@ -29,13 +29,14 @@ centre), precision (measured centroids inside no truth particle), median ECD bia
 issue 4's: recall and precision ≥ 0.98, median |ECD error| ≤ 2%, bias within ±1.5%, rods ≤ 3%.
 
 Run ``python bench/foreign_frames.py [--cases gold-bf,ps-bf] [--frames 2] [--size 1024]
-[--dose 1.0] [--seed 1] [--png DIR]`` (``--png`` writes each frame's first case as an image
+[--dose 1.0] [--defocus UM] [--seed 1] [--png DIR]`` (``--png`` writes each frame's first case as an image
 with the measured outlines, to look at what the model draws).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class Case:
     detector: str           # bf | haadf
     dose: float             # electrons per pixel (BF) or counts per nm of gold (HAADF)
     defocus_um: float = -0.5
+    convergence_mrad: float = 0.25  # illumination semi-angle (BF): damps fringes far from focus
     width_nm: float = 0.0   # rod width
     shell_nm: float = 0.0   # shell thickness
     coverage: float = 0.12  # projected area fraction
@@ -212,15 +214,24 @@ def _long_tail_blur(img, core_px, tail_px, tail_frac):
     return np.real(sfft.ifft2(sfft.fft2(img) * otf))
 
 
-def render(case, particles, size_px, rng, *, dose_factor=1.0, sub=2):
-    """The frame (float32 counts) of ``particles``."""
-    n = size_px * sub
+def render(case, particles, size_px, rng, *, dose_factor=1.0, sub=2, pad_px=32):
+    """The frame (float32 counts) of ``particles``.
+
+    The wave is propagated on a grid ``pad_px`` wider on every side (more film, and the
+    particles standing outside the frame), so the Fourier transform's wrap-around does not
+    put one edge's fringes on the other.
+    """
+    big = size_px + 2 * pad_px
+    n = big * sub
     fine_nm = case.pixel_nm / sub
-    t = thickness_map(case, particles, (size_px, size_px), sub)
+    moved = [dataclasses.replace(p, x_px=p.x_px + pad_px, y_px=p.y_px + pad_px)
+             for p in particles]
+    t = thickness_map(case, moved, (big, big), sub)
     film = film_thickness(rng, n, fine_nm)
     yy, xx = np.mgrid[:size_px, :size_px] / size_px
     illum = 1.0 + 0.12 * (xx - 0.5) + 0.08 * (yy - 0.5) - 0.1 * ((xx - .4) ** 2 + (yy - .6) ** 2)
     gain = 1.0 + 0.01 * rng.normal(size=(size_px, size_px))
+    inside = (slice(pad_px, pad_px + size_px),) * 2
     m = case.material
     if case.detector == "bf":
         amp = -t / (2 * m.mfp_nm) - film / (2 * CARBON.mfp_nm)
@@ -229,13 +240,16 @@ def render(case, particles, size_px, rng, *, dose_factor=1.0, sub=2):
         ky, kx = np.meshgrid(sfft.fftfreq(n, fine_nm), sfft.fftfreq(n, fine_nm),
                              indexing="ij")
         k2 = ky * ky + kx * kx
-        # 20 mrad objective aperture; Fresnel propagation to the defocus
+        defocus_nm = case.defocus_um * 1e3
+        # Fresnel propagation to the defocus through a 20 mrad objective aperture; the
+        # illumination's convergence damps fine fringes (quasi-coherent envelope)
         k_max = 0.020 / WAVELENGTH_NM
-        prop = np.exp(-1j * np.pi * WAVELENGTH_NM * case.defocus_um * 1e3 * k2)
+        prop = np.exp(-1j * np.pi * WAVELENGTH_NM * defocus_nm * k2
+                      - (np.pi * case.convergence_mrad * 1e-3 * defocus_nm) ** 2 * k2)
         prop[k2 > k_max ** 2] = 0
         intensity = np.abs(sfft.ifft2(sfft.fft2(wave) * prop)) ** 2
         signal = _bin(intensity, sub)
-        signal = _long_tail_blur(signal, 0.6, 6.0, 0.08)
+        signal = _long_tail_blur(signal, 0.6, 6.0, 0.08)[inside]
         mean = case.dose * dose_factor * illum * gain * np.clip(signal, 0, None)
         counts = rng.poisson(mean).astype(np.float64)
         frame = counts + rng.normal(0, 1.5, counts.shape) + 100.0
@@ -243,7 +257,7 @@ def render(case, particles, size_px, rng, *, dose_factor=1.0, sub=2):
         sig = m.haadf_per_nm * m.haadf_tau_nm * (1 - np.exp(-t / m.haadf_tau_nm))
         sig += CARBON.haadf_per_nm * film
         probe = _long_tail_blur(sig, 0.7 * sub, 5.0 * sub, 0.12)
-        signal = _bin(probe, sub)
+        signal = _bin(probe, sub)[inside]
         mean = case.dose * dose_factor * illum * gain * np.clip(signal, 0, None)
         counts = rng.poisson(mean).astype(np.float64)
         row_gain = 1 + 0.01 * rng.normal(size=(size_px, 1))
@@ -297,12 +311,16 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--dose", type=float, default=1.0, help="factor on each case's dose")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--defocus", type=float, default=None,
+                    help="defocus in µm for every bright-field case (default: each case's own)")
     ap.add_argument("--png", default=None, help="folder for frames with measured outlines")
     args = ap.parse_args(argv)
     print(f"{'case':12s} {'n':>5s} {'recall':>7s} {'precis':>7s} {'bias%':>7s} {'|err|%':>7s} "
           f"{'len%':>6s} {'wid%':>6s} {'s/frame':>8s}")
     for name in args.cases.split(","):
         case = CASES[name]
+        if args.defocus is not None:
+            case = dataclasses.replace(case, defocus_um=args.defocus)
         pooled = {"n": 0, "missed": 0, "false": 0, "detected": 0, "ecd": [], "length": [],
                   "width": []}
         seconds = 0.0
