@@ -807,6 +807,9 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     # enough of a profile on both sides of the outline to fit
     usable = ((counts[:, centres < -1] > 0).sum(1) >= 4) \
         & ((counts[:, centres > 1] > 0).sum(1) >= 4)
+    # an outline that comes within half a pixel of the centroid (or passes beyond it: a bent
+    # or hollow-looking region) is no body seen from its centre; the profile model needs one
+    usable &= half_width > 0.5
     mean_in = sums[:, inside].sum(1) / np.maximum(counts[:, inside].sum(1), 1)
     mean_out = sums[:, outside].sum(1) / np.maximum(counts[:, outside].sum(1), 1)
     sign = np.sign(mean_in - mean_out)
