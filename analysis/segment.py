@@ -168,6 +168,7 @@ def segment(image, pixel_nm, *, polarity="auto", threshold="li", min_size_nm=0.5
     if found is None:  # nothing on this side
         return other_side()
     labels, spread, low, depth = found  # oriented and smooth are now flattened in place
+    labels = _merge_islands(labels, smooth)
     if log:
         # a texture alike on both sides in intensity (HAADF film taken for dark particles)
         # is not in −log(I): its dark side is stretched. The dip, as deep a darkening.
@@ -964,6 +965,67 @@ def _fill_label_holes(labels):
                                             return_indices=True)
         fill = holes[sl]
         box[fill] = box[iy[fill], ix[fill]]
+    return out
+
+
+def _merge_islands(labels, signal, *, chunk=512):
+    """Merge regions that lie inside another region's hole, and are fainter than it, into it.
+
+    A hollow capsule's hole is filled as part of its region, but the film inside a ring can
+    stand above the threshold by itself (a defocused bright-field image darkens a capsule's
+    interior): those patches came out as regions of their own inside the capsule, which was
+    then boxed as an agglomerate or measured by its patches. A region fainter than the ring
+    that encloses it is such a patch; one thicker than its encloser is a particle lying over
+    another (an overlap adds thickness) and stays apart.
+
+    Parameters
+    ----------
+    labels : (M, N) ndarray of int
+    signal : (M, N) ndarray
+        The oriented, smoothed frame (particles positive).
+    chunk : int, optional
+        Regions compared at once when looking for boxes inside boxes (bounds the memory).
+
+    Returns
+    -------
+    (M, N) ndarray of int
+        The labels with such patches, and the background enclosed with them, given to the
+        enclosing region.
+    """
+    n = int(labels.max())
+    if n < 2:
+        return labels
+    slices = ndi.find_objects(labels)
+    box = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] if s is not None
+                    else [0, 0, 0, 0] for s in slices])
+    present = np.array([s is not None for s in slices])
+    # an encloser's box holds an island's box with a pixel to spare on every side
+    holders = []
+    for j0 in range(0, n, chunk):
+        bj = box[j0:j0 + chunk, None, :]
+        inside = ((box[None, :, 0] > bj[..., 0]) & (box[None, :, 1] > bj[..., 1])
+                  & (box[None, :, 2] < bj[..., 2]) & (box[None, :, 3] < bj[..., 3])
+                  & present[None, :])
+        holders.extend(j0 + np.flatnonzero(inside.any(1) & present[j0:j0 + chunk]))
+    if not holders:
+        return labels
+    means = ndi.mean(signal, labels, np.arange(1, n + 1))
+    out = labels.copy()
+    for j in holders:
+        sl = slices[j]
+        crop = labels[sl]
+        own = crop == j + 1
+        enclosed = _fill_holes(own) & ~own
+        if not enclosed.any():
+            continue
+        inner = np.unique(crop[enclosed])
+        inner = inner[inner > 0]
+        # whole islands only (none reaching past the ring), fainter than the ring
+        outside = np.unique(crop[~enclosed])
+        fainter = inner[~np.isin(inner, outside) & (means[inner - 1] < means[j])]
+        if fainter.size:
+            take = enclosed & (np.isin(crop, fainter) | (crop == 0))
+            out[sl][take] = j + 1
     return out
 
 
