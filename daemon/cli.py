@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .pipeline import Daemon
-from .worker import load_callable, result_endpoint_for, run_worker
+from .worker import HEARTBEAT_S, load_callable, result_endpoint_for, run_worker
 
 log = logging.getLogger("particlewatch.daemon")
 
@@ -60,7 +60,8 @@ def worker(args: argparse.Namespace) -> int:
     """Serve tasks of the daemon whose task endpoint is ``--connect`` (results: port + 1)."""
     analyze = getattr(args, "analyze", None)
     run_worker(args.connect, result_endpoint_for(args.connect),
-               analyze=load_callable(analyze) if analyze else None)
+               analyze=load_callable(analyze) if analyze else None,
+               heartbeat_s=getattr(args, "heartbeat_s", None) or HEARTBEAT_S)
     return 0
 
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("worker")
     p.add_argument("--connect", required=True)
+    p.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S)
     p.add_argument("--analyze", default=None, help="package.module:function")
     return parser
 

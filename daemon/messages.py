@@ -11,7 +11,8 @@ state (:func:`acquisition_message`, :func:`validate_acquisition`).
 Control (REQ/REP): requests ``status``, ``stop``, ``rescan``, ``analyze`` (with ``path``);
 replies carry ``"ok": true`` or are ``{"type": "error", "ok": false, "error": reason}``.
 Pipeline (PUSH/PULL): ``task`` (daemon to worker, a JSON header plus the frame's bytes),
-``hello``/``bye``/``started``/``result`` (worker to daemon).
+``hello``/``heartbeat``/``bye``/``started``/``result`` (worker to daemon). ``hello`` and
+``heartbeat`` may carry ``heartbeat_s``, the worker's promise to be heard from that often.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def validate_options(options: Mapping) -> dict:
 
 
 def validate_worker_message(message: Mapping) -> dict:
-    """Check a message from a worker: ``hello``, ``bye``, ``started`` or ``result``.
+    """Check a message from a worker: ``hello``, ``heartbeat``, ``bye``, ``started`` or
+    ``result``.
 
     A ``result`` carries ``task_id``, ``worker``, ``name``, ``sha256`` and ``result`` (the
     analysis'
@@ -226,7 +228,17 @@ def validate_worker_message(message: Mapping) -> dict:
     a mapping of column name to an equal-length list of numbers).
     """
     kind = message["type"]
-    if kind in ("hello", "bye"):
+    if kind in ("hello", "heartbeat"):
+        _reject_unknown(message, {"worker", "heartbeat_s"})
+        out = {"type": kind, "worker": _field(message, "worker", (str,))}
+        beat = _field(message, "heartbeat_s", (int, float), required=False)
+        if beat is not None:
+            if isinstance(beat, bool) or not (math.isfinite(beat) and 0 < beat <= 3600):
+                raise MessageError(f"heartbeat_s {beat!r} is not a number of seconds in "
+                                   "(0, 3600]")
+            out["heartbeat_s"] = float(beat)
+        return out
+    if kind == "bye":
         _reject_unknown(message, {"worker"})
         return {"type": kind, "worker": _field(message, "worker", (str,))}
     if kind == "started":

@@ -204,6 +204,7 @@ class _Worker:
 
     last_seen: float
     task: str | None = None  # id of the task it started
+    heartbeat_s: float | None = None  # how often it promised a heartbeat (None: never)
 
 
 @dataclass
@@ -253,6 +254,8 @@ class DaemonConfig:
     stall_timeout_s: float = 60.0
     no_mdoc_grace_s: float = 1.0
     task_timeout_s: float = 600.0
+    heartbeat_liveness: int = 5
+    worker_heartbeat_s: float = 1.0
     max_attempts: int = 3
     rescan_s: float = 2.0
     strip_min_px: int | None = None
@@ -301,6 +304,14 @@ class Daemon:
     task_timeout_s, max_attempts : float, int
         A frame sent to a worker with no result after ``task_timeout_s`` is sent again, up to
         ``max_attempts`` times, then recorded failed.
+    heartbeat_liveness : int
+        A worker that promised heartbeats (``heartbeat_s`` in its hello) and is silent for
+        this many of them is taken for dead: the frame it held and the tasks queued to it
+        go to the other workers at once (``task_timeout_s`` stays the last resort for
+        workers that send none).
+    worker_heartbeat_s : float
+        How often the local workers send theirs (remote ones: ``particlewatch worker
+        --heartbeat-s``).
     rescan_s : float
         Period of the folder rescan that backs up watchdog.
     strip_min_px : int or None
@@ -558,7 +569,9 @@ class Daemon:
         self._next_rescan = 0.0
         self._next_expiry = 0.0
         # tasks of workers that said bye, sent again once their pipes are surely closed
-        self._leaving: list[tuple[float, str]] = []
+        self._leaving: list[tuple[float, str | None]] = []
+        # workers that said bye, and when: a heartbeat from another socket may come after
+        self._said_bye: dict[str, float] = {}
         self._rebuild_statistics(order="done", rewrite=True)
         if self._summary_now is not None and self._stats_converged():
             # a restart after convergence: the flag holds, and repeated stats messages say so
@@ -625,6 +638,7 @@ class Daemon:
             if now >= self._next_expiry:
                 self._expire(now)
                 self._supervise_workers()
+                self._check_heartbeats(now)
                 self._next_expiry = now + 0.5
             self._flush()
             self._settle()
@@ -873,7 +887,8 @@ class Daemon:
         cmd = [sys.executable, "-m", "particlewatch.daemon.worker",
                "--tasks", self._connectable(self.endpoints["tasks"]),
                "--results", self._connectable(self.endpoints["results"]),
-               "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid()),
+               "--heartbeat-s", repr(float(self.config.worker_heartbeat_s))]
         if isinstance(self.config.analyze, str):
             cmd += ["--analyze", self.config.analyze]
         return cmd
@@ -900,7 +915,8 @@ class Daemon:
             target=run_worker, daemon=True, name="particlewatch-worker",
             args=(self._connectable(self.endpoints["tasks"]),
                   self._connectable(self.endpoints["results"])),
-            kwargs={"analyze": analyze, "stop": self._worker_stop, "poll_ms": 100})
+            kwargs={"analyze": analyze, "stop": self._worker_stop, "poll_ms": 100,
+                    "heartbeat_s": self.config.worker_heartbeat_s})
         thread.start()
         self._threads.append(thread)
 
@@ -968,10 +984,15 @@ class Daemon:
             self._on_bad_worker_message(parts, exc)
             return
         now = time.monotonic()
+        if msg["type"] == "heartbeat" and msg["worker"] in self._said_bye:
+            return  # sent from its own socket before the bye, overtaken by it
         worker = self._workers_seen.setdefault(msg["worker"], _Worker(last_seen=now))
         worker.last_seen = now
+        if "heartbeat_s" in msg:
+            worker.heartbeat_s = msg["heartbeat_s"]
         if msg["type"] == "bye":
             self._workers_seen.pop(msg["worker"], None)
+            self._said_bye[msg["worker"]] = now
             if worker.task is not None and worker.task in self._in_flight:
                 # stopped mid-frame (Ctrl-C on a remote worker): the frame would otherwise
                 # wait task_timeout_s; its queued tasks went with its socket, as for a
@@ -999,6 +1020,27 @@ class Daemon:
                                                   f"{msg['name']} to this frame's task")
                 return
             self._on_result(msg)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Take a worker silent for ``heartbeat_liveness`` of its heartbeats for dead (killed,
+        its host gone): what it held goes to the others, as on a bye, instead of waiting
+        ``task_timeout_s``. A worker that speaks again is simply heard again; its result,
+        should one still come, is counted once like any other."""
+        liveness = self.config.heartbeat_liveness
+        for wid, worker in list(self._workers_seen.items()):
+            if worker.heartbeat_s is None or \
+                    now - worker.last_seen <= worker.heartbeat_s * liveness:
+                continue
+            self._workers_seen.pop(wid)
+            log.warning("worker %s silent for %.1f s (heartbeat every %g s): taken for dead%s",
+                        wid, now - worker.last_seen, worker.heartbeat_s,
+                        f"; sending task {worker.task} again" if worker.task else "")
+            # its queued tasks went with it too: after the grace a bye gets (its pipe closed)
+            self._leaving.append((now + _LEAVING_GRACE_S,
+                                  worker.task if worker.task in self._in_flight else None))
+        for wid, at in list(self._said_bye.items()):
+            if now - at > 60.0:
+                del self._said_bye[wid]
 
     def _on_bad_worker_message(self, parts: list[bytes], exc: Exception) -> None:
         """A worker message that fails the check: if it is a result whose task we know, that

@@ -204,10 +204,43 @@ def refused_task_payload(raw: bytes, worker_id: str, exc: Exception) -> bytes | 
                             "result": failed_result(fields["name"], fields["path"], reason)})
 
 
+#: Seconds between a worker's heartbeats (the daemon declares it dead after a few missed).
+HEARTBEAT_S = 1.0
+
+
+class _Heartbeat(threading.Thread):
+    """Says "still here" to the daemon every ``interval_s`` from its own socket, also while
+    the worker's thread is busy analysing (ZeroMQ sockets belong to one thread each)."""
+
+    def __init__(self, ctx, endpoint: str, worker_id: str, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat {worker_id}", daemon=True)
+        self.stopped = threading.Event()
+        self._ctx, self._endpoint = ctx, endpoint
+        self._message = messages.encode({"type": "heartbeat", "worker": worker_id,
+                                         "heartbeat_s": interval_s})
+        self._interval_s = interval_s
+
+    def run(self) -> None:
+        import zmq
+
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)  # a daemon away a while gets a few, not a backlog
+        sock.connect(self._endpoint)
+        try:
+            while not self.stopped.wait(self._interval_s):
+                try:
+                    sock.send(self._message, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            sock.close()
+
+
 def run_worker(task_endpoint: str, result_endpoint: str, *,
                analyze: AnalyzeFn | None = None, parent_pid: int | None = None,
                stop: threading.Event | None = None, context=None,
-               poll_ms: int = 500) -> int:
+               poll_ms: int = 500, heartbeat_s: float | None = HEARTBEAT_S) -> int:
     """Serve tasks until stopped, the parent dies, or interrupted.
 
     Parameters
@@ -222,6 +255,10 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
         Exit when set (workers run as threads in tests).
     context : zmq.Context, optional
         Share a context (threads); default a new one.
+    heartbeat_s : float or None, optional
+        Send a heartbeat this often (from a thread, so also during a long analysis); the
+        daemon sends a silent worker's frames to others after a few missed ones (a worker
+        killed, its host gone). None: no heartbeats (the daemon then waits task_timeout_s).
 
     Returns
     -------
@@ -245,7 +282,14 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
     tasks.setsockopt(zmq.RCVHWM, 2)  # hold few tasks: others may be idle
     tasks.connect(task_endpoint)
     results.connect(result_endpoint)
-    results.send(messages.encode({"type": "hello", "worker": worker_id}))
+    hello = {"type": "hello", "worker": worker_id}
+    beat = None
+    if heartbeat_s is not None:
+        hello["heartbeat_s"] = float(heartbeat_s)
+        beat = _Heartbeat(ctx, result_endpoint, worker_id, float(heartbeat_s))
+    results.send(messages.encode(hello))
+    if beat is not None:
+        beat.start()
     served = 0
     with tempfile.TemporaryDirectory(prefix="particlewatch-worker-") as tmp:
         scratch = Path(tmp)
@@ -278,6 +322,9 @@ def run_worker(task_endpoint: str, result_endpoint: str, *,
             # stop taking tasks before saying bye: a task the daemon sends again on our bye
             # must not find our pipe still open (it would be lost with it)
             tasks.close(linger=0)
+            if beat is not None:
+                beat.stopped.set()
+                beat.join()
             try:
                 results.send(messages.encode({"type": "bye", "worker": worker_id}),
                              zmq.NOBLOCK)
@@ -304,10 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True)
     parser.add_argument("--analyze", default=None, help="package.module:function")
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     analyze = load_callable(args.analyze) if args.analyze else None
-    run_worker(args.tasks, args.results, analyze=analyze, parent_pid=args.parent_pid)
+    run_worker(args.tasks, args.results, analyze=analyze, parent_pid=args.parent_pid,
+               heartbeat_s=args.heartbeat_s)
     return 0
 
 

@@ -812,3 +812,77 @@ def test_kill_9_with_split_frames_then_restart_equals_an_uninterrupted_run(tmp_p
     assert (out / "particles.csv").read_text() == (ref_out / "particles.csv").read_text()
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref_out))
     assert summary == ref_summary and summary["frames_ok"] == 8
+
+
+class BeatingHandWorker(HandWorker):
+    """A hand worker that promises heartbeats, and sends them when the test says."""
+
+    def __init__(self, daemon, name, heartbeat_s):
+        self.heartbeat_s = heartbeat_s
+        super().__init__(daemon, name)
+
+    def send(self, kind, **fields):
+        if kind == "hello":
+            fields["heartbeat_s"] = self.heartbeat_s
+        super().send(kind, **fields)
+
+    def take_beating(self, timeout_s):
+        """Wait for a task, sending heartbeats meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.send("heartbeat", heartbeat_s=self.heartbeat_s)
+            header = self.take(self.heartbeat_s)
+            if header is not None:
+                return header
+        return None
+
+
+def test_a_worker_killed_mid_frame_has_its_frame_sent_again_long_before_the_timeout(dirs):
+    # A remote worker killed with kill -9 (or whose host vanished) says no bye: before,
+    # its frame waited task_timeout_s (600 s by default). A worker that promised heartbeats
+    # and misses heartbeat_liveness of them is taken for dead and its frame goes to another.
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0, 11.0])
+    daemon = Daemon(folder, out, **{**FAST, "workers": 0, "task_timeout_s": 600.0,
+                                    "heartbeat_liveness": 5}).start()
+    killed = BeatingHandWorker(daemon, "hand:1:1", heartbeat_s=0.2)
+    second = None
+    try:
+        header = killed.take_beating(20)
+        assert header is not None
+        killed.send("started", task_id=header["task_id"], name=header["name"])
+        killed.close()  # dies: no bye, no more heartbeats, its pipes closed by the OS
+        second = BeatingHandWorker(daemon, "hand:2:1", heartbeat_s=0.2)
+        t0 = time.monotonic()
+        again = second.take_beating(15)
+        assert again is not None and again["name"] == "frame_00001.mrc"
+        assert time.monotonic() - t0 < 10  # 5 × 0.2 s of silence, checked every 0.5 s
+        second.answer(again)
+        assert daemon.wait_idle(20, frames=1)
+    finally:
+        daemon.stop()
+        killed.close()
+        if second is not None:
+            second.close()
+    assert [(r["frame"], r["status"], r["particles"]) for r in rows(out / "frames.csv")] == [
+        ("frame_00001", "ok", "2")]
+
+
+def test_a_slow_worker_that_keeps_beating_is_not_taken_for_dead(dirs, monkeypatch, caplog):
+    # The heartbeats come from their own thread, so a frame that takes many heartbeat
+    # intervals to analyse keeps its worker alive: analysed once, never sent again.
+    import logging
+
+    monkeypatch.setenv("PW_FAKE_DELAY_S", "2.0")
+    folder, out = dirs
+    encode_frame(folder / "frame_00001.mrc", [10.0, 11.0])
+    caplog.set_level(logging.WARNING, logger="particlewatch")
+    daemon = Daemon(folder, out, **{**FAST, "workers": 1, "task_timeout_s": 600.0,
+                                    "heartbeat_liveness": 3, "worker_heartbeat_s": 0.2}).start()
+    try:
+        assert daemon.wait_idle(30, frames=1)
+    finally:
+        daemon.stop()
+    assert not [r for r in caplog.records if "taken for dead" in r.getMessage()]
+    assert [(r["frame"], r["status"], r["particles"]) for r in rows(out / "frames.csv")] == [
+        ("frame_00001", "ok", "2")]

@@ -173,3 +173,17 @@ def test_a_result_too_large_to_send_goes_as_a_failed_result_naming_the_frame(mon
     assert (sent["task_id"], sent["sha256"]) == (task["task_id"], task["sha256"])
     assert sent["result"]["status"] == "failed" and sent["result"]["seconds"] == 1.5
     assert sent["result"]["reason"].startswith("/data/frame_00001.mrc: result of ")
+
+
+def test_heartbeat_messages_are_checked():
+    from particlewatch.daemon.messages import MessageError, validate_worker_message
+
+    ok = validate_worker_message({"type": "heartbeat", "worker": "h:1:1", "heartbeat_s": 1})
+    assert ok == {"type": "heartbeat", "worker": "h:1:1", "heartbeat_s": 1.0}
+    assert validate_worker_message({"type": "hello", "worker": "h:1:1"}) == {
+        "type": "hello", "worker": "h:1:1"}  # a worker that promises none
+    for bad in (0, -1.0, float("inf"), float("nan"), 1e9, True, "1"):
+        with pytest.raises(MessageError):
+            validate_worker_message({"type": "hello", "worker": "h:1:1", "heartbeat_s": bad})
+    with pytest.raises(MessageError):  # a bye promises nothing
+        validate_worker_message({"type": "bye", "worker": "h:1:1", "heartbeat_s": 1.0})

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="an analysis worker for a daemon, possibly on another host")
     p.add_argument("--connect", type=_endpoint, required=True,
                    help="the daemon's task endpoint, e.g. tcp://HOST:PORT")
+    p.add_argument("--heartbeat-s", type=_positive_float, default=1.0,
+                   help="seconds between heartbeats; the daemon gives a silent worker's "
+                        "frames to others after 5 missed (default 1)")
     p.set_defaults(handler="particlewatch.daemon.cli")
 
     p = sub.add_parser("acquire", help="the acquisition controller alone")
