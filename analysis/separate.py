@@ -1602,16 +1602,21 @@ def _particle_boxes(sep, raw, image, radius=None, blocks=None):
     """
     labels = sep.labels
     n = int(labels.max())
-    if not sep.agglomerate_boxes or n < _LEFTOVER_MIN_PARTICLES:
+    if not sep.agglomerate_boxes:
+        return sep
+    covered = labels > 0
+    for r0, c0, m in sep.masks.values():
+        covered[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] |= m
+    left = (raw > 0) & ~covered
+    merged = _merge_boxes(sep.agglomerate_boxes, raw, left)
+    if len(merged) < len(sep.agglomerate_boxes):
+        sep = Separation(labels, sep.separated, len(merged), merged, sep.masks, sep.exact)
+    if n < _LEFTOVER_MIN_PARTICLES:
         return sep
     if radius is None:
         radius = _inscribed_radii(labels, ndi.find_objects(labels), sep.masks, n)
     radius = radius[1:]
     small = float(np.percentile(radius[radius > 0], _LEFTOVER_RADIUS_PCT))
-    covered = labels > 0
-    for r0, c0, m in sep.masks.values():
-        covered[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] |= m
-    left = (raw > 0) & ~covered
     parts = []  # (box, the leftover's largest part in the box's coordinates) of each box
     for box in sep.agglomerate_boxes:
         r0, c0, r1, c1 = (int(v) for v in box)
@@ -1641,6 +1646,45 @@ def _particle_boxes(sep, raw, image, radius=None, blocks=None):
     if len(boxes) == len(sep.agglomerate_boxes):
         return sep
     return Separation(labels, sep.separated, len(boxes), boxes, sep.masks, sep.exact)
+
+
+def _merge_boxes(boxes, raw, left):
+    """``boxes`` with the boxes of one region that overlap merged into one (their union).
+
+    The boxes of one pile come from several steps: the parts a split leaves unexplained, then
+    the whole extent of a piece the thickness check finds too thick for one particle (which
+    holds some of those parts), or of a region it takes back. Each would be reported as an
+    agglomerate of its own, the smaller ones drawn inside the bigger: one pile, counted several
+    times. A box's region is the segmented region (``raw``) most of its unexplained pixels
+    (``left``) belong to (of its segmented pixels when none is left); boxes of different
+    regions (neighbouring piles) stay apart, and so do boxes of one region that do not overlap
+    (two unexplained ends of a chain).
+    """
+    if len(boxes) < 2:
+        return list(boxes)
+    items = []  # [region, box]
+    for box in boxes:
+        r0, c0, r1, c1 = (int(v) for v in box)
+        ids = raw[r0:r1, c0:c1]
+        ids = ids[left[r0:r1, c0:c1]] if left[r0:r1, c0:c1].any() else ids[ids > 0]
+        region = int(np.bincount(ids).argmax()) if ids.size else -1
+        items.append([region, (r0, c0, r1, c1)])
+    merged = True
+    while merged:  # a union may reach a third box of the region
+        merged = False
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                (ra, a), (rb, b) = items[i], items[j]
+                if ra == rb and ra >= 0 and (min(a[2], b[2]) > max(a[0], b[0])
+                                             and min(a[3], b[3]) > max(a[1], b[1])):
+                    items[i][1] = (min(a[0], b[0]), min(a[1], b[1]),
+                                   max(a[2], b[2]), max(a[3], b[3]))
+                    del items[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [box for _, box in items]
 
 
 def _thick_parts(parts, labels, raw, image, blocks=None):
