@@ -1299,7 +1299,13 @@ def _excess(labels, image, reference, masks, *, blocks=None, background=None, ra
         cover = np.zeros(labels.shape, np.uint8)
         for r0, c0, m in masks.values():
             cover[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] += m
-        own &= ~ndi.maximum_filter(cover[rows, cols] >= 2, size=2 * reach + 1)
+        lab = labels[rows, cols]
+        # a particle with no mask of its own covers its pixels (a sphere that owns the end
+        # of the rod lying under it: the rod's mask alone counts those pixels once)
+        has_mask = np.zeros(n + 1, bool)
+        has_mask[[k for k in masks if k <= n]] = True
+        shared = (cover[rows, cols] + ((lab > 0) & ~has_mask[lab])) >= 2
+        own &= ~ndi.maximum_filter(shared, size=2 * reach + 1)
     peak = np.full(n + 1, -np.inf)
     np.maximum.at(peak, tile[own], smooth[own])
     with np.errstate(invalid="ignore", divide="ignore"):
