@@ -110,14 +110,17 @@ def measure(labels, image, pixel_nm, *, masks=None, exact=()):
     labels, image, pixel_nm, masks = _validate_inputs(labels, image, pixel_nm, masks)
     exact = np.unique(np.asarray(list(exact), dtype=np.int64))
     smooth = _edge_image(image)
-    parts = [_measure_labels(labels, image, smooth, skip=masks.keys(), exact=exact)]
+    main, edge_model = _measure_labels(labels, image, smooth, skip=masks.keys(), exact=exact)
+    parts = [main]
     if masks:
         sheet, sheet_image, offsets = _mosaic(masks, image)
         # a mask's outline is refined on the frame itself: where it faces the background the
         # image has an edge, where it crosses a neighbour it has none (see _edge_points)
-        part = _measure_labels(sheet, sheet_image, smooth,
-                               frame=(labels, offsets, _smooth_noise(smooth, labels)),
-                               exact=exact)
+        # (the frame's edge model is the one its other particles showed: a few masks
+        # alone give an erratic blur)
+        part, _ = _measure_labels(sheet, sheet_image, smooth,
+                                  frame=(labels, offsets, _smooth_noise(smooth, labels), image),
+                                  exact=exact, edge_model=edge_model)
         shift = offsets[part["particle_id"]]
         part["y"] = part["y"] + shift[:, 0]
         part["x"] = part["x"] + shift[:, 1]
@@ -196,14 +199,16 @@ def _mosaic(masks, image):
     return sheet, sheet_image, offsets
 
 
-def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=()):
-    """Geometry and intensities of every label in ``labels`` except ``skip``, as arrays.
+def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=(), edge_model=None):
+    """Geometry and intensities of every label in ``labels`` except ``skip``, as arrays,
+    and the frame's edge model (see :func:`_edge_shifts`; None where nothing was fitted).
 
     ``smooth``: the frame's :func:`_edge_image`, for sub-pixel outline points (see
     :func:`_edge_points`). ``frame``: for the mosaic of overlapping masks, ``(frame_labels,
-    offsets, noise)`` (offsets[label] added to mosaic coordinates gives frame coordinates;
-    noise: :func:`_smooth_noise`), so each outline point is refined on the frame and told
-    free (facing the background) or shared.
+    offsets, noise, frame_image)`` (offsets[label] added to mosaic coordinates gives frame
+    coordinates; noise: :func:`_smooth_noise`), so each outline point is refined on the frame
+    and told free (facing the background) or shared, and its edge profile is read there.
+    ``edge_model``: the frame's edge model found on its other particles, used as it is.
     A particle whose outline is partly shared (it touches or overlaps a neighbour) takes its
     area from its reconstructed outline (see :func:`_outline_geometry`), not from its pixels:
     where neighbours overlap its mask is a guess, where they touch the cut is one. Labels in
@@ -251,7 +256,8 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=()):
 
     geo = _outline_geometry(labels, ids, cy, cx, smooth, frame,
                             core=(i_centre[ids], n_centre[ids]), raw=image,
-                            exact=np.isin(ids, exact) if len(exact) else None)
+                            exact=np.isin(ids, exact) if len(exact) else None,
+                            edge_model=edge_model)
     # a shared outline is rebuilt, a fitted one placed on the particle's own edge: their
     # polygons, not the label's pixels, give the area
     a = np.where(geo["shared"] | geo["fitted"], geo["poly_area"], area[ids])
@@ -268,7 +274,8 @@ def _measure_labels(labels, image, smooth, *, skip=(), frame=None, exact=()):
             "feret_min": geo["feret_min"], "perimeter": perim, "circularity": circ,
             "convexity": conv, "solidity": sol, "aspect": aspect, "major": major[ids],
             "minor": minor[ids], "mean_i": mean_i[ids], "total_i": total_i[ids],
-            "count_i": count_i[ids], "i_centre": i_centre[ids], "i_ring": i_ring[ids]}
+            "count_i": count_i[ids], "i_centre": i_centre[ids], "i_ring": i_ring[ids]}, \
+        geo["edge_model"]
 
 
 def _edge_image(image):
@@ -486,7 +493,7 @@ def _march_out(frame_labels, smooth, lab, fr, fc, dr, dc, level, sign, which, no
 
 
 def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None, core=None,
-                      raw=None):
+                      raw=None, edge_model=None):
     """Perimeter, polygon and hull area, hull perimeter and Feret diameters (px) of ``ids``.
 
     An outline partly shared with a neighbour (see :func:`_edge_points`) is written as r(θ)
@@ -495,18 +502,19 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None, 
     overlap says nothing about where its edge runs. ``shared`` in the result marks those
     outlines (when too little of an outline is free, the mask is used as it is). ``exact``:
     bool per id, outlines that are fitted models of the whole particle, never completed (their
-    shared points stay on the model's pixel edges).
+    shared points stay on the model's pixel edges). ``edge_model``: passed to
+    :func:`_edge_shifts`, whose model is returned as ``edge_model`` (None when no edge was
+    fitted).
     """
     k = len(ids)
     res = {name: np.zeros(k) for name in ("perimeter", "poly_area", "hull_area",
                                           "hull_perimeter", "feret_max", "feret_min")}
     res["shared"] = np.zeros(k, bool)
     res["fitted"] = np.zeros(k, bool)
+    res["edge_model"] = edge_model
     if k == 0:
         return res
-    # the particle's own edge is fitted on the frame (not on the mosaic of overlapping masks,
-    # whose outlines are partly guessed)
-    fit_edges = smooth is not None and frame is None and raw is not None and core is not None
+    fit_edges = smooth is not None and raw is not None and core is not None
     if fit_edges:
         lab, y, x, free, axes = _edge_points(labels, smooth, frame, axes=True)
     else:
@@ -552,12 +560,15 @@ def _outline_geometry(labels, ids, cy, cx, smooth=None, frame=None, exact=None, 
             r[part] = _fill_gaps(r_free, known)
         groups.append((m, sel, _denoise_radius(r)))
     if fit_edges and groups:
-        # outlines wholly facing the background; a shared one's band holds its neighbour
-        alone = ~few & ~fill & (n_free == counts)
+        # outlines facing the background, wholly or (touching or overlapping a neighbour)
+        # enough to be rebuilt; samples stop at anything that is not the particle's own
+        # pixels inside or the frame's background outside
+        alone = ~few & (fill | (n_free == counts))
         if exact is not None:
             alone &= ~exact
-        shift, res["fitted"] = _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups,
-                                            alone, core, raw)
+        shift, res["fitted"], res["edge_model"] = _edge_shifts(
+            labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, raw, frame=frame,
+            model=edge_model)
     for m, sel, r in groups:
         if res["fitted"][sel].any():
             # the outline moved δ along its normal: r(θ) by δ / cos ψ (tan ψ = r' / r)
@@ -689,7 +700,8 @@ _MAX_SHIFT_SE = 0.15  # px; a fitted δ less certain than this leaves the outlin
 _HOLLOW_Z = 3.0  # a contrast falling inwards by this many standard errors: hollow, not fitted
 
 
-def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, raw):
+def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, raw, *,
+                 frame=None, model=None):
     """Outward shift (px) of each outline ``r(θ)`` onto its particle's fitted edge.
 
     Parameters
@@ -706,19 +718,29 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     groups : list of (int, ndarray, ndarray)
         ``(m, rows, r)``: outlines ``r`` sampled at ``m`` regular angles from -π.
     alone : ndarray of bool
-        Outlines that may be fitted (wholly facing the background).
+        Outlines that may be fitted: facing the background wholly, or enough to be rebuilt
+        (a shared outline's profiles stop at its neighbour's pixels).
     core : (ndarray, ndarray)
         Mean grey level over each particle's central disc (radius a quarter of its
         equivalent radius: its deepest shadow in bright field) and that disc's pixels. It
         takes part in the fit as one more point of the profile, at the body's full depth:
         a curved body's centre stands well above its band, a flat one's does not, which
         tells the two apart where the band alone cannot (a faint particle).
+    frame : tuple, optional
+        For the mosaic of masks (see :func:`_measure_labels`): the profiles are read on the
+        frame, inside where the frame gives the pixel to the particle, outside on its
+        background.
+    model : (int, float), optional
+        The frame's edge model, ``(kind, sigma)``: flat (0) or curved (1) edges and the blur
+        (px). Fitted here (on up to ``_FRAME_FIT_MAX`` particles) when not given.
 
     Returns
     -------
     shift : ndarray
         Per row of ``ids``; 0 where not fitted.
     fitted : ndarray of bool
+    model : (int, float) or None
+        The edge model used (``model`` when given; None when nothing could be fitted).
     """
     k = len(ids)
     shift, fitted = np.zeros(k), np.zeros(k, bool)
@@ -729,7 +751,7 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     ex = ci + 0.5 * dc - cx[ids[seg]]
     pick = np.flatnonzero(alone[seg] & (2 * (dr * ey + dc * ex) ** 2 >= ey * ey + ex * ex))
     if not pick.size:
-        return shift, fitted
+        return shift, fitted, model
     # reference outline of each fitted particle: its smallest radius (the body's half-width)
     # and its perimeter
     which = np.flatnonzero(alone)
@@ -764,10 +786,27 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     h, w = labels.shape
     rows = ri[pick, None] + dr[pick, None] * steps
     cols = ci[pick, None] + dc[pick, None] * steps
-    ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    at = np.where(ok, rows * w + cols, 0)
-    lv = labels.ravel()[at]
-    ok &= np.where(steps <= 0, lv == ids[p_seg, None], lv == 0)
+    if frame is None:
+        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        at = np.where(ok, rows * w + cols, 0)
+        lv = labels.ravel()[at]
+        ok &= np.where(steps <= 0, lv == ids[p_seg, None], lv == 0)
+    else:
+        # a mask of the mosaic: its samples are taken on the frame, inside only where the
+        # frame gives the pixel to this particle (not the overlap a neighbour owns)
+        inside = np.zeros(rows.shape, bool)
+        ok_sheet = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        inside[ok_sheet] = labels[rows[ok_sheet], cols[ok_sheet]] == \
+            np.broadcast_to(ids[p_seg, None], rows.shape)[ok_sheet]
+        frame_labels, offsets, raw = frame[0], frame[1], frame[3]
+        lab_of = np.broadcast_to(ids[p_seg, None], rows.shape)
+        rows = rows + offsets[lab_of, 0].astype(np.intp)
+        cols = cols + offsets[lab_of, 1].astype(np.intp)
+        h, w = frame_labels.shape
+        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        at = np.where(ok, rows * w + cols, 0)
+        lv = frame_labels.ravel()[at]
+        ok &= np.where(steps <= 0, inside & (lv == lab_of), lv == 0)
     owner = np.broadcast_to(p_seg[:, None], rows.shape)[ok]
     at = at[ok]
     # offsets from the centroid, per edge point and step (no per-sample gathers)
@@ -828,7 +867,7 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     dip_se = noise * np.sqrt(1 / np.maximum(n_deep, 1) + 1 / np.maximum(core_w, 1))
     usable &= ~((n_deep > 0) & (dip > _HOLLOW_Z * dip_se))
     if not usable.any():
-        return shift, fitted
+        return shift, fitted, model
     # the detector: bright particles (dark-field) linear in thickness; dark ones cast a
     # shadow 1 − exp(−κ t / t_max), κ from the particle's deepest shadow
     bg = sums[:, centres > _BAND_PX - 1.5].sum(1) / np.maximum(
@@ -848,22 +887,12 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     with np.errstate(invalid="ignore", divide="ignore"):
         dome_core = np.where(kap > 0, np.expm1(-kap * mean_t) / np.expm1(-kap), mean_t)
     core_model = {0: np.ones(which.size), 1: dome_core}
-    # the frame's edge (flat or curved) and blur, on up to _FRAME_FIT_MAX of its particles
     cand = np.flatnonzero(usable)
-    sub = cand[np.linspace(0, cand.size - 1, min(cand.size, _FRAME_FIT_MAX)).astype(int)]
-    sigmas = np.sqrt(np.square(_OPTICS_SIGMA) + _PIXEL_VAR)
-    sse = np.stack([_fit_edge(prof[sub], counts[sub], centres, half_width[sub], shape[sub],
-                              sigmas, shifts=_SHIFT_GRID[::2],
-                              core=(core_val[sub], core_w[sub], core_model[kind][sub]))[0]
-                    for kind, shape in enumerate((np.zeros(which.size, int), dome))])
-    # each particle's misfit relative to its own best: one bright, badly fitting particle
-    # (a neighbour in its band, a tilted cube) would otherwise choose the frame's model alone
-    sse = np.where(np.isfinite(sse), sse, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rel = sse / np.nanmin(sse, axis=(0, 2), keepdims=True)
-    total = np.nansum(np.where(np.isfinite(rel), rel, np.nan), axis=1)  # (kind, S)
-    kind, i = np.unravel_index(int(np.argmin(total)), total.shape)
-    kind, sig = int(kind), _vertex(sigmas, total[kind], int(i))
+    if model is None:
+        kind, sig = _edge_model(prof, counts, centres, half_width, dome,
+                                (core_val, core_w, core_model), cand)
+    else:
+        kind, sig = model
     shape = (np.zeros(which.size, int), dome)[kind]
     point = (core_val[cand], core_w[cand], core_model[kind][cand])
     _, delta, se, good = _fit_edge(prof[cand], counts[cand], centres, half_width[cand],
@@ -876,14 +905,37 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
                                                   0.5), shape[cand], sig, core=point)
     # the standard error assumed independent pixels; a detector's correlated noise (scan
     # lines, a camera's point spread) moves pooled profiles together: inflate it by as much
-    good &= se * np.sqrt(_noise_inflation(raw, labels)) <= _MAX_SHIFT_SE
+    good &= se * np.sqrt(_noise_inflation(raw, labels if frame is None else frame[0])) \
+        <= _MAX_SHIFT_SE
     # the fit is 1-D across the edge; a curved edge blurred in 2-D reads σ²·κ/2 further in
     # (κ its curvature), which averages to π·σ²/perimeter around a convex outline
     delta = delta + np.pi * sig * sig / perimeter[cand]
     rows_ids = which[cand[good]]
     shift[rows_ids] = delta[good]
     fitted[rows_ids] = True
-    return shift, fitted
+    return shift, fitted, (kind, sig)
+
+
+def _edge_model(prof, counts, centres, half_width, dome, core, cand):
+    """The frame's edge model ``(kind, sigma)``: flat (0) or curved (1) edges, and the blur
+    (px), fitted on up to ``_FRAME_FIT_MAX`` of the particles ``cand`` (rows of the profiles;
+    see :func:`_edge_shifts`). ``core``: ``(value, weight, {kind: model})`` per row.
+    """
+    core_val, core_w, core_model = core
+    sub = cand[np.linspace(0, cand.size - 1, min(cand.size, _FRAME_FIT_MAX)).astype(int)]
+    sigmas = np.sqrt(np.square(_OPTICS_SIGMA) + _PIXEL_VAR)
+    sse = np.stack([_fit_edge(prof[sub], counts[sub], centres, half_width[sub], shape[sub],
+                              sigmas, shifts=_SHIFT_GRID[::2],
+                              core=(core_val[sub], core_w[sub], core_model[kind][sub]))[0]
+                    for kind, shape in enumerate((np.zeros(len(prof), int), dome))])
+    # each particle's misfit relative to its own best: one bright, badly fitting particle
+    # (a neighbour in its band, a tilted cube) would otherwise choose the frame's model alone
+    sse = np.where(np.isfinite(sse), sse, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = sse / np.nanmin(sse, axis=(0, 2), keepdims=True)
+    total = np.nansum(np.where(np.isfinite(rel), rel, np.nan), axis=1)  # (kind, S)
+    kind, i = np.unravel_index(int(np.argmin(total)), total.shape)
+    return int(kind), float(_vertex(sigmas, total[kind], int(i)))
 
 
 _BLOCK_PX = 4  # side of the background blocks whose means show the noise's correlation
