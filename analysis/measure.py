@@ -687,7 +687,8 @@ def _fill_gaps(r, known):
 # taken through the detector: linear for bright (dark-field) particles, 1 − exp(−κ·t/t_max)
 # for dark (bright-field) ones, κ from the particle's own deepest shadow. Flat or curved and
 # the frame's blur are chosen once per frame, on its particles pooled; δ per particle, kept
-# where its standard error is within _MAX_SHIFT_SE. Hollow particles are left as they were.
+# where its standard error is within _MAX_SHIFT_SE and shrunk by it (a loose fit moves the
+# outline less). Hollow particles are left as they were.
 _BAND_PX = 5  # samples reach this far either side of the outline (px)
 _BAND_BIN = 0.25  # bin width of the pooled profiles (px)
 _SHIFT_GRID = np.arange(-2.0, 2.0001, 0.2)  # δ tried (px); a best δ at either end is no fit
@@ -696,8 +697,14 @@ _OPTICS_SIGMA = (0.0, 0.4, 0.7, 1.0, 1.4, 2.0, 2.8)  # the frame's blur tried (p
 _FRAME_FIT_MAX = 32  # particles the frame's profile and blur are chosen on
 _REF_ANGLES = 64  # angles of the reference outline the samples' distances are taken from
 _PIXEL_VAR = 1.0 / 12  # variance of a pixel's own box (the detector integrates over it)
-_MAX_SHIFT_SE = 0.15  # px; a fitted δ less certain than this leaves the outline as it was
+_MAX_SHIFT_SE = 0.3  # px; a fitted δ less certain than this leaves the outline as it was
+_LOOSE_SE = 0.15  # px; a δ less certain than this is a loose fit (see _HOLLOW_HINT_Z)
+_LOOSE_MAX_INFLATION = 2.0  # noise variance inflation beyond which loose fits are dropped
+_MIN_SPREAD_PX = 0.1  # px; least spread of the outlines' offsets from the edge (the prior's)
 _HOLLOW_Z = 3.0  # a contrast falling inwards by this many standard errors: hollow, not fitted
+# ... and by this many, for a loose fit: a hollow particle fitted as a solid body errs by
+# several %, a solid one left unfitted by ~1%, so a loose fit needs less to be dropped
+_HOLLOW_HINT_Z = 1.0
 
 
 def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, raw, *,
@@ -865,6 +872,8 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
     usable &= np.isfinite(core_val) & (core_w > 0)
     dip = deep_mean - sign * core_val
     dip_se = noise * np.sqrt(1 / np.maximum(n_deep, 1) + 1 / np.maximum(core_w, 1))
+    # a loosely fitted edge needs only a hint of a hole to be dropped (see _LOOSE_SE)
+    hint = (n_deep > 0) & (dip > _HOLLOW_HINT_Z * dip_se)
     usable &= ~((n_deep > 0) & (dip > _HOLLOW_Z * dip_se))
     if not usable.any():
         return shift, fitted, model
@@ -905,8 +914,20 @@ def _edge_shifts(labels, smooth, ids, cy, cx, seg, axes, groups, alone, core, ra
                                                   0.5), shape[cand], sig, core=point)
     # the standard error assumed independent pixels; a detector's correlated noise (scan
     # lines, a camera's point spread) moves pooled profiles together: inflate it by as much
-    good &= se * np.sqrt(_noise_inflation(raw, labels if frame is None else frame[0])) \
-        <= _MAX_SHIFT_SE
+    inflation = _noise_inflation(raw, labels if frame is None else frame[0])
+    se = se * np.sqrt(inflation)
+    # a loose fit is kept only on a body with no hint of a hole, and in nearly white noise:
+    # correlated noise also sways the frame's choice of edge model, which no particle's
+    # standard error holds, and a wrong model moves every outline alike
+    loose_ok = ~hint[cand] & (inflation <= _LOOSE_MAX_INFLATION)
+    good &= (se <= _MAX_SHIFT_SE) & ((se <= _LOOSE_SE) | loose_ok)
+    # δ is the edge's offset from an outline that is itself near the edge; shrunk towards
+    # it by its uncertainty (the posterior mean under a normal prior of variance τ², τ² the
+    # spread of the frame's fitted δ beyond their noise): a loose fit moves an outline by
+    # what it can tell, a tight one as far as it says
+    if good.any():
+        tau2 = max(np.mean(delta[good] ** 2 - se[good] ** 2), _MIN_SPREAD_PX ** 2)
+        delta = np.where(good, delta * tau2 / (tau2 + se * se), 0.0)
     # the fit is 1-D across the edge; a curved edge blurred in 2-D reads σ²·κ/2 further in
     # (κ its curvature), which averages to π·σ²/perimeter around a convex outline
     delta = delta + np.pi * sig * sig / perimeter[cand]
