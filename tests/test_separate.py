@@ -235,7 +235,10 @@ def test_split_rods_are_measured_from_their_fitted_stadiums():
     _, split_rebuilt, errs_rebuilt = _rod_pair_figures(False)
     assert pairs >= 10 and len(errs) >= 10
     assert np.median(errs) <= 0.03
-    assert split > split_rebuilt
+    # rebuilt outlines' edges are fitted too (since e63f842 loosely fitted ones as well), so
+    # both split these pairs alike (14 of 20; rebuilt was 13); the hidden end still shows
+    # in the lengths
+    assert split >= split_rebuilt
     assert np.mean(errs) < np.mean(errs_rebuilt)
 
 
